@@ -1,0 +1,62 @@
+"""The bridge's own alerts (token rejected, thread unreachable, dead letters) on the alerts topic.
+
+Alerts travel through the publisher like events, so with ``exactly_once`` they are part of the
+same transactions. The token state is shared: the first pump to see a 401 raises one alert and
+turns readiness off; the first success afterwards clears it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from bridge import metrics
+from bridge.health import HealthState
+from bridge.publisher import Outgoing, Publisher
+from bridge.records import ThreadRef, alert_record
+
+log = structlog.get_logger("bridge.alerts")
+
+
+class BridgeAlerts:
+    def __init__(self, publisher: Publisher, topic: str | None, health: HealthState) -> None:
+        self._publisher = publisher
+        self._topic = topic
+        self._health = health
+        self._token_rejected = False
+
+    async def send(
+        self,
+        alert_type: str,
+        reason: str,
+        thread: ThreadRef | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        metrics.ALERTS.labels(type=alert_type).inc()
+        log.warning(
+            "bridge.alert",
+            alert_type=alert_type,
+            reason=reason,
+            session_id=thread.session_id if thread else None,
+            thread_id=thread.thread_id if thread else None,
+        )
+        if self._topic is None:
+            return
+        record = alert_record(self._topic, thread, alert_type, reason, detail=detail)
+        await self._publisher.submit(Outgoing(None, 0, [record]))
+
+    async def token_rejected(self, message: str) -> None:
+        if self._token_rejected:
+            return
+        self._token_rejected = True
+        self._health.api_authorized = False
+        metrics.TOKEN_REJECTED.set(1)
+        await self.send("bridge.token_rejected", "authentication_error", detail={"error": message})
+
+    def token_accepted(self) -> None:
+        if self._token_rejected:
+            log.info("bridge.token.accepted_again")
+        self._token_rejected = False
+        self._health.api_authorized = True
+        metrics.TOKEN_REJECTED.set(0)

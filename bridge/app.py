@@ -1,0 +1,158 @@
+"""Composition root: builds every resource once and runs them in one task group.
+
+Start-up order matters and is explicit: the HTTP probes first (alive, not ready), then the topics,
+the producer (with ``exactly_once`` this fences any previous instance and aborts its open
+transaction), the checkpoints read to the end of their topic, and only then the supervisor and
+its pumps. Ready means all of that is up, the API accepts the token, and we are not draining.
+
+Shutdown has two tiers. The first SIGTERM/SIGINT drains: readiness off, the pumps stop reading,
+the publisher flushes what it holds and commits the checkpoints, within ``drain_timeout_s``;
+then exit 0. A second signal, or the deadline, stops at once (exit 1). Nothing is lost either
+way: what was not committed is read again from the API after the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import anyio
+import anyio.abc
+import httpx
+import structlog
+
+from bridge import __version__, metrics
+from bridge.alerts import BridgeAlerts
+from bridge.api import QoderApi, RateLimiter
+from bridge.checkpoints import Checkpoint, ensure_topics, load_checkpoints
+from bridge.config import Settings
+from bridge.errors import ProducerFenced, SinkUnavailable
+from bridge.health import HealthState, serve_http
+from bridge.publisher import Publisher
+from bridge.secrets import TokenProvider
+from bridge.supervisor import Supervisor
+
+log = structlog.get_logger("bridge.app")
+
+EXIT_OK, EXIT_FATAL = 0, 1
+
+
+class Bridge:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = HealthState()
+        self.publisher = Publisher(settings, self.health)
+        self._outer: anyio.CancelScope | None = None
+        self._readers: anyio.CancelScope | None = None
+        self._draining = False
+        self.exit_code = EXIT_OK
+
+    def drain(self) -> None:
+        """First signal: stop reading, flush, commit, stop. Second: stop now."""
+        if self._draining:
+            log.warning("bridge.shutdown.forced")
+            os._exit(EXIT_FATAL)  # "at once": the checkpoints make this safe
+        self._draining = True
+        self.health.draining = True
+        deadline_s = self.settings.shutdown.drain_timeout_s
+        log.info("bridge.shutdown.draining", deadline_s=deadline_s)
+        if self._readers is not None:
+            self._readers.cancel()
+        self.publisher.close()
+        if self._outer is not None:
+            self._outer.deadline = min(self._outer.deadline, anyio.current_time() + deadline_s)
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("bridge.shutdown.signal", signal=signal.Signals(signum).name)
+                self.drain()
+
+    async def _until_kafka(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await step()
+                return
+            except SinkUnavailable as exc:
+                log.warning("bridge.kafka.unavailable", step=what, error=str(exc), retry_in_s=delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    async def _publisher_then_stop(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.publisher.run(task_status=task_status)
+        # The publisher returns only once drained: everything else can stop now.
+        if self._outer is not None:
+            self._outer.cancel()
+
+    async def run(self) -> int:
+        settings = self.settings
+        metrics.BUILD_INFO.labels(version=__version__).set(1)
+        tokens = TokenProvider.from_settings(settings.api)
+        limits = httpx.Limits(
+            max_connections=settings.api.max_streams + 64, max_keepalive_connections=64
+        )
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
+            )
+            api = QoderApi(
+                client,
+                settings.api.url,
+                lambda: tokens.current().reveal(),
+                RateLimiter(settings.api.max_requests_per_s),
+                stall_timeout_s=settings.api.stall_timeout_s,
+                request_timeout_s=settings.api.request_timeout_s,
+            )
+            async with anyio.create_task_group() as tg:
+                self._outer = tg.cancel_scope
+                port = await tg.start(serve_http, settings.http, self.health)
+                tg.start_soon(self._signals)
+                log.info(
+                    "bridge.started",
+                    version=__version__,
+                    http_port=port,
+                    delivery=settings.delivery.mode,
+                )
+                await self._until_kafka("topics", lambda: ensure_topics(settings.kafka))
+                await tg.start(self._publisher_then_stop)
+                checkpoints: dict[str, Checkpoint] = {}
+
+                async def load() -> None:
+                    checkpoints.update(await load_checkpoints(settings.kafka))
+
+                await self._until_kafka("checkpoints", load)
+                alerts = BridgeAlerts(self.publisher, settings.kafka.alerts_topic, self.health)
+                supervisor = Supervisor(settings, api, self.publisher, alerts, checkpoints)
+                if not self._draining:
+                    async with anyio.create_task_group() as readers:
+                        self._readers = readers.cancel_scope
+                        await readers.start(supervisor.run)
+                        log.info("bridge.ready_to_read")
+            if tg.cancel_scope.cancelled_caught and self._draining and not self.publisher.drained:
+                log.error("bridge.shutdown.deadline_exceeded")
+                self.exit_code = EXIT_FATAL
+        log.info("bridge.stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+
+async def _run(settings: Settings) -> int:
+    bridge = Bridge(settings)
+    try:
+        return await bridge.run()
+    except* ProducerFenced as group:
+        log.error("bridge.fatal.fenced", error=str(group.exceptions[0]))
+        return EXIT_FATAL
+
+
+def run(settings: Settings) -> int:
+    """Run the daemon until it is told to stop; returns the process exit code."""
+    try:
+        return anyio.run(_run, settings, backend="asyncio")
+    except Exception:
+        log.exception("bridge.fatal")
+        return EXIT_FATAL

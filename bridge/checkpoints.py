@@ -1,0 +1,136 @@
+"""Topics the bridge writes, and the checkpoints it resumes from.
+
+Checkpoints live in a compacted topic keyed ``{session_id}/{thread_id}``. On start they are read
+with ``read_committed`` to the end of the topic before any pump starts, so a checkpoint written in
+an aborted transaction is never believed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from bridge.config import KafkaSettings
+from bridge.errors import SinkUnavailable
+from bridge.kafka_conn import kafka_client_kwargs
+
+log = structlog.get_logger("bridge.checkpoints")
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    last_event_id: str | None
+    drained_updated_at: str | None
+
+
+async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
+    """Create the bridge's topics when they are missing; the checkpoint topic is compacted."""
+    wanted = {
+        kafka.topic: {},
+        kafka.dlq_topic: {},
+        kafka.checkpoint_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+    }
+    if kafka.alerts_topic:
+        wanted[kafka.alerts_topic] = {}
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
+    try:
+        with anyio.fail_after(timeout_s):
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [
+                NewTopic(
+                    name,
+                    num_partitions=kafka.topic_partitions,
+                    replication_factor=kafka.replication_factor,
+                    topic_configs=configs,
+                )
+                for name, configs in wanted.items()
+                if name not in existing
+            ]
+            if missing:
+                response = await admin.create_topics(missing)
+                for topic, code, *message in response.topic_errors:
+                    # 36 TOPIC_ALREADY_EXISTS: another instance won the race, which is fine.
+                    if code not in (0, TopicAlreadyExistsError.errno):
+                        raise SinkUnavailable(
+                            f"cannot create topic {topic!r}: error {code} {message[-1] if message else ''}"
+                        )
+                log.info("bridge.topics.created", topics=[t.name for t in missing])
+    except (KafkaError, TimeoutError) as exc:
+        raise SinkUnavailable(
+            f"cannot create topics on {kafka.bootstrap_servers}: {exc!r}"
+        ) from exc
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await admin.close()
+
+
+def _parse(value: bytes | None) -> Checkpoint | None:
+    if value is None:
+        return None  # a tombstone
+    try:
+        doc: Any = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    last, drained = doc.get("last_event_id"), doc.get("drained_updated_at")
+    return Checkpoint(
+        last if isinstance(last, str) else None, drained if isinstance(drained, str) else None
+    )
+
+
+async def load_checkpoints(
+    kafka: KafkaSettings, *, timeout_s: float = 120
+) -> dict[str, Checkpoint]:
+    """Every committed checkpoint, by ``{session_id}/{thread_id}``: the last one for each key."""
+    consumer = AIOKafkaConsumer(
+        **kafka_client_kwargs(kafka),
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
+    result: dict[str, Checkpoint] = {}
+    try:
+        with anyio.fail_after(timeout_s):
+            await consumer.start()
+            await consumer.topics()  # loads metadata for every topic
+            partitions = consumer.partitions_for_topic(kafka.checkpoint_topic) or set()
+            tps = [TopicPartition(kafka.checkpoint_topic, p) for p in sorted(partitions)]
+            if not tps:
+                return result
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            while remaining:
+                batches = await consumer.getmany(*remaining, timeout_ms=500)
+                for records in batches.values():
+                    for record in records:
+                        key = record.key.decode() if record.key else None
+                        if key is not None:
+                            checkpoint = _parse(record.value)
+                            if checkpoint is None:
+                                result.pop(key, None)
+                            else:
+                                result[key] = checkpoint
+                for tp in list(remaining):
+                    if await consumer.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+    except (KafkaError, TimeoutError) as exc:
+        raise SinkUnavailable(
+            f"cannot read checkpoints from {kafka.checkpoint_topic}: {exc!r}"
+        ) from exc
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await consumer.stop()
+    log.info("bridge.checkpoints.loaded", threads=len(result))
+    return result

@@ -1,0 +1,196 @@
+"""What goes to Kafka: event records, alerts, dead letters and checkpoints.
+
+Every record is built here and nowhere else, so the wire format in the README has one source.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+Headers = list[tuple[str, bytes]]
+
+#: Alerts that copy a Qoder event, by event type. ``session.status_idle`` is an alert only when
+#: the turn paused for a human (``stop_reason.type == "requires_action"``).
+ALERTING_EVENT_TYPES = frozenset(
+    {
+        "session.error",
+        "session.status_terminated",
+        "session.thread_status_terminated",
+        "session.deleted",
+        "terminated",
+    }
+)
+
+#: Frames that exist only on a stream (Model B deltas, Model A incremental events are real).
+DELTA_FRAME_TYPES = frozenset({"event_start", "event_delta"})
+
+DLQ_EXCERPT_BYTES = 4096
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The bytes the API would have sent for this object in a JSON page."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadRef:
+    session_id: str
+    thread_id: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.session_id}/{self.thread_id}"
+
+    @property
+    def source(self) -> str:
+        return f"/sessions/{self.session_id}/threads/{self.thread_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One buffered Qoder event: its exact bytes and the parsed fields the bridge looks at."""
+
+    id: str
+    type: str
+    data: bytes
+    fields: dict[str, Any] = field(repr=False)
+
+    @property
+    def time(self) -> str | None:
+        value = self.fields.get("processed_at") or self.fields.get("created_at")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: Headers
+
+    @property
+    def size(self) -> int:
+        return len(self.key) + len(self.value) + sum(len(k) + len(v) for k, v in self.headers)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _thread_headers(thread: ThreadRef) -> Headers:
+    return [
+        ("qoder_session_id", thread.session_id.encode()),
+        ("qoder_thread_id", thread.thread_id.encode()),
+    ]
+
+
+def event_record(topic: str, thread: ThreadRef, event: Event) -> Record:
+    """The CloudEvents (Kafka binding, binary mode) record for one Qoder event."""
+    headers: Headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event.id.encode()),
+        ("ce_type", event.type.encode()),
+        ("ce_source", thread.source.encode()),
+    ]
+    if event.time is not None:
+        headers.append(("ce_time", event.time.encode()))
+    headers.append(("content-type", b"application/json"))
+    headers.extend(_thread_headers(thread))
+    return Record(topic, thread.key.encode(), event.data, headers)
+
+
+def alert_reason(event: Event) -> str | None:
+    """Why this Qoder event deserves an alert, or None."""
+    if event.type in ALERTING_EVENT_TYPES:
+        if event.type == "session.error":
+            error = event.fields.get("error")
+            if isinstance(error, dict) and isinstance(error.get("type"), str):
+                return str(error["type"])
+            return "session_error"
+        return "terminated"
+    if event.type in {"session.status_idle", "session.thread_status_idle"}:
+        stop = event.fields.get("stop_reason")
+        if isinstance(stop, dict) and stop.get("type") == "requires_action":
+            return "requires_action"
+    return None
+
+
+def alert_record(
+    topic: str,
+    thread: ThreadRef | None,
+    alert_type: str,
+    reason: str,
+    *,
+    event: Event | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Record:
+    """A small JSON alert document; the schema is documented in the README."""
+    doc: dict[str, Any] = {
+        "type": alert_type,
+        "reason": reason,
+        "source": "qoder" if event is not None else "bridge",
+        "session_id": thread.session_id if thread else None,
+        "thread_id": thread.thread_id if thread else None,
+        "event_id": event.id if event else None,
+        "event_type": event.type if event else None,
+        "time": (event.time if event else None) or _now(),
+    }
+    if event is not None:
+        doc["event"] = event.fields
+    if detail:
+        doc["detail"] = detail
+    key = (thread.key if thread else "bridge").encode()
+    headers: Headers = [("content-type", b"application/json"), ("alert_type", alert_type.encode())]
+    if thread is not None:
+        headers.extend(_thread_headers(thread))
+    return Record(topic, key, canonical_json(doc), headers)
+
+
+def dead_letter_record(
+    topic: str,
+    thread: ThreadRef,
+    reason: str,
+    data: bytes,
+    *,
+    event_id: str | None,
+    event_type: str | None,
+    limit_bytes: int | None = None,
+) -> Record:
+    """A frame that cannot be published as an event: the reason, and as much of it as fits."""
+    whole = limit_bytes is None or len(data) <= limit_bytes
+    excerpt = data if whole else data[:DLQ_EXCERPT_BYTES]
+    doc = {
+        "reason": reason,
+        "session_id": thread.session_id,
+        "thread_id": thread.thread_id,
+        "event_id": event_id,
+        "event_type": event_type,
+        "size_bytes": len(data),
+        "truncated": not whole,
+        "data": excerpt.decode("utf-8", errors="replace"),
+        "time": _now(),
+    }
+    headers: Headers = [
+        ("content-type", b"application/json"),
+        ("dlq_reason", reason.encode()),
+        *_thread_headers(thread),
+    ]
+    if event_id:
+        headers.append(("ce_id", event_id.encode()))
+    return Record(topic, thread.key.encode(), canonical_json(doc), headers)
+
+
+def checkpoint_record(
+    topic: str, thread: ThreadRef, last_event_id: str | None, drained_updated_at: str | None
+) -> Record:
+    doc = {
+        "last_event_id": last_event_id,
+        "session_id": thread.session_id,
+        "thread_id": thread.thread_id,
+        "drained_updated_at": drained_updated_at,
+        "written_at": _now(),
+    }
+    return Record(topic, thread.key.encode(), canonical_json(doc), [])

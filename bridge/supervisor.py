@@ -1,0 +1,264 @@
+"""Keeps one pump per running thread of every followed session.
+
+The thread list (GET) is the truth; the session event stream is a hint that makes the
+supervisor look again within a second when a thread is created or changes status, and polling
+every ``poll_interval_s`` is the safety net. A thread that is no longer running is drained: its
+pump reads what is left through the list and stops. A thread that ran while nobody was looking
+(``updated_at`` newer than what was last drained) gets a catch-up pass through the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from bridge import metrics
+from bridge.alerts import BridgeAlerts
+from bridge.api import QoderApi
+from bridge.checkpoints import Checkpoint
+from bridge.config import Settings
+from bridge.cursor import ThreadCursor
+from bridge.errors import ApiError, AuthRejected, BadCursor, NotFound
+from bridge.publisher import Publisher
+from bridge.pump import Backoff, Pump, PumpLimits
+from bridge.records import ThreadRef
+
+log = structlog.get_logger("bridge.supervisor")
+
+ACTIVE_THREAD_STATUSES = frozenset({"running", "rescheduling", "blocked"})
+HINT_EVENT_PREFIXES = ("session.thread_", "session.status_", "session.deleted", "terminated")
+COALESCE_S = 0.05
+
+
+def _newer(updated_at: str | None, drained: str | None) -> bool:
+    if drained is None:
+        return True
+    if updated_at is None:
+        return False
+    try:
+        return _ts(updated_at) > _ts(drained)
+    except ValueError:
+        return updated_at != drained
+
+
+def _ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _session_over(session: Mapping[str, Any]) -> bool:
+    return session.get("status") in {"terminated", "deleted"} or bool(session.get("archived_at"))
+
+
+class Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        api: QoderApi,
+        publisher: Publisher,
+        alerts: BridgeAlerts,
+        checkpoints: Mapping[str, Checkpoint],
+    ) -> None:
+        self._settings = settings
+        self._api = api
+        self._publisher = publisher
+        self._alerts = alerts
+        self._checkpoints = checkpoints
+        self._limits = PumpLimits(anyio.CapacityLimiter(settings.api.max_streams))
+        self._cursors: dict[ThreadRef, ThreadCursor] = {}
+        self._pumps: dict[ThreadRef, Pump] = {}
+        self._active: dict[ThreadRef, bool] = {}
+        self._watched: set[str] = set()
+        self._finished: set[str] = set()
+        self._triggers: dict[str, anyio.Event] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    @property
+    def pumps(self) -> Mapping[ThreadRef, Pump]:
+        return self._pumps
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            if self._settings.api.sessions:
+                for session_id in self._settings.api.sessions:
+                    self._watch(session_id)
+            else:
+                tg.start_soon(self._discover)
+
+    def _watch(self, session_id: str) -> None:
+        if session_id in self._watched or session_id in self._finished:
+            return
+        assert self._tg is not None  # noqa: S101 -- run() set it
+        self._watched.add(session_id)
+        self._triggers[session_id] = anyio.Event()
+        self._tg.start_soon(self._watch_session, session_id, name=f"session {session_id}")
+
+    async def _discover(self) -> None:
+        """Follow every session the token can list, re-listed so that new ones are picked up."""
+        while True:
+            try:
+                for session in await self._api.list_sessions():
+                    session_id = session.get("id")
+                    if isinstance(session_id, str) and not _session_over(session):
+                        self._watch(session_id)
+                self._alerts.token_accepted()
+            except AuthRejected as exc:
+                await self._alerts.token_rejected(str(exc))
+            except ApiError as exc:
+                log.warning("bridge.supervisor.list_sessions_failed", error=str(exc))
+            await anyio.sleep(self._settings.api.poll_interval_s)
+
+    async def _watch_session(self, session_id: str) -> None:
+        slog = log.bind(session_id=session_id)
+        slog.info("bridge.session.following")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._hints, session_id)
+            backoff = Backoff(
+                self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s
+            )
+            while True:
+                try:
+                    over = await self._reconcile(session_id)
+                    self._alerts.token_accepted()
+                    backoff.reset()
+                except NotFound:
+                    over = True
+                    await self._drain_session(session_id)
+                except AuthRejected as exc:
+                    await self._alerts.token_rejected(str(exc))
+                    over = False
+                except ApiError as exc:
+                    slog.warning("bridge.session.reconcile_failed", error=str(exc))
+                    await anyio.sleep(backoff.next_delay())
+                    continue
+                if over and not self._session_pumps(session_id):
+                    slog.info("bridge.session.finished")
+                    self._finished.add(session_id)
+                    self._watched.discard(session_id)
+                    tg.cancel_scope.cancel()
+                    return
+                await self._wait_trigger(session_id)
+
+    async def _wait_trigger(self, session_id: str) -> None:
+        with anyio.move_on_after(self._settings.api.poll_interval_s):
+            await self._triggers[session_id].wait()
+            await anyio.sleep(COALESCE_S)  # a burst of lifecycle events: one look
+        self._triggers[session_id] = anyio.Event()
+
+    def _trigger(self, session_id: str) -> None:
+        trigger = self._triggers.get(session_id)
+        if trigger is not None:
+            trigger.set()
+
+    def _session_pumps(self, session_id: str) -> list[Pump]:
+        return [p for ref, p in self._pumps.items() if ref.session_id == session_id]
+
+    async def _reconcile(self, session_id: str) -> bool:
+        """Start, drain or catch up the session's threads; True when the session is over."""
+        session = await self._api.get_session(session_id)
+        over = _session_over(session)
+        threads = await self._api.list_threads(session_id)
+        for thread in threads:
+            thread_id = thread.get("id")
+            if not isinstance(thread_id, str):
+                continue
+            ref = ThreadRef(session_id, thread_id)
+            active = not over and thread.get("status") in ACTIVE_THREAD_STATUSES
+            updated_at = (
+                thread.get("updated_at") if isinstance(thread.get("updated_at"), str) else None
+            )
+            self._active[ref] = active
+            cursor = self._cursor(ref)
+            pump = self._pumps.get(ref)
+            if active:
+                if pump is None:
+                    self._start(cursor, follow=True)
+                else:
+                    pump.follow()
+            elif pump is not None:
+                pump.drain(updated_at)
+            elif _newer(updated_at, cursor.drained_updated_at):
+                self._start(cursor, follow=False).drain(updated_at)
+        metrics.THREADS_FOLLOWED.set(len(self._pumps))
+        return over
+
+    async def _drain_session(self, session_id: str) -> None:
+        for ref, pump in list(self._pumps.items()):
+            if ref.session_id == session_id:
+                self._active[ref] = False
+                pump.drain(None)
+
+    def _cursor(self, ref: ThreadRef) -> ThreadCursor:
+        cursor = self._cursors.get(ref)
+        if cursor is None:
+            checkpoint = self._checkpoints.get(ref.key)
+            cursor = ThreadCursor(
+                ref,
+                checkpoint.last_event_id if checkpoint else None,
+                checkpoint.drained_updated_at if checkpoint else None,
+            )
+            self._cursors[ref] = cursor
+        return cursor
+
+    def _start(self, cursor: ThreadCursor, *, follow: bool) -> Pump:
+        assert self._tg is not None  # noqa: S101 -- run() set it
+        pump = Pump(
+            cursor,
+            self._api,
+            self._publisher,
+            self._alerts,
+            self._settings,
+            self._limits,
+            follow=follow,
+        )
+        self._pumps[cursor.thread] = pump
+        self._tg.start_soon(self._run_pump, pump, name=f"pump {cursor.thread.key}")
+        return pump
+
+    async def _run_pump(self, pump: Pump) -> None:
+        ref = pump.thread
+        try:
+            await pump.run()
+        except Exception:
+            # One failing thread never disturbs the others; the next look restarts it.
+            pump.log.exception("bridge.pump.crashed")
+            await self._alerts.send("bridge.pump_crashed", "internal_error", ref)
+            await anyio.sleep(self._settings.api.backoff_max_s)
+        finally:
+            if self._pumps.get(ref) is pump:
+                del self._pumps[ref]
+            metrics.THREADS_FOLLOWED.set(len(self._pumps))
+        if self._active.get(ref) and not pump.gone:
+            self._trigger(ref.session_id)  # it runs again: look now
+
+    async def _hints(self, session_id: str) -> None:
+        """React to the session stream's thread lifecycle events within a second."""
+        backoff = Backoff(self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s)
+        cursor: str | None = None
+        while True:
+            try:
+                if cursor is None:
+                    cursor = await self._api.latest_session_event_id(session_id)
+                async with self._api.stream_session(session_id, cursor) as frames:
+                    async for frame in frames:
+                        if frame.id:
+                            cursor = frame.id
+                        if frame.event.startswith(HINT_EVENT_PREFIXES):
+                            self._trigger(session_id)
+                backoff.reset()
+            except BadCursor:
+                cursor = None
+            except NotFound:
+                self._trigger(session_id)
+                return
+            except ApiError as exc:
+                log.debug("bridge.session.hints_failed", session_id=session_id, error=str(exc))
+            await anyio.sleep(backoff.next_delay())
