@@ -59,9 +59,8 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
                 for topic, code, *message in response.topic_errors:
                     # 36 TOPIC_ALREADY_EXISTS: another instance won the race, which is fine.
                     if code not in (0, TopicAlreadyExistsError.errno):
-                        raise SinkUnavailable(
-                            f"cannot create topic {topic!r}: error {code} {message[-1] if message else ''}"
-                        )
+                        detail = message[-1] if message else ""
+                        raise SinkUnavailable(f"cannot create topic {topic!r}: {code} {detail}")
                 log.info("bridge.topics.created", topics=[t.name for t in missing])
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
