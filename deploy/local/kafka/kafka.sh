@@ -1,0 +1,394 @@
+#!/usr/bin/env bash
+# A local single-node Apache Kafka (KRaft: broker and controller in one JVM) for `make run` and
+# the tests. Needs Java 17+, plus Maven once to fetch the jars from Maven Central.
+#
+#   kafka.sh fetch          jars -> .cache/kafka/<version>/libs (no network once cached)
+#   kafka.sh start          format (first time) + start in the background; prints the bootstrap
+#   kafka.sh stop           SIGTERM, wait, SIGKILL after KAFKA_STOP_TIMEOUT_S
+#   kafka.sh status         exit 0 if running and answering, 1 if not answering, 3 if stopped
+#   kafka.sh logs [-f]      tail the broker log
+#
+# Knobs (environment):
+#   KAFKA_PORT              client port on 127.0.0.1 (default 9092)
+#   KAFKA_CONTROLLER_PORT   KRaft controller port (default KAFKA_PORT+1, or the next free one)
+#   KAFKA_DATA_DIR          data, config, pid and logs (default .cache/kafka/run-$KAFKA_PORT)
+#   KAFKA_HEAP_OPTS         default "-Xms256m -Xmx768m"
+#   KAFKA_START_TIMEOUT_S   default 60;  KAFKA_STOP_TIMEOUT_S default 30
+#   KAFKA_OWNER_PID         stop the broker once this process is gone (test runs, demo)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../../.." && pwd)
+version=$(sed -n 's|.*<kafka.version>\(.*\)</kafka.version>.*|\1|p' "$here/pom.xml" | head -n 1)
+home="$root/.cache/kafka/$version"
+libs="$home/libs"
+stamp="$home/.fetched"
+
+port=${KAFKA_PORT:-9092}
+host=127.0.0.1
+data_dir=${KAFKA_DATA_DIR:-$root/.cache/kafka/run-$port}
+[[ $data_dir == /* ]] || data_dir="$PWD/$data_dir"
+start_timeout_s=${KAFKA_START_TIMEOUT_S:-60}
+stop_timeout_s=${KAFKA_STOP_TIMEOUT_S:-30}
+
+say() { printf 'kafka.sh: %s\n' "$*" >&2; }
+die() {
+	say "$*"
+	exit 1
+}
+
+[[ $port =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "KAFKA_PORT must be a TCP port, got '$port'"
+[[ -n $version ]] || die "cannot read <kafka.version> from $here/pom.xml"
+
+pid_file() { printf '%s/kafka.pid' "$data_dir"; }
+log_file() { printf '%s/logs/server.log' "$data_dir"; }
+out_file() { printf '%s/logs/kafka.out' "$data_dir"; }
+
+find_java() {
+	if [[ -n ${JAVA_HOME:-} && -x $JAVA_HOME/bin/java ]]; then
+		java="$JAVA_HOME/bin/java"
+	elif command -v java >/dev/null 2>&1; then
+		java=$(command -v java)
+	else
+		die "Java 17+ is required for Kafka $version but no 'java' was found (install a JDK/JRE 17+, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME)"
+	fi
+	local full major
+	full=$("$java" -version 2>&1 | sed -n 's/.* version "\([^"]*\)".*/\1/p' | head -n 1)
+	major=${full%%.*}
+	[[ $major == 1 ]] && major=$(cut -d. -f2 <<<"$full") # 1.8.0_x -> 8
+	[[ $major =~ ^[0-9]+$ ]] || die "cannot tell the version of $java (java -version said: $("$java" -version 2>&1 | head -n 1))"
+	((major >= 17)) || die "Kafka $version needs Java 17+, but $java is Java $full (set JAVA_HOME to a JDK 17+)"
+}
+
+# Something accepts TCP connections on 127.0.0.1:$1.
+port_in_use() { (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null; }
+
+# A real Kafka protocol round trip: Metadata v4 for no topics. Succeeds only once the broker
+# serves requests and lists itself, i.e. it is registered with the controller and unfenced, so
+# topic creation and produce work right after. Pure bash: no JVM start (seconds on 2 cores) per
+# poll, no Python needed.
+kafka_answers() {
+	local bytes
+	# size=23 | api_key=3 api_version=4 correlation_id=1 client_id="kafka.sh" | topics=[] auto_create=false
+	bytes=$(timeout 3 bash -c '
+		exec 3<>"/dev/tcp/$0/$1" || exit 1
+		printf "\x00\x00\x00\x17\x00\x03\x00\x04\x00\x00\x00\x01\x00\x08kafka.sh\x00\x00\x00\x00\x00" >&3
+		od -An -v -tu1 -N16 <&3' "$host" "$1" 2>/dev/null) || return 1
+	# shellcheck disable=SC2206 # word splitting of od output is the point
+	local b=($bytes)
+	# response: size(4) correlation_id(4) throttle_ms(4) brokers_count(4)
+	((${#b[@]} == 16)) || return 1
+	((b[4] == 0 && b[5] == 0 && b[6] == 0 && b[7] == 1)) || return 1
+	((b[12] == 0 && b[13] == 0 && (b[14] > 0 || b[15] > 0)))
+}
+
+# Prints our broker's pid when its pid file names a live kafka.Kafka on this data dir.
+running_pid() {
+	local pid
+	[[ -f $(pid_file) ]] || return 1
+	pid=$(<"$(pid_file)")
+	[[ $pid =~ ^[0-9]+$ ]] || return 1
+	kill -0 "$pid" 2>/dev/null || return 1
+	# Guard against a recycled pid: it must be a broker started with our config.
+	ps -o args= -p "$pid" 2>/dev/null | grep -qF -- "kafka.Kafka $data_dir/server.properties" || return 1
+	printf '%s\n' "$pid"
+}
+
+wait_gone() { # pid timeout_s
+	local deadline=$((SECONDS + $2))
+	while kill -0 "$1" 2>/dev/null; do
+		((SECONDS < deadline)) || return 1
+		sleep 0.1
+	done
+}
+
+terminate() { # pid timeout_s
+	kill -TERM "$1" 2>/dev/null || return 0
+	wait_gone "$1" "$2" && return 0
+	say "broker (pid $1) did not stop within $2 s, sending SIGKILL"
+	kill -KILL "$1" 2>/dev/null || true
+	wait_gone "$1" 10 || die "broker (pid $1) survived SIGKILL"
+}
+
+cmd_fetch() {
+	if [[ -f $stamp ]]; then
+		return 0
+	fi
+	command -v mvn >/dev/null 2>&1 || die "Maven (mvn) is needed once to fetch Kafka $version from Maven Central (apt-get install maven), or copy the jars into $libs"
+	find_java
+	say "fetching Apache Kafka $version jars from Maven Central into $libs"
+	mkdir -p "$home"
+	local tmp
+	tmp=$(mktemp -d "$home/libs.partial.XXXXXX")
+	# Copy into a scratch dir and rename it, so an interrupted fetch never looks complete.
+	# Maven's output is only worth showing when it failed.
+	if ! mvn -B -ntp -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
+		-DoutputDirectory="$tmp" >"$tmp.log" 2>&1; then
+		grep -E 'ERROR|FAIL' "$tmp.log" | head -n 20 >&2 || tail -n 20 "$tmp.log" >&2
+		rm -rf "$tmp" "$tmp.log"
+		die "fetching the Kafka jars failed (Maven Central unreachable, or no such version?)"
+	fi
+	rm -f "$tmp.log"
+	compgen -G "$tmp/kafka_2.13-$version.jar" >/dev/null || {
+		rm -rf "$tmp"
+		die "Maven finished but kafka_2.13-$version.jar is missing"
+	}
+	rm -rf "$libs"
+	mv "$tmp" "$libs"
+	ls "$libs" >"$stamp"
+	say "fetched $(wc -l <"$stamp") jars"
+}
+
+write_config() { # controller_port
+	mkdir -p "$data_dir/logs" "$data_dir/data"
+	cat >"$data_dir/server.properties" <<EOF
+# Generated by kafka.sh on every start; edit kafka.sh instead.
+process.roles=broker,controller
+node.id=1
+listeners=PLAINTEXT://$host:$port,CONTROLLER://$host:$1
+advertised.listeners=PLAINTEXT://$host:$port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+controller.quorum.bootstrap.servers=$host:$1
+log.dirs=$data_dir/data
+
+# One node: every internal topic has one replica, and one partition is plenty for a dev box
+# (the defaults of 50 make the first consumer group or transaction wait for 50 partitions).
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+num.partitions=1
+
+# Topics are created on purpose (by the bridge or the tests), never by a typo.
+auto.create.topics.enable=false
+# Tests start consumer groups all the time; do not make each one wait 3 s for more members.
+group.initial.rebalance.delay.ms=0
+
+# Small footprint: 16 MiB segments, one day or 1 GiB per partition, a small compaction buffer.
+log.segment.bytes=16777216
+log.retention.hours=24
+log.retention.bytes=1073741824
+log.retention.check.interval.ms=60000
+log.cleaner.dedupe.buffer.size=16777216
+num.network.threads=2
+num.io.threads=4
+background.threads=4
+EOF
+	cat >"$data_dir/log4j2.xml" <<'EOF'
+<?xml version="1.0" encoding="UTF-8"?>
+<!-- Generated by kafka.sh: every broker logger to logs/server.log. -->
+<Configuration status="warn">
+  <Appenders>
+    <RollingFile name="server" fileName="${sys:kafka.logs.dir}/server.log"
+                 filePattern="${sys:kafka.logs.dir}/server.log.%i">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+      <SizeBasedTriggeringPolicy size="20MB"/>
+      <DefaultRolloverStrategy max="2"/>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Root level="info"><AppenderRef ref="server"/></Root>
+    <Logger name="kafka.request.logger" level="warn"/>
+    <Logger name="state.change.logger" level="warn"/>
+    <Logger name="org.apache.kafka.clients" level="warn"/>
+  </Loggers>
+</Configuration>
+EOF
+}
+
+# The controller port is part of the KRaft voter set written at format time: keep it for the
+# life of the data dir, so a restart on the same data dir comes back as the same quorum.
+choose_controller_port() {
+	local saved="$data_dir/controller.port" p
+	if [[ -f $saved ]]; then
+		p=$(<"$saved")
+		if [[ -n ${KAFKA_CONTROLLER_PORT:-} && $KAFKA_CONTROLLER_PORT != "$p" ]]; then
+			die "$data_dir was formatted with controller port $p, not KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT (unset it or use a fresh KAFKA_DATA_DIR)"
+		fi
+		port_in_use "$p" && die "controller port $host:$p (fixed by $data_dir) is already in use"
+	elif [[ -n ${KAFKA_CONTROLLER_PORT:-} ]]; then
+		p=$KAFKA_CONTROLLER_PORT
+		[[ $p =~ ^[0-9]+$ && $p != "$port" ]] || die "KAFKA_CONTROLLER_PORT must be a TCP port other than KAFKA_PORT, got '$p'"
+		port_in_use "$p" && die "controller port $host:$p is already in use (choose another KAFKA_CONTROLLER_PORT)"
+	else
+		p=$((port + 1))
+		while port_in_use "$p"; do
+			((p < port + 100 && p < 65535)) || die "no free controller port near $port; set KAFKA_CONTROLLER_PORT"
+			p=$((p + 1))
+		done
+	fi
+	printf '%s\n' "$p"
+}
+
+new_cluster_id() { # Kafka's Uuid: 16 random bytes, URL-safe base64, no padding
+	head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+}
+
+log4j_opts() {
+	printf '%s\n' "-Dlog4j2.configurationFile=$data_dir/log4j2.xml" "-Dkafka.logs.dir=$data_dir/logs"
+}
+
+format_storage() { # controller_port
+	[[ -f $data_dir/data/meta.properties ]] && return 0
+	local cluster_id out
+	cluster_id=$(new_cluster_id)
+	# shellcheck disable=SC2046 # one option per line
+	if ! out=$("$java" -Xmx256m $(log4j_opts) -cp "$libs/*" kafka.tools.StorageTool format \
+		--config "$data_dir/server.properties" --cluster-id "$cluster_id" --standalone 2>&1); then
+		printf '%s\n' "$out" >&2
+		die "formatting KRaft storage in $data_dir/data failed"
+	fi
+	printf '%s\n' "$1" >"$data_dir/controller.port"
+}
+
+# Until start succeeds, any exit (failure, Ctrl-C, timeout) takes the new broker down with it.
+starting_pid=""
+abort_start() {
+	local rc=$?
+	if [[ -n $starting_pid ]]; then
+		terminate "$starting_pid" 10 || true
+		rm -f "$(pid_file)"
+	fi
+	exit "$rc"
+}
+
+# What this start wrote: server.log is appended across restarts, so skip the older runs.
+log_offset=0
+this_run_log() { tail -c "+$((log_offset + 1))" "$(log_file)" 2>/dev/null || true; }
+
+show_log_tail() {
+	if [[ -s $(out_file) ]]; then
+		say "last lines of $(out_file):"
+		tail -n 25 "$(out_file)" >&2
+	fi
+	say "last lines of $(log_file):"
+	this_run_log | tail -n 25 >&2
+}
+
+# "the broker exited ...: <first ERROR message>", so the one line says why.
+first_error() {
+	local line
+	# The JVM's own complaints (bad options, no memory) come first, then the exception the
+	# broker died of, then its last ERROR line.
+	line=$(head -n 2 "$(out_file)" 2>/dev/null | paste -sd ' ' -)
+	[[ -n $line ]] || line=$(this_run_log | grep -m 1 -E '^[A-Za-z0-9_.$]+(Exception|Error)(: |$)' || true)
+	[[ -n $line ]] || line=$(this_run_log | grep -E '^\[[^]]*\] (ERROR|FATAL) ' | tail -n 1 | sed -E 's/^\[[^]]*\] [A-Z]+ //')
+	[[ -n $line ]] && printf ': %s' "$line"
+	return 0
+}
+
+cmd_start() {
+	find_java
+	local pid
+	if pid=$(running_pid); then
+		say "already running on $host:$port (pid $pid, data $data_dir)"
+		printf '%s:%s\n' "$host" "$port"
+		return 0
+	fi
+	port_in_use "$port" && die "port $host:$port is already in use by another process (set KAFKA_PORT)"
+	cmd_fetch
+	local cport
+	cport=$(choose_controller_port)
+	write_config "$cport"
+	format_storage "$cport"
+
+	trap abort_start EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	local heap
+	read -r -a heap <<<"${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
+	local -a opts
+	mapfile -t opts < <(log4j_opts)
+	: >"$(out_file)"
+	log_offset=$(wc -c <"$(log_file)" 2>/dev/null || echo 0)
+	nohup "$java" "${heap[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+		-XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true "${opts[@]}" \
+		-cp "$libs/*" kafka.Kafka "$data_dir/server.properties" \
+		>>"$(out_file)" 2>&1 </dev/null &
+	starting_pid=$!
+	printf '%s\n' "$starting_pid" >"$(pid_file)"
+
+	local deadline=$((SECONDS + start_timeout_s))
+	until kafka_answers "$port"; do
+		if ! kill -0 "$starting_pid" 2>/dev/null; then
+			show_log_tail
+			die "the broker exited during start-up$(first_error) (logs in $data_dir/logs)"
+		fi
+		if ((SECONDS >= deadline)); then
+			show_log_tail
+			die "the broker did not answer on $host:$port within ${start_timeout_s} s; stopped it"
+		fi
+		sleep 0.2
+	done
+	if [[ -n ${KAFKA_OWNER_PID:-} ]]; then
+		nohup "$BASH" "$here/kafka.sh" _watchdog "$KAFKA_OWNER_PID" "$starting_pid" \
+			>/dev/null 2>&1 </dev/null &
+	fi
+	starting_pid=""
+	trap - EXIT INT TERM
+	say "Kafka $version running on $host:$port (pid $(<"$(pid_file)"), log $(log_file))"
+	printf '%s:%s\n' "$host" "$port"
+}
+
+cmd_stop() {
+	local pid
+	if ! pid=$(running_pid); then
+		rm -f "$(pid_file)"
+		say "not running on $host:$port"
+		return 0
+	fi
+	terminate "$pid" "$stop_timeout_s"
+	rm -f "$(pid_file)"
+	say "stopped (pid $pid)"
+}
+
+cmd_status() {
+	local pid
+	if ! pid=$(running_pid); then
+		say "not running (data $data_dir)"
+		return 3
+	fi
+	if kafka_answers "$port"; then
+		say "running on $host:$port (pid $pid)"
+		return 0
+	fi
+	say "process $pid is alive but $host:$port does not answer"
+	return 1
+}
+
+cmd_logs() {
+	[[ -f $(log_file) ]] || die "no log yet at $(log_file)"
+	if [[ ${1:-} == -f ]]; then
+		exec tail -n 100 -F "$(log_file)"
+	fi
+	tail -n "${KAFKA_LOG_LINES:-200}" "$(log_file)"
+}
+
+# Background helper: stop broker $2 once owner $1 is gone (the test run or demo died hard).
+cmd_watchdog() {
+	while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do
+		sleep 1
+	done
+	kill -0 "$2" 2>/dev/null && terminate "$2" "$stop_timeout_s"
+	return 0
+}
+
+case ${1:-} in
+fetch) cmd_fetch ;;
+start) cmd_start ;;
+stop) cmd_stop ;;
+status) cmd_status ;;
+logs) cmd_logs "${2:-}" ;;
+_watchdog) cmd_watchdog "$2" "$3" ;;
+*)
+	printf 'usage: %s fetch|start|stop|status|logs [-f]\n' "$(basename "$0")" >&2
+	exit 2
+	;;
+esac
