@@ -142,11 +142,14 @@ class Bridge:
 
 async def _run(settings: Settings) -> int:
     bridge = Bridge(settings)
+    code = EXIT_FATAL
     try:
-        return await bridge.run()
+        code = await bridge.run()
     except* ProducerFenced as group:
+        # Stop publishing at once and let the orchestrator restart us; never write outside a
+        # transaction.
         log.error("bridge.fatal.fenced", error=str(group.exceptions[0]))
-        return EXIT_FATAL
+    return code
 
 
 def run(settings: Settings) -> int:
