@@ -1,0 +1,243 @@
+"""A tiny HTTP/1.1 server for probes and scrapes: ``/livez``, ``/readyz``, ``/metrics``.
+
+No framework: one request per connection (``Connection: close``), GET and HEAD only. The request
+head is bounded in size and must arrive within ``read_timeout_s``, and at most
+``max_connections`` are served at once (the rest get a quick 503), so slow or idle clients cannot
+pin the server. It observes the bridge through :class:`HealthState`; it never calls into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from functools import partial
+from http import HTTPStatus
+
+import anyio
+import structlog
+from anyio.abc import SocketAttribute, SocketStream, TaskStatus
+from prometheus_client.exposition import choose_encoder
+
+from bridge.config import HttpSettings
+from bridge.errors import ConfigError
+from bridge.metrics import READY, REGISTRY
+
+__all__ = ["HealthState", "serve_http"]
+
+MAX_REQUEST_HEAD_BYTES = 8192
+
+log = structlog.get_logger(__name__)
+
+
+class HealthState:
+    """Readiness flags, set by the composition root; every change updates ``qoder_bridge_ready``.
+
+    Ready = the producer is connected, the API accepted the token, and the bridge is not
+    draining. A new state is not ready until both connections are reported.
+    """
+
+    CHECKS = ("producer_connected", "api_authorized", "not_draining")
+
+    def __init__(self) -> None:
+        self._producer_connected = False
+        self._api_authorized = False
+        self._draining = False
+        self._publish()
+
+    @property
+    def producer_connected(self) -> bool:
+        return self._producer_connected
+
+    @producer_connected.setter
+    def producer_connected(self, value: bool) -> None:
+        self._producer_connected = value
+        self._publish()
+
+    @property
+    def api_authorized(self) -> bool:
+        return self._api_authorized
+
+    @api_authorized.setter
+    def api_authorized(self, value: bool) -> None:
+        self._api_authorized = value
+        self._publish()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self._publish()
+
+    @property
+    def ready(self) -> bool:
+        return not self.failing_checks()
+
+    def failing_checks(self) -> list[str]:
+        """Names of the checks that fail, in :attr:`CHECKS` order."""
+        results = {
+            "producer_connected": self._producer_connected,
+            "api_authorized": self._api_authorized,
+            "not_draining": not self._draining,
+        }
+        return [name for name in self.CHECKS if not results[name]]
+
+    def _publish(self) -> None:
+        READY.set(1 if self.ready else 0)
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: HTTPStatus
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    allow: str | None = None
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: HTTPStatus) -> None:
+        super().__init__(status.phrase)
+        self.status = status
+
+
+async def serve_http(
+    settings: HttpSettings,
+    state: HealthState,
+    *,
+    read_timeout_s: float = 5.0,
+    max_connections: int = 32,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; ``task_status.started(port)`` reports the bound port."""
+    try:
+        listener = await anyio.create_tcp_listener(
+            local_host=settings.host, local_port=settings.port
+        )
+    except OSError as exc:
+        raise ConfigError(
+            f"BRIDGE_HTTP_HOST/BRIDGE_HTTP_PORT: cannot listen on "
+            f"{settings.host}:{settings.port} ({exc.strerror or exc})"
+        ) from exc
+    limiter = anyio.CapacityLimiter(max_connections)
+    handler = partial(_handle, state=state, limiter=limiter, read_timeout_s=read_timeout_s)
+    async with listener:
+        port = listener.extra(SocketAttribute.local_port)  # noqa: S610 -- anyio, not Django
+        log.info("bridge.health.listening", host=settings.host, port=port)
+        task_status.started(port)
+        await listener.serve(handler)
+
+
+async def _handle(
+    stream: SocketStream,
+    *,
+    state: HealthState,
+    limiter: anyio.CapacityLimiter,
+    read_timeout_s: float,
+) -> None:
+    # Errors stay inside the connection: a misbehaving client must not stop the server.
+    async with stream:
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await _answer(stream, _text(HTTPStatus.SERVICE_UNAVAILABLE, "busy\n"), read_timeout_s)
+            return
+        try:
+            response, head_only = await _respond(stream, state, read_timeout_s)
+            if response is not None:
+                await _answer(stream, response, read_timeout_s, head_only=head_only)
+        finally:
+            limiter.release()
+
+
+async def _respond(
+    stream: SocketStream, state: HealthState, read_timeout_s: float
+) -> tuple[_Response | None, bool]:
+    try:
+        with anyio.fail_after(read_timeout_s):
+            head = await _read_head(stream)
+        method, path, headers = _parse_head(head)
+    except _BadRequest as exc:
+        return _text(exc.status, exc.status.phrase + "\n"), False
+    except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+        return None, False  # slow, gone or reset: just close
+    try:
+        return _route(method, path, headers, state), method == "HEAD"
+    except Exception:
+        log.exception("bridge.health.handler_failed", path=path)
+        return _text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n"), False
+
+
+async def _read_head(stream: SocketStream) -> bytes:
+    buf = bytearray()
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            end = buf.find(b"\n\n")
+        if end >= 0:
+            return bytes(buf[:end])
+        if len(buf) > MAX_REQUEST_HEAD_BYTES:
+            raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+        buf += await stream.receive(4096)
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    if len(head) > MAX_REQUEST_HEAD_BYTES:
+        raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+    lines = head.decode("latin-1").replace("\r\n", "\n").split("\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(HTTPStatus.BAD_REQUEST)
+    method, target, _version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST)
+        headers[name.strip().lower()] = value.strip()
+    return method, target.split("?", 1)[0], headers
+
+
+def _route(method: str, path: str, headers: dict[str, str], state: HealthState) -> _Response:
+    if path not in ("/livez", "/readyz", "/metrics"):
+        return _text(HTTPStatus.NOT_FOUND, "not found\n")
+    if method not in ("GET", "HEAD"):
+        return _Response(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", allow="GET, HEAD")
+    if path == "/livez":
+        return _text(HTTPStatus.OK, "ok\n")
+    if path == "/readyz":
+        failing = state.failing_checks()
+        body = json.dumps({"ready": not failing, "failing": failing}).encode() + b"\n"
+        status = HTTPStatus.OK if not failing else HTTPStatus.SERVICE_UNAVAILABLE
+        return _Response(status, body, "application/json")
+    encoder, content_type = choose_encoder(headers.get("accept", ""))
+    return _Response(HTTPStatus.OK, encoder(REGISTRY), content_type)
+
+
+def _text(status: HTTPStatus, body: str) -> _Response:
+    return _Response(status, body.encode())
+
+
+async def _answer(
+    stream: SocketStream, response: _Response, timeout_s: float, *, head_only: bool = False
+) -> None:
+    lines = [
+        f"HTTP/1.1 {response.status.value} {response.status.phrase}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if response.allow:
+        lines.append(f"Allow: {response.allow}")
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if not head_only:
+        data += response.body
+    # A client that went away or stopped reading gets nothing more.
+    with (
+        anyio.move_on_after(timeout_s),
+        contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError),
+    ):
+        await stream.send(data)
