@@ -1,0 +1,178 @@
+"""``qoder-bridge``: argv and environment -> Settings -> run | simulate | check -> exit code.
+
+Exit codes: 0 clean stop, 1 fatal (or a check failed), 2 bad configuration or usage; the
+message names the setting. ``run`` and ``check`` take one flag per setting of
+:data:`bridge.config.ENV_VARS`; a flag beats the environment, which beats ``--config FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from bridge import __version__
+from bridge.config import ENV_VARS, Settings, env_token, load_settings
+from bridge.errors import ConfigError
+from bridge.logs import configure_logging, scrub_text
+
+__all__ = ["EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+PROG = "qoder-bridge"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console entry point; returns the process exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check":
+            return _check(args)
+        return _simulate(args)
+    except ConfigError as exc:
+        print(f"{PROG}: configuration error: {scrub_text(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Republishes Qoder Cloud Agents thread events to Apache Kafka.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        allow_abbrev=False,
+        help="run the bridge (config from the environment, --config FILE, flags)",
+        description="Run the bridge until SIGTERM/SIGINT (the first drains, a second stops).",
+    )
+    _add_settings_flags(run)
+
+    check = commands.add_parser(
+        "check",
+        allow_abbrev=False,
+        help="validate the configuration, reach the API (token) and Kafka",
+        description="Exit 0 when the configuration is valid and the API and Kafka answer.",
+    )
+    _add_settings_flags(check)
+
+    simulate = commands.add_parser(
+        "simulate",
+        allow_abbrev=False,
+        help="serve the Qoder API simulator",
+        description="Serve the Qoder API simulator (needs the 'simulator' extra).",
+    )
+    simulate.add_argument("--host", default="127.0.0.1", help="address (default: %(default)s)")
+    simulate.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
+    simulate.add_argument(
+        "--scenario", default="demo", help="built-in scenario name or a scenario file"
+    )
+    simulate.add_argument(
+        "--token",
+        default=None,
+        help="the bearer token the simulator accepts (default: QODER_ACCESS_TOKEN or QODER_PAT)",
+    )
+    return parser
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file; keys are the environment variable names in lower case",
+    )
+    group = parser.add_argument_group(
+        "settings", "each flag overrides its environment variable and the config file"
+    )
+    for var in ENV_VARS:
+        default = var.default.replace("`", "")
+        note = f"env {var.name}; default {default}"
+        if var.secret:
+            note += "; visible to local users in the process list, prefer the environment"
+        group.add_argument(
+            var.flag,
+            dest=var.name,
+            metavar="VALUE",
+            default=None,
+            help=f"{var.meaning.replace('`', '')} ({note})".replace("%", "%%"),
+        )
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {port}")
+    return port
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        var.name: value for var in ENV_VARS if (value := getattr(args, var.name)) is not None
+    }
+    return load_settings(os.environ, config_file=args.config, overrides=overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.log)
+    app: Any = importlib.import_module("bridge.app")  # the daemon's imports, only for `run`
+    code = app.run(settings)
+    return int(code)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from bridge.check import run_check  # noqa: PLC0415 -- aiokafka is only needed here
+
+    settings = _settings(args)
+    configure_logging(settings.log)
+    return anyio.run(run_check, settings, backend="asyncio")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    # Only the log settings matter here; the rest of the environment is the bridge's business.
+    log_env = {k: v for k, v in os.environ.items() if k.startswith("BRIDGE_LOG_")}
+    configure_logging(load_settings(log_env).log)
+    token = args.token if args.token is not None else env_token(os.environ)
+    if token is not None and not isinstance(token, str):
+        token = token.reveal()
+    try:
+        simulator: Any = importlib.import_module("bridge.simulator")
+        result = simulator.serve(args.host, args.port, args.scenario, token)
+        if inspect.isawaitable(result):
+
+            async def wait() -> Any:
+                return await result
+
+            result = anyio.run(wait, backend="asyncio")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("bridge"):
+            raise
+        print(
+            f"{PROG} simulate needs the 'simulator' extra (missing module {exc.name!r}):\n"
+            "    pip install 'qoder-kafka-bridge[simulator]'",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return int(result) if isinstance(result, int) else EXIT_OK
