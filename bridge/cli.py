@@ -21,7 +21,9 @@ import anyio
 from bridge import __version__
 from bridge.config import ENV_VARS, Settings, env_token, load_settings
 from bridge.errors import ConfigError
+from bridge.kafka_conn import kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging, scrub_text
+from bridge.secrets import TokenProvider
 
 __all__ = ["EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -136,10 +138,20 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    _preflight(settings)
     configure_logging(settings.log)
     app: Any = importlib.import_module("bridge.app")  # the daemon's imports, only for `run`
     code = app.run(settings)
     return int(code)
+
+
+def _preflight(settings: Settings) -> None:
+    """Configuration that can only be judged by reading files (the token file, TLS files, the
+    compression codec): judged here, so a mistake exits 2 before the daemon starts."""
+    if not settings.api.uses_simulator:
+        TokenProvider.from_settings(settings.api)
+    kafka_client_kwargs(settings.kafka)
+    producer_tuning_kwargs(settings.kafka)
 
 
 def _check(args: argparse.Namespace) -> int:

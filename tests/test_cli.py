@@ -166,14 +166,18 @@ async def test_check_without_a_token_skips_the_api() -> None:
     assert "skip  api" in out.getvalue()
 
 
-def test_check_missing_token_file_exits_2(tmp_path: Path) -> None:
-    """`check` with a token file that does not exist: a configuration error, exit 2."""
-    done = qoder_bridge(
-        "check",
-        env={"QODER_ACCESS_TOKEN_FILE": str(tmp_path / "absent"), "BRIDGE_LOG_LEVEL": "error"},
-    )
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_unreadable_files_are_config_errors_before_start(tmp_path: Path, command: str) -> None:
+    """A token file that is missing, or a CA file that is not PEM, is judged before anything
+    starts: exit 2 naming the variable."""
+    done = qoder_bridge(command, env={"QODER_ACCESS_TOKEN_FILE": str(tmp_path / "absent")})
     assert done.returncode == 2
     assert "QODER_ACCESS_TOKEN_FILE" in done.stderr
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    env = {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": str(tmp_path / "ca.pem")}
+    done = qoder_bridge(command, env=env)
+    assert done.returncode == 2
+    assert "KAFKA_SSL_CAFILE" in done.stderr
 
 
 @pytest.mark.kafka
