@@ -28,7 +28,7 @@ from bridge.alerts import BridgeAlerts
 from bridge.api import QoderApi, RateLimiter
 from bridge.checkpoints import Checkpoint, ensure_topics, load_checkpoints
 from bridge.config import Settings
-from bridge.errors import ProducerFenced, SinkUnavailable
+from bridge.errors import ConfigError, ProducerFenced, SinkUnavailable
 from bridge.health import HealthState, serve_http
 from bridge.publisher import Publisher
 from bridge.secrets import TokenProvider
@@ -152,10 +152,23 @@ async def _run(settings: Settings) -> int:
     return code
 
 
+def _first(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 def run(settings: Settings) -> int:
     """Run the daemon until it is told to stop; returns the process exit code."""
     try:
         return anyio.run(_run, settings, backend="asyncio")
+    except ConfigError:
+        raise  # the CLI turns it into exit code 2 with the setting's name
+    except ExceptionGroup as group:
+        config = group.subgroup(ConfigError)
+        if config is not None:
+            raise _first(config) from None
+        log.exception("bridge.fatal")
+        return EXIT_FATAL
     except Exception:
         log.exception("bridge.fatal")
         return EXIT_FATAL

@@ -24,7 +24,7 @@ from bridge.secrets import TokenProvider
 
 __all__ = ["run_check"]
 
-OK, FAIL, SKIP = "ok", "FAIL", "skip"
+OK, FAIL = "ok", "FAIL"
 
 _Report = Callable[[str, str, str], None]
 
@@ -60,8 +60,8 @@ async def run_check(
 async def _check_api(settings: Settings, tokens: TokenProvider | None, report: _Report) -> bool:
     url = f"{settings.api.url}/sessions"
     if tokens is None:
-        report(SKIP, "api", "no QODER_ACCESS_TOKEN(_FILE): `run` uses the embedded simulator")
-        return True
+        report(FAIL, "api", "no QODER_ACCESS_TOKEN or QODER_ACCESS_TOKEN_FILE: `run` would refuse")
+        return False
     headers = {
         "Authorization": f"Bearer {tokens.current().reveal()}",
         "Accept": "application/json",

@@ -148,10 +148,15 @@ def _run(args: argparse.Namespace) -> int:
 def _preflight(settings: Settings) -> None:
     """Configuration that can only be judged by reading files (the token file, TLS files, the
     compression codec): judged here, so a mistake exits 2 before the daemon starts."""
-    if not settings.api.uses_simulator:
-        TokenProvider.from_settings(settings.api)
     kafka_client_kwargs(settings.kafka)
     producer_tuning_kwargs(settings.kafka)
+    if settings.api.uses_simulator:
+        # Never fall back to fake data silently: a pod with a missing secret must not start.
+        raise ConfigError(
+            "QODER_ACCESS_TOKEN: no token; set QODER_ACCESS_TOKEN (alias QODER_PAT) or "
+            "QODER_ACCESS_TOKEN_FILE (`make run` starts the bundled simulator when none is set)"
+        )
+    TokenProvider.from_settings(settings.api)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -67,7 +67,7 @@ class ApiSettings:
 
     @property
     def uses_simulator(self) -> bool:
-        """No credentials at all: ``run`` falls back to the embedded simulator (the demo)."""
+        """No credentials: ``run`` and ``check`` refuse; ``make run`` serves the simulator."""
         return self.token is None and self.token_file is None
 
 
@@ -333,8 +333,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(
         "QODER_ACCESS_TOKEN",
         "api.token",
-        "bearer token (PAT or SAT); never logged. Unset with no token file: the embedded "
-        "simulator is the source (demo)",
+        "bearer token (PAT or SAT); never logged. `run` and `check` refuse to start without "
+        "it or a token file (`make run` then starts the bundled simulator instead)",
         _secret,
         aliases=("QODER_PAT",),
         secret=True,

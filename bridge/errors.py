@@ -6,7 +6,7 @@ Third-party exceptions (httpx, httpx-sse, aiokafka) are translated into these at
     BridgeError                      retriable = False unless said otherwise
     ├── ConfigError                  bad configuration or usage (exit code 2)
     ├── ApiError                     the Qoder API said no, or could not be reached
-    │   ├── ApiUnavailable           retriable: connect/read errors, 429, 5xx (carries retry_after_s)
+    │   ├── ApiUnavailable           retriable: connect/read errors, 429, 5xx (retry_after_s)
     │   │   └── StreamStalled        retriable: no bytes for longer than the stall timeout
     │   ├── AuthRejected             retriable (slowly): 401/403, the token is bad or revoked
     │   ├── NotFound                 404: the session or thread is gone

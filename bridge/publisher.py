@@ -41,7 +41,7 @@ from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import ProducerFenced, SinkError, SinkUnavailable, TransactionAborted
 from bridge.health import HealthState
-from bridge.kafka_conn import kafka_client_kwargs
+from bridge.kafka_conn import kafka_client_kwargs, producer_tuning_kwargs
 from bridge.records import Record, ThreadRef, checkpoint_record
 
 log = structlog.get_logger("bridge.publisher")
@@ -151,11 +151,9 @@ class Publisher:
     def _new_producer(self) -> AIOKafkaProducer:
         kwargs: dict[str, Any] = dict(
             kafka_client_kwargs(self._kafka),
+            **producer_tuning_kwargs(self._kafka),
             acks="all",
             enable_idempotence=True,
-            compression_type=self._kafka.compression,
-            linger_ms=self._kafka.linger_ms,
-            max_request_size=self._kafka.max_request_bytes,
             max_batch_size=256 * 1024,
             request_timeout_ms=30_000,
         )

@@ -156,14 +156,14 @@ async def test_check_reports_a_rejected_token_and_an_unreachable_broker() -> Non
 
 
 @pytest.mark.anyio
-async def test_check_without_a_token_skips_the_api() -> None:
-    """No token at all means `run` would use the simulator: the API check is skipped."""
+async def test_check_without_a_token_fails_the_api_check() -> None:
+    """No token at all: `run` would refuse to start, so `check` says the API check fails."""
     out = io.StringIO()
     settings = load_settings({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
     with anyio.fail_after(30):
         code = await run_check(settings, out=out, kafka_timeout_s=5)
     assert code == 1  # the broker is still unreachable
-    assert "skip  api" in out.getvalue()
+    assert "FAIL  api     no QODER_ACCESS_TOKEN" in out.getvalue()
 
 
 @pytest.mark.parametrize("command", ["run", "check"])
