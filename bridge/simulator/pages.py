@@ -1,0 +1,159 @@
+"""Cursor pagination shared by every list route, and the error type every route raises.
+
+Listing order is ``asc`` (oldest first) or ``desc``; ``after_id`` and ``before_id`` are relative
+to it. ``next_page`` is an opaque token naming the anchor and the direction, so a page stays
+stable while items are added. ``page``, ``after_id`` and ``before_id`` are mutually exclusive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+Query = Mapping[str, list[str]]
+
+
+class HttpError(Exception):
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        *,
+        param: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message, self.param = status, kind, message, param
+        self.headers = list(headers)
+
+    def body(self, request_id: str) -> bytes:
+        error = {"type": self.kind, "message": self.message}
+        if self.param:
+            error["param"] = self.param
+        envelope = {"type": "error", "request_id": request_id, "error": error}
+        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def bad_request(message: str, param: str) -> HttpError:
+    return HttpError(400, "invalid_request_error", message, param=param)
+
+
+def first(query: Query, *names: str) -> str | None:
+    for name in names:
+        values = query.get(name)
+        if values and values[0] != "":
+            return values[0]
+    return None
+
+
+def many(query: Query, *names: str) -> set[str]:
+    """Repeated (``statuses[]=a&statuses[]=b``) or comma-separated (``statuses=a,b``)."""
+    return {v for n in names for raw in query.get(n, ()) for v in raw.split(",") if v}
+
+
+@dataclass(frozen=True)
+class PageQuery:
+    limit: int
+    anchor: str | None  # an item id
+    forward: bool  # after the anchor (or from the start) vs before it
+    param: str  # which parameter named the anchor, for the 400
+    desc: bool
+
+
+def parse_page_query(query: Query, *, default_order: str = "asc") -> PageQuery:
+    raw_limit = first(query, "limit")
+    try:
+        limit = 20 if raw_limit is None else int(raw_limit)
+    except ValueError:
+        raise bad_request(f"limit must be an integer, got {raw_limit!r}.", "limit") from None
+    if not 1 <= limit <= 100:
+        raise bad_request(f"limit must be between 1 and 100, got {limit}.", "limit")
+    order = first(query, "order") or default_order
+    if order not in ("asc", "desc"):
+        raise bad_request(f"order must be 'asc' or 'desc', got {order!r}.", "order")
+    given = {n: v for n in ("page", "after_id", "before_id") if (v := first(query, n))}
+    if len(given) > 1:
+        names = " and ".join(sorted(given))
+        raise bad_request(f"{names} are mutually exclusive; pass only one.", sorted(given)[-1])
+    desc = order == "desc"
+    if "page" in given:
+        forward, anchor = _decode_page(given["page"])
+        return PageQuery(limit, anchor, forward, "page", desc)
+    if "before_id" in given:
+        return PageQuery(limit, given["before_id"], False, "before_id", desc)
+    return PageQuery(limit, given.get("after_id"), True, "after_id", desc)
+
+
+def _encode_page(forward: bool, anchor: str) -> str:
+    raw = ("a:" if forward else "b:") + anchor
+    return "page_" + base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_page(token: str) -> tuple[bool, str]:
+    try:
+        if not token.startswith("page_"):
+            raise ValueError(token)
+        data = token[5:]
+        raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)).decode()
+        direction, anchor = raw.split(":", 1)
+        if direction not in ("a", "b") or not anchor:
+            raise ValueError(raw)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise bad_request(f"Invalid page cursor {token!r}.", "page") from None
+    return direction == "a", anchor
+
+
+def select(
+    count: int,
+    id_at: Callable[[int], str],
+    index: Mapping[str, int],
+    q: PageQuery,
+    match: Callable[[int], bool] | None = None,
+) -> tuple[list[int], bool, str | None]:
+    """Item indices of one page in listing order, ``has_more`` and ``next_page``."""
+
+    def item(p: int) -> int:  # listing position -> item index
+        return count - 1 - p if q.desc else p
+
+    if q.anchor is None:
+        start = 0
+    else:
+        at = index.get(q.anchor)
+        if at is None:
+            raise bad_request(f"Unknown cursor {q.anchor!r}.", q.param)
+        start = item(at) + 1 if q.forward else item(at) - 1  # item() is its own inverse
+    step = 1 if q.forward else -1
+    picked: list[int] = []
+    p, has_more = start, False
+    while 0 <= p < count:
+        i = item(p)
+        if match is None or match(i):
+            if len(picked) == q.limit:
+                has_more = True
+                break
+            picked.append(i)
+        p += step
+    if not q.forward:
+        picked.reverse()
+    next_page = None
+    if has_more and picked:
+        next_page = _encode_page(q.forward, id_at(picked[-1] if q.forward else picked[0]))
+    return picked, has_more, next_page
+
+
+def envelope(
+    items: Sequence[bytes], ids: Sequence[str], has_more: bool, next_page: str | None
+) -> bytes:
+    """The list envelope, joined around the items' own bytes (never re-serialised)."""
+    tail = {
+        "next_page": next_page,
+        "first_id": ids[0] if ids else None,
+        "last_id": ids[-1] if ids else None,
+        "has_more": has_more,
+    }
+    rest = json.dumps(tail, separators=(",", ":"))
+    return b'{"data":[' + b",".join(items) + b"]," + rest[1:].encode()
