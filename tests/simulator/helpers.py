@@ -1,0 +1,77 @@
+"""Shared bits of the simulator tests: an authenticated client, SSE reading, raw list pages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+from bridge.simulator import Simulator
+
+TOKEN = "pt-test"
+
+
+@asynccontextmanager
+async def client(sim: Simulator, token: str = TOKEN) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=sim.base_url, headers=headers, timeout=10) as c:
+        yield c
+
+
+async def read_sse(
+    c: httpx.AsyncClient,
+    path: str,
+    count: int,
+    *,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+    skip_heartbeats: bool = True,
+) -> list[ServerSentEvent]:
+    """The first ``count`` frames of a stream (comment-only heartbeat frames left out)."""
+    got: list[ServerSentEvent] = []
+    async with aconnect_sse(c, "GET", path, headers=headers or {}, params=params) as source:
+        source.response.raise_for_status()
+        async for sse in source.aiter_sse():
+            if skip_heartbeats and (sse.event == "heartbeat" or not sse.data):
+                continue
+            got.append(sse)
+            if len(got) == count:
+                break
+    return got
+
+
+async def all_pages(c: httpx.AsyncClient, path: str, **params: Any) -> list[dict[str, Any]]:
+    """Every page of a list, following next_page; checks the envelope on the way."""
+    pages: list[dict[str, Any]] = []
+    page: str | None = None
+    while True:
+        r = await c.get(path, params={**params, **({"page": page} if page else {})})
+        r.raise_for_status()
+        body = r.json()
+        assert set(body) == {"data", "next_page", "first_id", "last_id", "has_more"}
+        pages.append(body)
+        if body["data"]:
+            assert (body["first_id"], body["last_id"]) == (
+                body["data"][0]["id"],
+                body["data"][-1]["id"],
+            )
+        else:
+            assert body["first_id"] is None and body["last_id"] is None
+        assert (body["next_page"] is not None) == body["has_more"]
+        page = body["next_page"]
+        if not page:
+            return pages
+
+
+def page_items_raw(body: bytes) -> bytes:
+    """The bytes between ``{"data":[`` and the envelope's tail: the items as served."""
+    assert body.startswith(b'{"data":[')
+    return body[len(b'{"data":[') : body.rindex(b'],"next_page"')]
+
+
+def ids(raw_events: list[bytes]) -> list[str]:
+    return [json.loads(e)["id"] for e in raw_events]
