@@ -36,6 +36,12 @@ die() {
 	say "$*"
 	exit 1
 }
+# A missing prerequisite (Java 17+, Maven) exits 69 (EX_UNAVAILABLE), so callers such as the
+# test fixture can tell "cannot run Kafka on this machine" from "Kafka failed".
+die_unavailable() {
+	say "$*"
+	exit 69
+}
 
 [[ $port =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "KAFKA_PORT must be a TCP port, got '$port'"
 [[ -n $version ]] || die "cannot read <kafka.version> from $here/pom.xml"
@@ -50,14 +56,14 @@ find_java() {
 	elif command -v java >/dev/null 2>&1; then
 		java=$(command -v java)
 	else
-		die "Java 17+ is required for Kafka $version but no 'java' was found (install a JDK/JRE 17+, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME)"
+		die_unavailable "Java 17+ is required for Kafka $version but no 'java' was found (install a JDK/JRE 17+, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME)"
 	fi
 	local full major
 	full=$("$java" -version 2>&1 | sed -n 's/.* version "\([^"]*\)".*/\1/p' | head -n 1)
 	major=${full%%.*}
 	[[ $major == 1 ]] && major=$(cut -d. -f2 <<<"$full") # 1.8.0_x -> 8
 	[[ $major =~ ^[0-9]+$ ]] || die "cannot tell the version of $java (java -version said: $("$java" -version 2>&1 | head -n 1))"
-	((major >= 17)) || die "Kafka $version needs Java 17+, but $java is Java $full (set JAVA_HOME to a JDK 17+)"
+	((major >= 17)) || die_unavailable "Kafka $version needs Java 17+, but $java is Java $full (set JAVA_HOME to a JDK 17+)"
 }
 
 # Something accepts TCP connections on 127.0.0.1:$1.
@@ -82,13 +88,17 @@ kafka_answers() {
 	((b[12] == 0 && b[13] == 0 && (b[14] > 0 || b[15] > 0)))
 }
 
+# kill -0 also succeeds on a zombie, which is what an exited broker stays in a container whose
+# PID 1 does not reap orphans.
+alive() { kill -0 "$1" 2>/dev/null && [[ $(ps -o stat= -p "$1" 2>/dev/null) != Z* ]]; }
+
 # Prints our broker's pid when its pid file names a live kafka.Kafka on this data dir.
 running_pid() {
 	local pid
 	[[ -f $(pid_file) ]] || return 1
 	pid=$(<"$(pid_file)")
 	[[ $pid =~ ^[0-9]+$ ]] || return 1
-	kill -0 "$pid" 2>/dev/null || return 1
+	alive "$pid" || return 1
 	# Guard against a recycled pid: it must be a broker started with our config.
 	ps -o args= -p "$pid" 2>/dev/null | grep -qF -- "kafka.Kafka $data_dir/server.properties" || return 1
 	printf '%s\n' "$pid"
@@ -96,7 +106,7 @@ running_pid() {
 
 wait_gone() { # pid timeout_s
 	local deadline=$((SECONDS + $2))
-	while kill -0 "$1" 2>/dev/null; do
+	while alive "$1"; do
 		((SECONDS < deadline)) || return 1
 		sleep 0.1
 	done
@@ -114,7 +124,7 @@ cmd_fetch() {
 	if [[ -f $stamp ]]; then
 		return 0
 	fi
-	command -v mvn >/dev/null 2>&1 || die "Maven (mvn) is needed once to fetch Kafka $version from Maven Central (apt-get install maven), or copy the jars into $libs"
+	command -v mvn >/dev/null 2>&1 || die_unavailable "Maven (mvn) is needed once to fetch Kafka $version from Maven Central (apt-get install maven), or copy the jars into $libs"
 	find_java
 	say "fetching Apache Kafka $version jars from Maven Central into $libs"
 	mkdir -p "$home"
@@ -314,10 +324,16 @@ cmd_start() {
 		>>"$(out_file)" 2>&1 </dev/null &
 	starting_pid=$!
 	printf '%s\n' "$starting_pid" >"$(pid_file)"
+	# Started before the wait, so even a kafka.sh killed mid-start leaves no broker behind
+	# once its owner is gone.
+	if [[ -n ${KAFKA_OWNER_PID:-} ]]; then
+		nohup "$BASH" "$here/kafka.sh" _watchdog "$KAFKA_OWNER_PID" "$starting_pid" \
+			>/dev/null 2>&1 </dev/null &
+	fi
 
 	local deadline=$((SECONDS + start_timeout_s))
 	until kafka_answers "$port"; do
-		if ! kill -0 "$starting_pid" 2>/dev/null; then
+		if ! alive "$starting_pid"; then
 			show_log_tail
 			die "the broker exited during start-up$(first_error) (logs in $data_dir/logs)"
 		fi
@@ -327,10 +343,6 @@ cmd_start() {
 		fi
 		sleep 0.2
 	done
-	if [[ -n ${KAFKA_OWNER_PID:-} ]]; then
-		nohup "$BASH" "$here/kafka.sh" _watchdog "$KAFKA_OWNER_PID" "$starting_pid" \
-			>/dev/null 2>&1 </dev/null &
-	fi
 	starting_pid=""
 	trap - EXIT INT TERM
 	say "Kafka $version running on $host:$port (pid $(<"$(pid_file)"), log $(log_file))"
@@ -373,10 +385,10 @@ cmd_logs() {
 
 # Background helper: stop broker $2 once owner $1 is gone (the test run or demo died hard).
 cmd_watchdog() {
-	while kill -0 "$1" 2>/dev/null && kill -0 "$2" 2>/dev/null; do
+	while alive "$1" && alive "$2"; do
 		sleep 1
 	done
-	kill -0 "$2" 2>/dev/null && terminate "$2" "$stop_timeout_s"
+	alive "$2" && terminate "$2" "$stop_timeout_s"
 	return 0
 }
 
