@@ -220,13 +220,15 @@ class App:
             self.served.setdefault((session.id, thread.id), []).append(conn.served)
         start = [(b"content-type", b"text/event-stream; charset=utf-8")]
         start += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-        await send({"type": "http.response.start", "status": 200, "headers": start})
         outcome: Outcome | None = None
         gone = False
         self.open.add(record)
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": start})
             async with anyio.create_task_group() as tg:
                 record.scope = tg.cancel_scope
+                if record.cut:  # cut while the headers were being written
+                    tg.cancel_scope.cancel()
 
                 async def watch() -> None:
                     nonlocal gone

@@ -90,6 +90,7 @@ class Driver:
         return Writer(
             random.Random(f"{scenario.seed}/{thread_key}/{run}"),
             unicode_rate=scenario.unicode_rate,
+            separator_rate=scenario.line_separator_rate,
             extra_rate=scenario.extra_field_rate,
             huge=(scenario.faults.huge_rate, scenario.faults.huge_bytes),
         )

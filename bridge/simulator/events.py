@@ -36,9 +36,11 @@ _UNICODE = (
     "مرحبا! تم تحديث الملف بنجاح 🎉",
     "שלום עולם — בדיקה של טקסט מימין לשמאל",
     "Rocket 🚀 family 👨‍👩‍👧‍👦 flag 🇯🇵 and Ω≈ç√∫ in one line",
-    "line\u2028separator and next\u0085line inside one JSON string",
     "한국어 텍스트와 emoji 🧪 를 섞어서 보냅니다.",
 )
+# Valid JSON, raw in the data line; only CR and LF end an SSE line, but a client splitting lines
+# like str.splitlines() (httpx's aiter_lines does) breaks this frame in two.
+_SEPARATORS = "line\u2028separator, paragraph\u2029separator and next\u0085line in one string"
 _AGENTS = ("researcher", "test-runner", "reviewer", "doc-writer", "benchmarker", "研究员")
 
 
@@ -78,16 +80,25 @@ class Writer:
     """Makes the steps of one thread's runs; every choice comes from the thread's own rng."""
 
     def __init__(
-        self, rng: random.Random, *, unicode_rate: float, extra_rate: float, huge: tuple[float, int]
+        self,
+        rng: random.Random,
+        *,
+        unicode_rate: float,
+        separator_rate: float,
+        extra_rate: float,
+        huge: tuple[float, int],
     ) -> None:
         self.rng = rng
         self.unicode_rate = unicode_rate
+        self.separator_rate = separator_rate
         self.extra_rate = extra_rate
         self.huge_rate, self.huge_bytes = huge
 
     def text(self) -> str:
-        pool = _UNICODE if self.rng.random() < self.unicode_rate else _PLAIN
-        return self.rng.choice(pool)
+        roll = self.rng.random()
+        if roll < self.separator_rate:
+            return _SEPARATORS
+        return self.rng.choice(_UNICODE if roll < self.unicode_rate else _PLAIN)
 
     def blocks(self) -> list[dict[str, str]]:
         return [{"type": "text", "text": self.text()}]

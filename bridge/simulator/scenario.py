@@ -92,10 +92,6 @@ class Faults:
         _check(sum(self.error_mix) > 0 and min(self.error_mix) >= 0, "faults.error_mix weights")
         _check(self.stall_s >= 0 and self.huge_bytes > 0, "faults.stall_s / huge_bytes")
 
-    @property
-    def any_stream_fault(self) -> bool:
-        return bool(self.drop_rate or self.stall_rate or self.replay_rate or self.non_json_rate)
-
 
 @dataclass(frozen=True)
 class Scenario:
@@ -112,13 +108,15 @@ class Scenario:
     deltas: bool = False  # stream-only event_start/event_delta frames before live messages
     close_on_terminal: bool = False  # end a stream cleanly once its thread/session is final
     extra_field_rate: float = 0.1  # events carrying unknown fields (x_trace, x_region)
-    unicode_rate: float = 0.3  # texts with emoji, CJK, RTL, U+2028
+    unicode_rate: float = 0.3  # texts with emoji, CJK, RTL
+    line_separator_rate: float = 0.03  # texts with U+2028/U+2029/U+0085 (raw in data lines)
     faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
         _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s must be > 0")
         _check(self.repeat_every_s is None or self.repeat_every_s > 0, "repeat_every_s > 0")
-        _check(0 <= self.extra_field_rate <= 1 and 0 <= self.unicode_rate <= 1, "rates in 0..1")
+        for name in ("extra_field_rate", "unicode_rate", "line_separator_rate"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be within 0..1")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scenario:

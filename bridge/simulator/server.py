@@ -7,7 +7,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -75,6 +75,11 @@ class Simulator:
     async def wait_idle(self) -> None:
         """Until the scenario has emitted everything and no thread is running."""
         await self.driver.idle.wait()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate()`` holds, checked after every change (bound it with fail_after)."""
+        while not predicate():
+            await self.world.changed().wait()
 
     # what was served -----------------------------------------------------------------------
 

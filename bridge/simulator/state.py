@@ -155,6 +155,18 @@ class World:
         self.sessions: list[SessionState] = []
         self.session_index: dict[str, int] = {}
         self._agents: dict[str, dict[str, Any]] = {}
+        self._changed: anyio.Event | None = None
+
+    def changed(self) -> anyio.Event:
+        """Set on the next change anywhere: a session, a thread, an event, a status."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def session(self, session_id: str) -> SessionState | None:
         at = self.session_index.get(session_id)
@@ -173,6 +185,7 @@ class World:
         )
         self.session_index[session.id] = len(self.sessions)
         self.sessions.append(session)
+        self._wake()
         return session
 
     def add_thread(
@@ -192,6 +205,7 @@ class World:
         session.thread_index[thread.id] = len(session.threads)
         session.threads.append(thread)
         session.updated = stamp
+        self._wake()
         return thread
 
     def emit(
@@ -212,6 +226,7 @@ class World:
         thread.updated = session.updated = stamp
         if resolve is not None:
             resolve.append(event.id)
+        self._wake()
         return event
 
     def set_status(self, thread: ThreadState, status: str, *, archive: bool = False) -> None:
@@ -223,10 +238,12 @@ class World:
         # Streams that end on a final thread must notice even when no event came with it.
         thread.log.wake()
         thread.session.log.wake()
+        self._wake()
 
     def archive_session(self, session: SessionState) -> None:
         session.archived_at = session.updated = self.clock.stamp()
         session.log.wake()
+        self._wake()
 
 
 _SESSION_LEVEL = ("session.thread_", "agent.thread_message_")
