@@ -1,0 +1,250 @@
+"""Fault injection: determinism, drops, stalls, gateway errors, replays, bad frames, outages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec, running_simulator
+from tests.simulator.helpers import TOKEN, client, ids, read_sse
+
+pytestmark = pytest.mark.anyio
+
+BASE = Scenario(
+    name="faulty",
+    seed=41,
+    instant=True,
+    heartbeat_interval_s=0.2,
+    sessions=(SessionSpec(ThreadSpec(events=30, rate=0), (ThreadSpec(events=25, rate=0),) * 2),),
+)
+
+
+def _with(faults: Faults, **changes: Any) -> Scenario:
+    return dataclasses.replace(BASE, faults=faults, **changes)
+
+
+async def _drain(
+    c: httpx.AsyncClient, path: str, last: str | None, end: str
+) -> tuple[str, list[str]]:
+    """One connection: what it ended with, and the ids of the JSON frames it got."""
+    got: list[str] = []
+    headers = {"Last-Event-ID": last} if last else {}
+    try:
+        async with aconnect_sse(c, "GET", path, headers=headers) as source:
+            if source.response.status_code != 200:
+                return f"http {source.response.status_code}", got
+            async for sse in source.aiter_sse():
+                try:
+                    json.loads(sse.data)
+                except ValueError:
+                    continue  # heartbeats and frames whose data is not JSON
+                if sse.event != "heartbeat":
+                    got.append(sse.id)
+                    if sse.id == end:
+                        return "complete", got
+    except httpx.TransportError as exc:
+        return type(exc).__name__, got
+    return "eof", got
+
+
+async def _client_script(scenario: Scenario) -> tuple[list[tuple[str, str]], list[Any]]:
+    """A fixed client: per thread, reconnect with the last id until it has every event."""
+    outcomes: list[Any] = []
+    async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+        for session, thread in sim.all_threads():
+            log = ids(sim.thread_log(session, thread))
+            position = {event_id: i for i, event_id in enumerate(log)}
+            path = f"/sessions/{session}/threads/{thread}/stream"
+            last: str | None = None
+            for _ in range(40):
+                how, got = await _drain(c, path, last, log[-1])
+                outcomes.append((how, [position[i] for i in got]))
+                last = got[-1] if got else last
+                if how == "complete":
+                    break
+            else:
+                raise AssertionError("never completed")
+            for _ in range(3):
+                try:
+                    outcomes.append(
+                        (await c.get(f"/sessions/{session}/threads/{thread}")).status_code
+                    )
+                except httpx.TransportError as exc:
+                    outcomes.append(type(exc).__name__)
+        return list(sim.fault_log), outcomes
+
+
+async def test_same_seed_same_faults_other_seed_other_faults() -> None:
+    """Scenario "faulty" with every stream fault and 30% gateway errors: the same client run
+    twice against the same seed meets the same faults at the same places (ids differ, the
+    positions do not); another seed gives other faults."""
+    faults = Faults(
+        error_rate=0.3, drop_rate=0.6, drop_after_frames=(2, 9), replay_rate=0.7, non_json_rate=0.1
+    )
+    with anyio.fail_after(40):
+        first = await _client_script(_with(faults, fresh_stream="replay"))
+        second = await _client_script(_with(faults, fresh_stream="replay"))
+        other = await _client_script(_with(faults, fresh_stream="replay", seed=42))
+    assert first == second
+    assert first[0] and first[0] != other[0]
+    kinds = " ".join(fault for _, fault in first[0])
+    for kind in ("error 429", "error 503", "error reset", "drop after", "replay", "non_json"):
+        assert kind in kinds
+
+
+async def test_drop_mid_frame_cuts_the_body_and_records_what_was_served() -> None:
+    """Scenario "faulty" cutting every stream half-way through its 5th frame: the client
+    sees an incomplete chunked body after 4 whole events, which is what sim.served says."""
+    faults = Faults(drop_rate=1.0, drop_after_frames=(4, 4), drop_mid_frame_rate=1.0)
+    with anyio.fail_after(20):
+        async with running_simulator(_with(faults, fresh_stream="replay"), token=TOKEN) as sim:
+            async with client(sim) as c:
+                session, thread = sim.all_threads()[0]
+                log = ids(sim.thread_log(session, thread))
+                how, got = await _drain(c, f"/sessions/{session}/threads/{thread}/stream", None, "")
+            assert how == "RemoteProtocolError" and got == log[:4]
+            assert sim.served[(session, thread)] == [log[:4]]
+            assert sim.fault_log == [("stream:0.0", "drop after 4 frames mid-frame")]
+
+
+async def test_replay_right_after_the_resume_boundary() -> None:
+    """Scenario "faulty" with boundary replays: a resumed connection first resends 1-3
+    events up to and including the cursor, then carries on in order."""
+    with anyio.fail_after(20):
+        async with running_simulator(_with(Faults(replay_rate=1.0)), token=TOKEN) as sim:
+            async with client(sim) as c:
+                session, thread = sim.all_threads()[1]
+                log = ids(sim.thread_log(session, thread))
+                path = f"/sessions/{session}/threads/{thread}/stream"
+                fresh = await read_sse(c, path, 1, headers={"Last-Event-ID": log[9]})
+                frames = await read_sse(c, path, 8, headers={"Last-Event-ID": log[9]})
+            replayed = int(sim.fault_log[-1][1].split()[-1])
+            assert 1 <= replayed <= 3 and fresh
+            assert [f.id for f in frames] == log[10 - replayed : 18 - replayed]
+            assert sim.connections[-1].ids[:replayed] == log[10 - replayed : 10]
+
+
+async def test_non_json_frames_and_huge_events() -> None:
+    """Scenario "faulty" with a non-JSON frame before every event and every tool result
+    ~300 KB: the bad frames carry no id; the events still arrive whole and byte-exact, in
+    the stream and in list pages."""
+    faults = Faults(non_json_rate=1.0, huge_rate=1.0, huge_bytes=300_000)
+    with anyio.fail_after(20):
+        scenario = _with(faults, fresh_stream="replay")
+        async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[1]
+            log = sim.thread_log(session, thread)
+            path = f"/sessions/{session}/threads/{thread}/stream"
+            frames = await read_sse(c, path, 2 * len(log))
+            listed = await c.get(f"/sessions/{session}/threads/{thread}/events?limit=100")
+    huge = [e for e in log if json.loads(e)["type"] == "agent.tool_result"]
+    assert huge and all(len(e) > 300_000 for e in huge)
+    bad, good = frames[0::2], frames[1::2]
+    assert [f.data.encode() for f in good] == log
+    for previous, f in zip([None, *good], bad, strict=False):
+        with pytest.raises(ValueError):
+            json.loads(f.data)
+        assert f.id == (previous.id if previous else "")  # no id line of its own
+    assert [
+        json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode()
+        for e in listed.json()["data"]
+    ] == log
+
+
+@pytest.mark.parametrize("kind", ["429", "503", "reset"])
+async def test_gateway_errors(kind: str) -> None:
+    """Scenario "faulty" answering every request with one gateway error: 429 with
+    Retry-After, 503 with the api_error envelope, or a bare connection reset."""
+    mix = {"429": (1, 0, 0), "503": (0, 1, 0), "reset": (0, 0, 1)}[kind]
+    faults = Faults(error_rate=1.0, error_mix=mix, retry_after_s=7)
+    with anyio.fail_after(20):
+        async with running_simulator(_with(faults), token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[0]
+            for path in ("/sessions", f"/sessions/{session}/threads/{thread}/stream"):
+                if kind == "reset":
+                    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                        await c.get(path)
+                    continue
+                r = await c.get(path, headers={"x-request-id": "req-1"})
+                assert r.status_code == int(kind)
+                body = r.json()
+                assert body["type"] == "error" and body["request_id"] == "req-1"
+                if kind == "429":
+                    assert r.headers["retry-after"] == "7"
+                else:
+                    assert body["error"]["type"] == "api_error"
+
+
+async def test_stall_sends_nothing_then_resumes() -> None:
+    """Scenario "faulty" stalling every stream for 0.6 s after its 3rd frame: no byte at
+    all (no heartbeat either, though they are due every 0.2 s), then the 4th event."""
+    faults = Faults(stall_rate=1.0, stall_after_frames=(3, 3), stall_s=0.6)
+    scenario = _with(faults, fresh_stream="replay")
+    with anyio.fail_after(20):
+        async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[0]
+            path = f"/sessions/{session}/threads/{thread}/stream"
+            async with c.stream("GET", path) as resp:
+                chunks = resp.aiter_raw()
+                received = await chunks.__anext__()
+                assert received.count(b"\n\n") == 3
+                started = time.monotonic()
+                received = await chunks.__anext__()
+                assert time.monotonic() - started >= 0.5
+                assert received.startswith(
+                    b"id: " + ids(sim.thread_log(session, thread))[3].encode()
+                )
+
+
+@pytest.mark.parametrize("status", [503, 429, 0])
+async def test_outage_fails_everything_and_cuts_streams(status: int) -> None:
+    """Scenario "faulty": sim.outage() cuts the open stream and fails every request (503,
+    429, or 0 = connection reset) until it ends, by end_outage() or by its duration."""
+    with anyio.fail_after(20):
+        async with running_simulator(BASE, token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[0]
+            path = f"/sessions/{session}/threads/{thread}/stream"
+            async with c.stream("GET", path) as resp:
+                assert resp.status_code == 200
+                sim.outage(status=status, duration_s=None)
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await resp.aread()
+            for _ in range(2):
+                if status == 0:
+                    with pytest.raises(httpx.ReadError):
+                        await c.get("/sessions")
+                else:
+                    assert (await c.get("/sessions")).status_code == status
+            sim.end_outage()
+            assert (await c.get("/sessions")).status_code == 200
+            sim.outage(status=503, duration_s=0.3)
+            started = time.monotonic()
+            while (await c.get("/sessions")).status_code == 503:
+                await anyio.sleep(0.05)
+            assert time.monotonic() - started >= 0.25
+
+
+async def test_token_change_cuts_streams_and_refuses_the_old_token() -> None:
+    """Scenario "faulty": set_token() cuts streams opened with the old token; reconnecting
+    with it gets 401, with the new one 200. drop_streams() cuts without changing anything."""
+    with anyio.fail_after(20):
+        async with running_simulator(BASE, token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[0]
+            path = f"/sessions/{session}/threads/{thread}/stream"
+            for action in (sim.drop_streams, lambda: sim.set_token("pt-new")):
+                async with c.stream("GET", path) as resp:
+                    assert resp.status_code == 200 and sim.open_streams == 1
+                    action()
+                    with pytest.raises(httpx.RemoteProtocolError):
+                        await resp.aread()
+            assert (await c.get(path)).status_code == 401
+            async with c.stream("GET", path, headers={"Authorization": "Bearer pt-new"}) as resp:
+                assert resp.status_code == 200
+            assert [conn.outcome for conn in sim.connections[:2]] == ["cut (abort)"] * 2
