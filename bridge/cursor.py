@@ -31,6 +31,8 @@ class ThreadCursor:
         self.submitted_id = committed_id
         #: The thread's ``updated_at`` as of the last complete drain (from the checkpoint).
         self.drained_updated_at = drained_updated_at
+        #: A drain handed to the publisher but not yet committed: not worth another pass.
+        self.pending_drained_updated_at: str | None = None
         self.epoch = 0
         self._recent: OrderedDict[str, None] = OrderedDict()
         if committed_id:
@@ -58,6 +60,8 @@ class ThreadCursor:
             self.committed_id = event_id
         if drained is not None:
             self.drained_updated_at = drained
+            if self.pending_drained_updated_at == drained:
+                self.pending_drained_updated_at = None
 
     def rewind(self) -> None:
         """Forget everything after ``committed_id`` and make the reader start again from it."""
@@ -68,6 +72,7 @@ class ThreadCursor:
                 break
             self._recent.popitem(last=True)
         self.submitted_id = self.committed_id
+        self.pending_drained_updated_at = None
         if self._read_scope is not None:
             self._read_scope.cancel()
 

@@ -227,7 +227,10 @@ class Publisher:
                 if remaining <= 0:
                     break
                 with anyio.move_on_after(remaining):
-                    item = await self._recv.receive()
+                    try:
+                        item = await self._recv.receive()
+                    except anyio.EndOfStream:
+                        break
                     batch.append(item)
                     count += len(item.records)
                 continue

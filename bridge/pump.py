@@ -166,11 +166,13 @@ class Pump:
             with self._state(state):
                 await anyio.sleep(delay)
         with self._state(PumpState.DRAINING):
+            epoch = self.cursor.epoch
+            drained = self._drain_updated_at
             await self._publisher.submit(
-                Outgoing(
-                    self.cursor, self.cursor.epoch, [], drained_updated_at=self._drain_updated_at
-                )
+                Outgoing(self.cursor, epoch, [], drained_updated_at=drained)
             )
+            if epoch == self.cursor.epoch:
+                self.cursor.pending_drained_updated_at = drained
         self.log.debug("bridge.pump.drained", cursor=self.cursor.submitted_id)
 
     @contextmanager
@@ -242,9 +244,11 @@ class Pump:
             raise ApiUnavailable("the stream closed right after it opened")
 
     async def _on_frame(self, frame: ServerSentEvent) -> None:
-        kind = frame.event
-        if kind == "heartbeat" or (not kind and not frame.data):
-            return  # a heartbeat (event or comment form): never moves the cursor
+        kind = frame.event  # httpx-sse names a frame without `event:` "message"
+        if kind == "heartbeat" or not frame.data:
+            # A heartbeat, as an event or as a comment (httpx-sse yields a comment-only frame
+            # with empty data and the previous id). It never moves the cursor.
+            return
         if kind in DELTA_FRAME_TYPES and not self._publish_deltas:
             return
         data = frame.data.encode()
@@ -255,7 +259,7 @@ class Pump:
         if not isinstance(fields, dict):
             # httpx-sse repeats the previous id on a frame without one: only a new id is its own.
             own_id = frame.id if frame.id and frame.id != self.cursor.submitted_id else None
-            await self._dead_letter("not_json", data, own_id, kind or None)
+            await self._dead_letter("not_json", data, own_id, None if kind == "message" else kind)
             return
         if fields.get("type") in DELTA_FRAME_TYPES and not self._publish_deltas:
             return

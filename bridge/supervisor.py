@@ -185,7 +185,7 @@ class Supervisor:
                     pump.follow()
             elif pump is not None:
                 pump.drain(updated_at)
-            elif _newer(updated_at, cursor.drained_updated_at):
+            elif _newer(updated_at, cursor.pending_drained_updated_at or cursor.drained_updated_at):
                 self._start(cursor, follow=False).drain(updated_at)
         metrics.THREADS_FOLLOWED.set(len(self._pumps))
         return over

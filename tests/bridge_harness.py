@@ -1,0 +1,202 @@
+"""Running the bridge against the simulator and a real broker, and checking what reached Kafka.
+
+What a user checks: the topic holds every event of every thread, byte for byte, in the order
+the API served them, under the right key, with the CloudEvents headers, and nothing twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from bridge.app import Bridge
+from bridge.config import Settings, load_settings
+from bridge.logs import configure_logging
+from tests.kafka_broker import read_topic
+
+TOKEN = "pt-test-0123456789abcdef"
+
+
+def bridge_env(sim_url: str, bootstrap: str, topics: Any, **extra: str) -> dict[str, str]:
+    env = {
+        "QODER_API_URL": sim_url,
+        "QODER_ACCESS_TOKEN": TOKEN,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "BRIDGE_TOPIC": topics.events,
+        "BRIDGE_ALERTS_TOPIC": topics.alerts,
+        "BRIDGE_CHECKPOINT_TOPIC": topics.checkpoints,
+        "BRIDGE_DLQ_TOPIC": topics.dlq,
+        "BRIDGE_TRANSACTIONAL_ID": topics.transactional_id,
+        "BRIDGE_HTTP_HOST": "127.0.0.1",
+        "BRIDGE_HTTP_PORT": "0",
+        "BRIDGE_POLL_INTERVAL_S": "1",
+        "BRIDGE_STALL_TIMEOUT_S": "2",
+        "BRIDGE_BACKOFF_INITIAL_S": "0.05",
+        "BRIDGE_BACKOFF_MAX_S": "1",
+        "BRIDGE_API_MAX_RPS": "2000",
+        "BRIDGE_DRAIN_TIMEOUT_S": "15",
+        "BRIDGE_TOPIC_PARTITIONS": "3",
+        "BRIDGE_LOG_FORMAT": "json",
+        "BRIDGE_LOG_LEVEL": "info",
+    }
+    env.update(extra)
+    return env
+
+
+def bridge_settings(sim_url: str, bootstrap: str, topics: Any, **extra: str) -> Settings:
+    return load_settings(bridge_env(sim_url, bootstrap, topics, **extra))
+
+
+@asynccontextmanager
+async def running_bridge(settings: Settings) -> AsyncIterator[Bridge]:
+    """The bridge in this process; drained (like SIGTERM) when the block ends."""
+    configure_logging(settings.log)
+    bridge = Bridge(settings)
+    result: dict[str, int] = {}
+
+    async def main() -> None:
+        result["exit"] = await bridge.run()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(main)
+        try:
+            yield bridge
+        finally:
+            with anyio.fail_after(settings.shutdown.drain_timeout_s + 10):
+                while bridge._outer is None:
+                    await anyio.sleep(0.01)
+                bridge.drain()
+                while "exit" not in result:
+                    await anyio.sleep(0.05)
+    assert result["exit"] == 0, "the bridge did not drain cleanly"
+
+
+class BridgeProcess:
+    """``python -m bridge run`` as a user runs it: for kill -9 and SIGTERM tests."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        self.starts += 1
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge", "run"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def rss_bytes(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Delivery:
+    """What a read_committed consumer found, compared with what the simulator served."""
+
+    expected: int = 0
+    received: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    misordered: int = 0
+    by_key: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"expected={self.expected} received={self.received} lost={self.lost} "
+            f"duplicated={self.duplicated} misordered={self.misordered}"
+        )
+
+
+def compare(records: list[Any], logs: Mapping[str, list[bytes]]) -> Delivery:
+    """Count lost, duplicated and misordered events, per key, by exact value bytes."""
+    by_key: dict[str, list[bytes]] = defaultdict(list)
+    for record in records:
+        by_key[record.key.decode()].append(record.value)
+    result = Delivery(by_key=dict(by_key))
+    for key, expected in logs.items():
+        got = by_key.get(key, [])
+        result.expected += len(expected)
+        result.received += len(got)
+        counts = Counter(got)
+        wanted = Counter(expected)
+        result.lost += sum((wanted - counts).values())
+        result.duplicated += sum((counts - wanted).values())
+        # Order: the first occurrence of each event must follow the API's order.
+        position = {value: i for i, value in enumerate(expected)}
+        firsts: list[int] = []
+        seen: set[bytes] = set()
+        for value in got:
+            if value in position and value not in seen:
+                seen.add(value)
+                firsts.append(position[value])
+        result.misordered += sum(1 for a, b in itertools.pairwise(firsts) if b < a)
+    for key, got in by_key.items():
+        if key not in logs:
+            result.received += len(got)
+            result.duplicated += len(got)
+    return result
+
+
+def simulator_logs(sim: Any) -> dict[str, list[bytes]]:
+    return {f"{s}/{t}": list(sim.thread_log(s, t)) for s, t in sim.all_threads()}
+
+
+async def wait_for_delivery(
+    bootstrap: str,
+    topic: str,
+    sim: Any,
+    *,
+    timeout_s: float,
+    isolation_level: str = "read_committed",
+) -> tuple[list[Any], Delivery]:
+    """Poll the topic until nothing is missing (or the time is up); returns the last look."""
+    with anyio.move_on_after(timeout_s):
+        while True:
+            records = await read_topic(bootstrap, topic, isolation_level=isolation_level)
+            delivery = compare(records, simulator_logs(sim))
+            if delivery.lost == 0 and delivery.expected > 0:
+                return records, delivery
+            await anyio.sleep(0.5)
+    records = await read_topic(bootstrap, topic, isolation_level=isolation_level)
+    return records, compare(records, simulator_logs(sim))

@@ -1,0 +1,251 @@
+"""The bridge as a real process under crashes: SIGKILL, SIGTERM, a broker that dies, an API
+that fails. A read_committed consumer counts by value; every run prints one summary line:
+``expected, received, lost, duplicated, misordered``."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import anyio
+import pytest
+
+from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec, running_simulator
+from tests.bridge_harness import TOKEN, BridgeProcess, bridge_env, wait_for_delivery
+from tests.kafka_broker import read_topic
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+def _scenario(sessions: int, children: int, events: int, rate: float, faults: Faults, seed: int):
+    return Scenario(
+        name="chaos",
+        seed=seed,
+        heartbeat_interval_s=0.5,
+        faults=faults,
+        sessions=tuple(
+            SessionSpec(
+                coordinator=ThreadSpec(events=events, rate=rate),
+                children=tuple(
+                    ThreadSpec(events=events, rate=rate, start_after_s=0.3 * i)
+                    for i in range(children)
+                ),
+                start_after_s=1.0 * s,
+            )
+            for s in range(sessions)
+        ),
+    )
+
+
+CHAOS_FAULTS = Faults(drop_rate=0.05, replay_rate=0.5, error_rate=0.01, drop_after_frames=(5, 200))
+
+
+async def _kill_repeatedly(bridge: BridgeProcess, kills: int, rng: random.Random) -> None:
+    for _ in range(kills):
+        await anyio.sleep(rng.uniform(1.0, 3.0))
+        bridge.kill()
+        bridge.start()
+
+
+def _report(name: str, delivery) -> None:
+    print(f"\n{name}: {delivery.summary()}")
+
+
+async def test_sigkill_five_times_at_least_once_loses_nothing(
+    kafka_bootstrap, kafka_topics, tmp_path
+):
+    """Scenario: at_least_once, 12 threads streaming; the bridge is killed with SIGKILL five
+    times and restarted: nothing lost, in order; duplicates only around the crashes."""
+    scenario = _scenario(2, 5, 150, 25, Faults(), seed=3)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        env = bridge_env(
+            sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_DELIVERY="at_least_once"
+        )
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridge.start()
+        try:
+            await _kill_repeatedly(bridge, 5, random.Random(5))
+            with anyio.fail_after(90):
+                await sim.wait_idle()
+            _, delivery = await wait_for_delivery(
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=60
+            )
+        finally:
+            bridge.stop()
+    _report("sigkill x5 at_least_once", delivery)
+    assert delivery.expected == 12 * 150
+    assert (delivery.lost, delivery.misordered) == (0, 0), delivery.summary()
+
+
+async def test_sigterm_drains_within_deadline_and_checkpoints_cover_everything(
+    kafka_bootstrap, kafka_topics, tmp_path
+):
+    """Scenario: SIGTERM while 6 threads stream: exit 0 within the drain deadline, and the
+    checkpoint of every thread names the last event of that thread in the topic."""
+    scenario = _scenario(1, 5, 400, 40, Faults(), seed=4)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        env = bridge_env(sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_DRAIN_TIMEOUT_S="10")
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridge.start()
+        try:
+            with anyio.fail_after(60):
+                while not await read_topic(kafka_bootstrap, kafka_topics.events):
+                    await anyio.sleep(0.2)
+            await anyio.sleep(1.0)  # mid-stream, on purpose
+            started = time.monotonic()
+            code = await anyio.to_thread.run_sync(bridge.terminate, 30)
+            took = time.monotonic() - started
+        finally:
+            bridge.stop()
+        assert code == 0, bridge.log_text()[-3000:]
+        assert took < 10, f"drain took {took:.1f} s, over the 10 s deadline"
+        events = await read_topic(kafka_bootstrap, kafka_topics.events)
+        checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
+    last_event: dict[str, str] = {}
+    for record in events:
+        last_event[record.key.decode()] = json.loads(record.value)["id"]
+    last_checkpoint = {r.key.decode(): json.loads(r.value)["last_event_id"] for r in checkpoints}
+    assert last_event, "nothing was published before SIGTERM"
+    for key, event_id in last_event.items():
+        assert last_checkpoint.get(key) == event_id, f"{key}: checkpoint behind the topic"
+
+
+async def test_broker_down_for_20s_loses_nothing_and_memory_stays_flat(
+    kafka_broker_factory, kafka_topics, tmp_path
+):
+    """Scenario: the broker is stopped for 20 s mid-stream and started again; the bridge's RSS
+    while Kafka is down stays within 64 MiB of its level before, and nothing is lost."""
+    broker = await kafka_broker_factory()
+    scenario = _scenario(1, 7, 600, 30, Faults(), seed=6)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        env = bridge_env(sim.base_url, broker.bootstrap, kafka_topics)
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridge.start()
+        try:
+            with anyio.fail_after(60):
+                while not await read_topic(broker.bootstrap, kafka_topics.events):
+                    await anyio.sleep(0.2)
+            before = bridge.rss_bytes()
+            await anyio.to_thread.run_sync(broker.stop)
+            peak = before
+            for _ in range(40):
+                await anyio.sleep(0.5)
+                peak = max(peak, bridge.rss_bytes())
+            await anyio.to_thread.run_sync(broker.start)
+            with anyio.fail_after(120):
+                await sim.wait_idle()
+            _, delivery = await wait_for_delivery(
+                broker.bootstrap, kafka_topics.events, sim, timeout_s=90
+            )
+        finally:
+            bridge.stop()
+    _report("broker down 20 s", delivery)
+    print(f"rss before={before >> 20} MiB, peak while down={peak >> 20} MiB")
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+    assert peak - before < 64 << 20
+
+
+@pytest.mark.slow
+async def test_chaos_twenty_sigkills_exactly_once(kafka_bootstrap, kafka_topics, tmp_path):
+    """Scenario: exactly_once, 104 threads, 20,800 events, simulator faults on; the bridge is
+    SIGKILLed 20 times at random moments and restarted: 0 lost, 0 duplicated, 0 out of order."""
+    scenario = _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=20)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        env = bridge_env(sim.base_url, kafka_bootstrap, kafka_topics)
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridge.start()
+        try:
+            await _kill_repeatedly(bridge, 20, random.Random(20))
+            with anyio.fail_after(180):
+                await sim.wait_idle()
+            _, delivery = await wait_for_delivery(
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=120
+            )
+        finally:
+            bridge.stop()
+    _report("chaos 20 x SIGKILL exactly_once", delivery)
+    assert delivery.expected >= 20_000
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+
+
+@pytest.mark.slow
+async def test_chaos_at_least_once_under_kills_counts_duplicates(
+    kafka_bootstrap, kafka_topics, tmp_path
+):
+    """Scenario: the same kills in at_least_once: 0 lost, 0 out of order; duplicates counted."""
+    scenario = _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=21)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        env = bridge_env(
+            sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_DELIVERY="at_least_once"
+        )
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridge.start()
+        try:
+            await _kill_repeatedly(bridge, 20, random.Random(21))
+            with anyio.fail_after(180):
+                await sim.wait_idle()
+            _, delivery = await wait_for_delivery(
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=120
+            )
+        finally:
+            bridge.stop()
+    _report("chaos 20 x SIGKILL at_least_once", delivery)
+    assert delivery.expected >= 20_000
+    assert (delivery.lost, delivery.misordered) == (0, 0), delivery.summary()
+
+
+@pytest.mark.slow
+async def test_chaos_broker_killed_twice_exactly_once(kafka_broker_factory, kafka_topics, tmp_path):
+    """Scenario: exactly_once, the broker is killed (-9) and restarted twice mid-run."""
+    broker = await kafka_broker_factory()
+    scenario = _scenario(2, 25, 100, 10, CHAOS_FAULTS, seed=22)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        env = bridge_env(sim.base_url, broker.bootstrap, kafka_topics)
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridge.start()
+        try:
+            for _ in range(2):
+                await anyio.sleep(3)
+                await anyio.to_thread.run_sync(broker.kill)
+                await anyio.sleep(2)
+                await anyio.to_thread.run_sync(broker.start)
+            with anyio.fail_after(180):
+                await sim.wait_idle()
+            _, delivery = await wait_for_delivery(
+                broker.bootstrap, kafka_topics.events, sim, timeout_s=120
+            )
+        finally:
+            bridge.stop()
+    _report("chaos broker killed twice exactly_once", delivery)
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+
+
+@pytest.mark.slow
+async def test_chaos_api_down_30s_exactly_once(kafka_bootstrap, kafka_topics, tmp_path):
+    """Scenario: exactly_once; the API answers 503 to everything for 30 s and streams stall."""
+    scenario = _scenario(2, 10, 150, 10, CHAOS_FAULTS, seed=23)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        env = bridge_env(sim.base_url, kafka_bootstrap, kafka_topics)
+        bridge = BridgeProcess(env, tmp_path / "bridge.log")
+        bridge.start()
+        try:
+            await anyio.sleep(3)
+            sim.outage(status=503, duration_s=30)
+            with anyio.fail_after(180):
+                await sim.wait_idle()
+            _, delivery = await wait_for_delivery(
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=120
+            )
+        finally:
+            bridge.stop()
+    _report("chaos API 503 for 30 s exactly_once", delivery)
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
