@@ -69,6 +69,24 @@ find_java() {
 # Something accepts TCP connections on 127.0.0.1:$1.
 port_in_use() { (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null; }
 
+# coreutils timeout, or a stand-in where there is none (macOS without coreutils).
+with_timeout() { # seconds command...
+	if command -v timeout >/dev/null 2>&1; then
+		timeout "$@"
+		return
+	fi
+	local secs=$1
+	shift
+	"$@" &
+	local pid=$!
+	(sleep "$secs" && kill -9 "$pid") >/dev/null 2>&1 &
+	local killer=$!
+	local rc=0
+	wait "$pid" || rc=$?
+	kill "$killer" 2>/dev/null || true
+	return "$rc"
+}
+
 # A real Kafka protocol round trip: Metadata v4 for no topics. Succeeds only once the broker
 # serves requests and lists itself, i.e. it is registered with the controller and unfenced, so
 # topic creation and produce work right after. Pure bash: no JVM start (seconds on 2 cores) per
@@ -76,7 +94,7 @@ port_in_use() { (exec 3<>"/dev/tcp/$host/$1") 2>/dev/null; }
 kafka_answers() {
 	local bytes
 	# size=23 | api_key=3 api_version=4 correlation_id=1 client_id="kafka.sh" | topics=[] auto_create=false
-	bytes=$(timeout 3 bash -c '
+	bytes=$(with_timeout 3 bash -c '
 		exec 3<>"/dev/tcp/$0/$1" || exit 1
 		printf "\x00\x00\x00\x17\x00\x03\x00\x04\x00\x00\x00\x01\x00\x08kafka.sh\x00\x00\x00\x00\x00" >&3
 		od -An -v -tu1 -N16 <&3' "$host" "$1" 2>/dev/null) || return 1
@@ -241,16 +259,16 @@ new_cluster_id() { # Kafka's Uuid: 16 random bytes, URL-safe base64, no padding
 	head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
 }
 
-log4j_opts() {
-	printf '%s\n' "-Dlog4j2.configurationFile=$data_dir/log4j2.xml" "-Dkafka.logs.dir=$data_dir/logs"
+log4j_opts=()
+set_log4j_opts() {
+	log4j_opts=("-Dlog4j2.configurationFile=$data_dir/log4j2.xml" "-Dkafka.logs.dir=$data_dir/logs")
 }
 
 format_storage() { # controller_port
 	[[ -f $data_dir/data/meta.properties ]] && return 0
 	local cluster_id out
 	cluster_id=$(new_cluster_id)
-	# shellcheck disable=SC2046 # one option per line
-	if ! out=$("$java" -Xmx256m $(log4j_opts) -cp "$libs/*" kafka.tools.StorageTool format \
+	if ! out=$("$java" -Xmx256m "${log4j_opts[@]}" -cp "$libs/*" kafka.tools.StorageTool format \
 		--config "$data_dir/server.properties" --cluster-id "$cluster_id" --standalone 2>&1); then
 		printf '%s\n' "$out" >&2
 		die "formatting KRaft storage in $data_dir/data failed"
@@ -307,6 +325,7 @@ cmd_start() {
 	local cport
 	cport=$(choose_controller_port)
 	write_config "$cport"
+	set_log4j_opts
 	format_storage "$cport"
 
 	trap abort_start EXIT
@@ -314,12 +333,10 @@ cmd_start() {
 	trap 'exit 143' TERM
 	local heap
 	read -r -a heap <<<"${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
-	local -a opts
-	mapfile -t opts < <(log4j_opts)
 	: >"$(out_file)"
 	log_offset=$(wc -c <"$(log_file)" 2>/dev/null || echo 0)
 	nohup "$java" "${heap[@]}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
-		-XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true "${opts[@]}" \
+		-XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true "${log4j_opts[@]}" \
 		-cp "$libs/*" kafka.Kafka "$data_dir/server.properties" \
 		>>"$(out_file)" 2>&1 </dev/null &
 	starting_pid=$!
