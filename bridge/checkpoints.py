@@ -15,7 +15,7 @@ import anyio
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 from bridge.config import KafkaSettings
 from bridge.errors import SinkUnavailable
@@ -86,6 +86,25 @@ def _parse(value: bytes | None) -> Checkpoint | None:
     )
 
 
+async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
+    """The topic's partitions, from the admin API (a consumer's own metadata only knows the
+    topics it is assigned). A topic that does not exist has none; any other error raises:
+    believing "no checkpoints" by mistake would republish every thread from its start."""
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
+    try:
+        await admin.start()
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await admin.close()
+    code = described.get("error_code", 0)
+    if code == UnknownTopicOrPartitionError.errno:
+        return []
+    if code != 0:
+        raise SinkUnavailable(f"cannot describe {topic!r}: error {code}")
+    return sorted(p["partition"] for p in described.get("partitions", []))
+
+
 async def load_checkpoints(
     kafka: KafkaSettings, *, timeout_s: float = 120
 ) -> dict[str, Checkpoint]:
@@ -100,11 +119,11 @@ async def load_checkpoints(
     result: dict[str, Checkpoint] = {}
     try:
         with anyio.fail_after(timeout_s):
+            partitions = await _partitions(kafka, kafka.checkpoint_topic)
             await consumer.start()
-            await consumer.topics()  # loads metadata for every topic
-            partitions = consumer.partitions_for_topic(kafka.checkpoint_topic) or set()
-            tps = [TopicPartition(kafka.checkpoint_topic, p) for p in sorted(partitions)]
+            tps = [TopicPartition(kafka.checkpoint_topic, p) for p in partitions]
             if not tps:
+                log.info("bridge.checkpoints.loaded", threads=0)
                 return result
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
