@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 
 import anyio
 
-from bridge.simulator.faults import FaultPlanner
+from bridge.simulator.faults import FaultPlanner, StreamPlan
 from bridge.simulator.pages import (
     HttpError,
     Query,
@@ -75,7 +75,7 @@ class App:
         headers: dict[bytes, bytes] = dict(scope["headers"])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1") or str(uuid.uuid4())
         try:
-            await self._handle(scope, headers, receive, send)
+            await self._handle(scope, headers, receive, send, request_id)
         except HttpError as exc:
             await _respond(send, exc.status, exc.body(request_id), request_id, exc.headers)
         except _Reset:
@@ -87,6 +87,7 @@ class App:
         headers: dict[bytes, bytes],
         receive: Receive,
         send: Send,
+        request_id: str,
     ) -> None:
         self._check_outage()
         path: str = scope["path"]
@@ -100,14 +101,12 @@ class App:
         streaming = route in ("session_stream", "thread_stream") or (
             wants_sse and route in ("session_events", "thread_events")
         )
+        # Faults are keyed by what is asked for, in terms stable across runs (ordinals, not ids).
         target = thread.key if thread else (str(session.ordinal) if session else path)
-        fault_key = f"{'stream' if streaming else route}:{target}"
-        plan = (
-            self.planner.stream(fault_key, resuming=_cursor(headers, scope) is not None)
-            if (streaming)
-            else None
-        )
-        _raise_for(plan.error if plan else self.planner.request(fault_key), self.scenario)
+        key = f"{'stream' if streaming else route}:{target}"
+        resuming = _cursor(headers, scope) is not None
+        plan = self.planner.stream(key, resuming=resuming) if streaming else None
+        self._fail(plan.error if plan else self.planner.request(key))
         if headers.get(b"authorization", b"") != f"Bearer {self.token}".encode() or not self.token:
             raise HttpError(401, "authentication_error", "Invalid API key or token.")
         if route is None:
@@ -116,7 +115,7 @@ class App:
             raise HttpError(405, "invalid_request_error", f"{scope['method']} is not allowed.")
         query: Query = parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
         if route == "sessions":
-            return await self._json(send, self._list_sessions(query))
+            return await _respond(send, 200, self._list_sessions(query), request_id)
         if session is None:
             raise HttpError(404, "not_found_error", f"Session '{parts[1]}' was not found.")
         if route in ("thread", "thread_events", "thread_stream") and thread is None:
@@ -128,16 +127,18 @@ class App:
                 raise HttpError(404, "not_found_error", f"No stream route at {path}.")
             return await self._stream(scope, headers, receive, send, route, session, thread, plan)
         if route == "session":
-            return await self._json(send, canonical(session.to_json()))
-        if route == "session_events":
-            return await self._json(send, _list_events(session.log, query))
-        if route == "threads":
-            return await self._json(send, self._list_threads(session, query))
-        if thread is None:  # unreachable: thread routes checked above
+            body = canonical(session.to_json())
+        elif route == "session_events":
+            body = _list_events(session.log, query)
+        elif route == "threads":
+            body = self._list_threads(session, query)
+        elif thread is None:  # unreachable: thread routes were checked above
             raise HttpError(404, "not_found_error", f"No route for {path}.")
-        if route == "thread":
-            return await self._json(send, canonical(thread.to_json()))
-        return await self._json(send, _list_events(thread.log, query))
+        elif route == "thread":
+            body = canonical(thread.to_json())
+        else:
+            body = _list_events(thread.log, query)
+        await _respond(send, 200, body, request_id)
 
     def _check_outage(self) -> None:
         if self.outage_status is None:
@@ -145,10 +146,18 @@ class App:
         if self.outage_until is not None and time.monotonic() >= self.outage_until:
             self.outage_status = self.outage_until = None
             return
-        _raise_for("reset" if self.outage_status == 0 else str(self.outage_status), self.scenario)
+        self._fail("reset" if self.outage_status == 0 else str(self.outage_status))
 
-    async def _json(self, send: Send, body: bytes) -> None:
-        await _respond(send, 200, body, None, ())
+    def _fail(self, error: str | None) -> None:
+        """Raises what a gateway would answer: 429 + Retry-After, 5xx api_error, a reset."""
+        if error is None:
+            return
+        if error == "reset":
+            raise _Reset
+        if error == "429":
+            retry = [(b"retry-after", str(self.scenario.faults.retry_after_s).encode())]
+            raise HttpError(429, "rate_limit_error", "Too many requests.", headers=retry)
+        raise HttpError(int(error), "api_error", "Service temporarily unavailable.")
 
     def _list_sessions(self, query: Query) -> bytes:
         q = parse_page_query(query, default_order="desc")
@@ -188,7 +197,7 @@ class App:
         route: str,
         session: SessionState,
         thread: ThreadState | None,
-        plan: Any,
+        plan: StreamPlan,
     ) -> None:
         log: EventLog = thread.log if thread else session.log
         cursor = _cursor(headers, scope)
@@ -279,19 +288,6 @@ def _cursor(headers: dict[bytes, bytes], scope: MutableMapping[str, Any]) -> str
     return first(parse_qs(scope["query_string"].decode("latin-1")), "after_id")
 
 
-def _raise_for(error: str | None, scenario: Any) -> None:
-    if error is None:
-        return
-    if error == "reset":
-        raise _Reset
-    if error == "429":
-        retry = str(scenario.faults.retry_after_s).encode()
-        raise HttpError(
-            429, "rate_limit_error", "Too many requests.", headers=[(b"retry-after", retry)]
-        )
-    raise HttpError(int(error), "api_error", "Service temporarily unavailable.")
-
-
 def _list_events(log: EventLog, query: Query) -> bytes:
     q = parse_page_query(query)
     events = log.events
@@ -307,11 +303,10 @@ async def _respond(
     send: Send,
     status: int,
     body: bytes,
-    request_id: str | None,
-    headers: list[tuple[bytes, bytes]] | tuple[()],
+    request_id: str,
+    headers: list[tuple[bytes, bytes]] | tuple[()] = (),
 ) -> None:
     start = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if request_id:
-        start.append((b"x-request-id", request_id.encode()))
+    start.append((b"x-request-id", request_id.encode()))
     await send({"type": "http.response.start", "status": status, "headers": [*start, *headers]})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from bridge.simulator.scenario import Scenario, SessionSpec, ThreadSpec
 from bridge.simulator.state import SessionState, ThreadState, World
 
 Action = Callable[[float], None]
+_SLICE_S = 0.005
 
 
 @dataclass(eq=False)
@@ -73,13 +75,17 @@ class Driver:
 
     async def run(self) -> None:
         while self._heap:
-            due = self._heap[0][0]
-            delay = due - (anyio.current_time() - self._started)
-            if delay > 0:
-                await anyio.sleep(delay)
-            _, _, action = heapq.heappop(self._heap)
-            action(due)
-            await anyio.lowlevel.checkpoint()  # let streams flush between bursts
+            now = anyio.current_time() - self._started
+            if self._heap[0][0] > now:
+                await anyio.sleep(self._heap[0][0] - now)
+                continue
+            # Everything due goes out back to back, so a stream woken once sends it all in one
+            # write; a time slice bounds how long the streams wait for the loop.
+            until = time.monotonic() + _SLICE_S
+            while self._heap and self._heap[0][0] <= now and time.monotonic() < until:
+                due, _, action = heapq.heappop(self._heap)
+                action(due)
+            await anyio.lowlevel.checkpoint()
         self.idle.set()
 
     def _at(self, due: float, action: Action) -> None:
@@ -160,13 +166,11 @@ class Driver:
         }
         world.emit(thread, writer.step("session.thread_created", created))
         world.emit(thread, writer.step("session.thread_status_running", {"agent_name": name}))
-        self._message(session, coordinator, thread, cw)
+        self._message(coordinator, thread, cw)
         run = _Run(thread, writer, writer.child(spec.events), spawn_tool_use=use.id)
         self._at(now, lambda t: self._step(session, run, t))
 
-    def _message(
-        self, session: _Session, sender: ThreadState, receiver: ThreadState, writer: Writer
-    ) -> None:
+    def _message(self, sender: ThreadState, receiver: ThreadState, writer: Writer) -> None:
         """One message from thread to thread: "sent" in the sender's log, "received" in the
         receiver's, both on the session stream."""
         body = {
@@ -185,7 +189,7 @@ class Driver:
             self._finish_coordinator(session, run, now)
         else:
             coordinator = session.coordinator.thread
-            self._message(session, thread, coordinator, run.writer)
+            self._message(thread, coordinator, run.writer)
             agent = {"agent_name": thread.agent["name"]}
             terminated = spec.final_status == "terminated" and (run.rerun or not spec.rerun_after_s)
             if terminated:
@@ -234,7 +238,7 @@ class Driver:
             run = _Run(thread, writer, writer.coordinator(thread.spec.rerun_events, first=False))
         else:
             coordinator = session.coordinator.thread
-            self._message(session, coordinator, thread, writer)
+            self._message(coordinator, thread, writer)
             running = {"agent_name": thread.agent["name"]}
             self.world.emit(thread, writer.step("session.thread_status_running", running))
             run = _Run(thread, writer, writer.child(thread.spec.rerun_events))

@@ -10,7 +10,7 @@ from bridge.simulator.scenario import Faults, Scenario, SessionSpec, ThreadSpec
 
 def _demo() -> Scenario:
     # Lively for `make run`: a few sessions, children appearing and finishing, an event every
-    # 100-500 ms per thread, and a fresh set of sessions every minute so it never goes quiet.
+    # 100-500 ms per thread, and a fresh set of sessions every 25 s so it never goes quiet.
     def session(start: float, title: str, children: int, final: str) -> SessionSpec:
         kids = tuple(
             ThreadSpec(events=14, rate=3.0, start_after_s=1.5 + 2.5 * i, final_status=final)  # type: ignore[arg-type]
@@ -26,7 +26,7 @@ def _demo() -> Scenario:
             session(3.0, "调研竞品 API 的最新动态", 3, "archived"),
             session(8.0, "Benchmark the ingest path 🚀", 4, "terminated"),
         ),
-        repeat_every_s=60.0,
+        repeat_every_s=25.0,
     )
 
 
