@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from bridge.simulator.state import canonical
+
 Query = Mapping[str, list[str]]
 
 
@@ -35,7 +37,7 @@ class HttpError(Exception):
         if self.param:
             error["param"] = self.param
         envelope = {"type": "error", "request_id": request_id, "error": error}
-        return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False).encode()
+        return canonical(envelope)
 
 
 def bad_request(message: str, param: str) -> HttpError:

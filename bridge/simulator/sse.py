@@ -18,7 +18,7 @@ from typing import Any, Literal
 import anyio
 
 from bridge.simulator.faults import StreamPlan
-from bridge.simulator.state import Event, EventLog
+from bridge.simulator.state import Event, EventLog, canonical
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -113,7 +113,7 @@ def delta_frames(event: Event) -> list[bytes]:
     """Stream-only frames announcing ``event`` before it is sent whole (G4 ``event_deltas``)."""
     head = f"id: {event.id}\nevent: ".encode()
     start = {"event": {"id": event.id, "type": event.type}, "type": "event_start"}
-    frames = [head + b"event_start\ndata: " + _compact(start) + b"\n\n"]
+    frames = [head + b"event_start\ndata: " + canonical(start) + b"\n\n"]
     if event.type == "agent.message":  # thinking deltas are start-only
         text = "".join(b.get("text", "") for b in json.loads(event.raw).get("content", []))
         step = max(1, len(text) // 3)
@@ -121,12 +121,8 @@ def delta_frames(event: Event) -> list[bytes]:
             content = {"text": text[at : at + step], "type": "text"}
             delta = {"content": content, "index": 0, "type": "content_delta"}
             data = {"delta": delta, "event_id": event.id, "type": "event_delta"}
-            frames.append(head + b"event_delta\ndata: " + _compact(data) + b"\n\n")
+            frames.append(head + b"event_delta\ndata: " + canonical(data) + b"\n\n")
     return frames
-
-
-def _compact(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 async def _body(send: Send, chunk: bytes) -> None:
