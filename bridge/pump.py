@@ -130,11 +130,16 @@ class Pump:
             delay = 0.0
             try:
                 with self._reading():
+                    # Only a backfill that began after the drain request has read everything
+                    # the thread wrote before it stopped running.
+                    final = not self._follow
                     with self._state(PumpState.BACKFILLING):
                         await self._backfill()
                     self._alerts.token_accepted()
-                    if not self._follow:
+                    if final:
                         break
+                    if not self._follow:
+                        continue  # drained while backfilling: one more, complete pass
                     async with self._limits.streams:
                         await self._stream()
                 continue  # a rewind or a stream that ended: backfill again, then stream

@@ -140,12 +140,15 @@ class Delivery:
     duplicated: int = 0
     misordered: int = 0
     by_key: dict[str, list[bytes]] = field(default_factory=dict)
+    #: (key, position in the thread, events in the thread, event id) of a few lost events
+    lost_examples: list[tuple[str, int, int, str]] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (
+        line = (
             f"expected={self.expected} received={self.received} lost={self.lost} "
             f"duplicated={self.duplicated} misordered={self.misordered}"
         )
+        return line + (f" lost_examples={self.lost_examples[:12]}" if self.lost_examples else "")
 
 
 def compare(records: list[Any], logs: Mapping[str, list[bytes]]) -> Delivery:
@@ -162,6 +165,10 @@ def compare(records: list[Any], logs: Mapping[str, list[bytes]]) -> Delivery:
         wanted = Counter(expected)
         result.lost += sum((wanted - counts).values())
         result.duplicated += sum((counts - wanted).values())
+        for i, value in enumerate(expected):
+            if value not in counts and len(result.lost_examples) < 50:
+                event_id = value.split(b'"id":"', 1)[-1].split(b'"', 1)[0].decode()
+                result.lost_examples.append((key, i, len(expected), event_id))
         # Order: the first occurrence of each event must follow the API's order.
         position = {value: i for i, value in enumerate(expected)}
         firsts: list[int] = []
