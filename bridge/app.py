@@ -48,6 +48,7 @@ class Bridge:
         self._readers: anyio.CancelScope | None = None
         self._draining = False
         self.exit_code = EXIT_OK
+        self.http_port: int | None = None
 
     def drain(self) -> None:
         """First signal: stop reading, flush, commit, stop. Second: stop now."""
@@ -110,7 +111,7 @@ class Bridge:
             )
             async with anyio.create_task_group() as tg:
                 self._outer = tg.cancel_scope
-                port = await tg.start(serve_http, settings.http, self.health)
+                port = self.http_port = await tg.start(serve_http, settings.http, self.health)
                 tg.start_soon(self._signals)
                 log.info(
                     "bridge.started",

@@ -46,7 +46,6 @@ from bridge.records import (
 
 #: A stream that stayed up this long resets the backoff.
 HEALTHY_AFTER_S = 30.0
-AUTH_RETRY_S = 30.0
 
 
 class PumpState(Enum):
@@ -149,7 +148,8 @@ class Pump:
                 reason = _unavailable_reason(exc)
                 delay = self._backoff.next_delay(exc.retry_after_s or 0.0)
             except AuthRejected as exc:
-                reason, delay = "auth", AUTH_RETRY_S * random.uniform(0.8, 1.2)  # noqa: S311
+                # A rejected token will not heal by hammering: retry at the slowest pace.
+                reason, delay = "auth", self._backoff.max_s * random.uniform(0.8, 1.2)  # noqa: S311
                 await self._alerts.token_rejected(str(exc))
             except BadCursor as exc:
                 reason = "bad_cursor"

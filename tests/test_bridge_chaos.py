@@ -60,7 +60,11 @@ async def test_sigkill_five_times_at_least_once_loses_nothing(
     scenario = _scenario(2, 5, 150, 25, Faults(), seed=3)
     async with running_simulator(scenario, token=TOKEN) as sim:
         env = bridge_env(
-            sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_DELIVERY="at_least_once"
+            sim.base_url,
+            kafka_bootstrap,
+            kafka_topics,
+            BRIDGE_DELIVERY="at_least_once",
+            BRIDGE_LOG_LEVEL="debug",
         )
         bridge = BridgeProcess(env, tmp_path / "bridge.log")
         bridge.start()
@@ -74,6 +78,9 @@ async def test_sigkill_five_times_at_least_once_loses_nothing(
         finally:
             bridge.stop()
     _report("sigkill x5 at_least_once", delivery)
+    printed = bridge.log_text()
+    assert "bridge.pump.started" in printed, "debug logging was on: the log is not empty"
+    assert TOKEN not in printed, "the token appeared in what the bridge printed"
     assert delivery.expected >= 12 * 150
     assert (delivery.lost, delivery.misordered) == (0, 0), delivery.summary()
     # Only what was in flight around each crash comes twice, not whole threads.
@@ -101,6 +108,7 @@ async def test_sigterm_drains_within_deadline_and_checkpoints_cover_everything(
         finally:
             bridge.stop()
         assert code == 0, bridge.log_text()[-3000:]
+        assert TOKEN not in bridge.log_text()
         assert took < 10, f"drain took {took:.1f} s, over the 10 s deadline"
         events = await read_topic(kafka_bootstrap, kafka_topics.events)
         checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
@@ -213,9 +221,9 @@ async def test_chaos_broker_killed_twice_exactly_once(kafka_broker_factory, kafk
         try:
             for _ in range(2):
                 await anyio.sleep(3)
-                await anyio.to_thread.run_sync(broker.kill)
+                await broker.akill()
                 await anyio.sleep(2)
-                await anyio.to_thread.run_sync(broker.start)
+                await broker.astart()
             with anyio.fail_after(180):
                 await sim.wait_idle()
             _, delivery = await wait_for_delivery(
