@@ -8,6 +8,8 @@ an aborted transaction is never believed.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,36 +41,49 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
     }
     if kafka.alerts_topic:
         wanted[kafka.alerts_topic] = {}
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
     try:
         with anyio.fail_after(timeout_s):
-            await admin.start()
-            existing = set(await admin.list_topics())
-            missing = [
-                NewTopic(
-                    name,
-                    num_partitions=kafka.topic_partitions,
-                    replication_factor=kafka.replication_factor,
-                    topic_configs=configs,
-                )
-                for name, configs in wanted.items()
-                if name not in existing
-            ]
-            if missing:
-                response = await admin.create_topics(missing)
-                for topic, code, *message in response.topic_errors:
-                    # 36 TOPIC_ALREADY_EXISTS: another instance won the race, which is fine.
-                    if code not in (0, TopicAlreadyExistsError.errno):
-                        detail = message[-1] if message else ""
-                        raise SinkUnavailable(f"cannot create topic {topic!r}: {code} {detail}")
-                log.info("bridge.topics.created", topics=[t.name for t in missing])
+            async with _admin(kafka) as admin:
+                await _create_missing(admin, kafka, wanted)
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
             f"cannot create topics on {kafka.bootstrap_servers}: {exc!r}"
         ) from exc
+
+
+@asynccontextmanager
+async def _admin(kafka: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
+    try:
+        await admin.start()
+        yield admin
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await admin.close()
+
+
+async def _create_missing(
+    admin: AIOKafkaAdminClient, kafka: KafkaSettings, wanted: dict[str, dict[str, str]]
+) -> None:
+    existing = set(await admin.list_topics())
+    missing = [
+        NewTopic(
+            name,
+            num_partitions=kafka.topic_partitions,
+            replication_factor=kafka.replication_factor,
+            topic_configs=configs,
+        )
+        for name, configs in wanted.items()
+        if name not in existing
+    ]
+    if missing:
+        response = await admin.create_topics(missing)
+        for topic, code, *message in response.topic_errors:
+            # 36 TOPIC_ALREADY_EXISTS: another instance won the race, which is fine.
+            if code not in (0, TopicAlreadyExistsError.errno):
+                detail = message[-1] if message else ""
+                raise SinkUnavailable(f"cannot create topic {topic!r}: {code} {detail}")
+        log.info("bridge.topics.created", topics=[t.name for t in missing])
 
 
 def _parse(value: bytes | None) -> Checkpoint | None:
@@ -90,13 +105,8 @@ async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
     """The topic's partitions, from the admin API (a consumer's own metadata only knows the
     topics it is assigned). A topic that does not exist has none; any other error raises:
     believing "no checkpoints" by mistake would republish every thread from its start."""
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
-    try:
-        await admin.start()
+    async with _admin(kafka) as admin:
         (described,) = await admin.describe_topics([topic])
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await admin.close()
     code = described.get("error_code", 0)
     if code == UnknownTopicOrPartitionError.errno:
         return []

@@ -207,3 +207,17 @@ async def wait_for_delivery(
             await anyio.sleep(0.5)
     records = await read_topic(bootstrap, topic, isolation_level=isolation_level)
     return records, compare(records, simulator_logs(sim))
+
+
+async def deliver_scenario(
+    scenario: Any, bootstrap: str, topics: Any, *, idle_timeout_s: float = 60, **env: str
+) -> tuple[list[Any], Delivery]:
+    """Play the scenario through an in-process bridge; what reached the events topic."""
+    from bridge.simulator import running_simulator  # noqa: PLC0415 -- the simulator extra
+
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        settings = bridge_settings(sim.base_url, bootstrap, topics, **env)
+        async with running_bridge(settings):
+            with anyio.fail_after(idle_timeout_s):
+                await sim.wait_idle()
+            return await wait_for_delivery(bootstrap, topics.events, sim, timeout_s=45)

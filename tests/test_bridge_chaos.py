@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec, running_simulator
-from tests.bridge_harness import TOKEN, BridgeProcess, bridge_env, wait_for_delivery
+from tests.bridge_harness import TOKEN, BridgeProcess, Delivery, bridge_env, wait_for_delivery
 from tests.kafka_broker import read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -48,8 +51,41 @@ async def _kill_repeatedly(bridge: BridgeProcess, kills: int, rng: random.Random
         bridge.start()
 
 
-def _report(name: str, delivery) -> None:
+def _report(name: str, delivery: Delivery) -> None:
     print(f"\n{name}: {delivery.summary()}")
+
+
+Disruption = Callable[[BridgeProcess, Any], Awaitable[None]]
+
+
+async def _run_disrupted(
+    scenario: Scenario, bootstrap: str, topics: Any, log: Path, disrupt: Disruption, **env: str
+) -> tuple[Delivery, BridgeProcess]:
+    """The bridge as a process over the scenario, disrupted, then left to catch up."""
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        bridge = BridgeProcess(bridge_env(sim.base_url, bootstrap, topics, **env), log)
+        bridge.start()
+        try:
+            await disrupt(bridge, sim)
+            with anyio.fail_after(180):
+                await sim.wait_idle()
+            _, delivery = await wait_for_delivery(bootstrap, topics.events, sim, timeout_s=120)
+        finally:
+            bridge.stop()
+    return delivery, bridge
+
+
+def _kills(count: int, seed: int) -> Disruption:
+    async def disrupt(bridge: BridgeProcess, _: Any) -> None:
+        await _kill_repeatedly(bridge, count, random.Random(seed))
+
+    return disrupt
+
+
+async def _first_record(bootstrap: str, topic: str) -> None:
+    with anyio.fail_after(60):
+        while not await read_topic(bootstrap, topic):
+            await anyio.sleep(0.2)
 
 
 async def test_sigkill_five_times_at_least_once_loses_nothing(
@@ -57,34 +93,23 @@ async def test_sigkill_five_times_at_least_once_loses_nothing(
 ):
     """Scenario: at_least_once, 12 threads streaming; the bridge is killed with SIGKILL five
     times and restarted: nothing lost, in order; duplicates only around the crashes."""
-    scenario = _scenario(2, 5, 150, 25, Faults(), seed=3)
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        env = bridge_env(
-            sim.base_url,
-            kafka_bootstrap,
-            kafka_topics,
-            BRIDGE_DELIVERY="at_least_once",
-            BRIDGE_LOG_LEVEL="debug",
-        )
-        bridge = BridgeProcess(env, tmp_path / "bridge.log")
-        bridge.start()
-        try:
-            await _kill_repeatedly(bridge, 5, random.Random(5))
-            with anyio.fail_after(90):
-                await sim.wait_idle()
-            _, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=60
-            )
-        finally:
-            bridge.stop()
+    delivery, bridge = await _run_disrupted(
+        _scenario(2, 5, 150, 25, Faults(), seed=3),
+        kafka_bootstrap,
+        kafka_topics,
+        tmp_path / "bridge.log",
+        _kills(5, seed=5),
+        BRIDGE_DELIVERY="at_least_once",
+        BRIDGE_LOG_LEVEL="debug",
+    )
     _report("sigkill x5 at_least_once", delivery)
-    printed = bridge.log_text()
-    assert "bridge.pump.started" in printed, "debug logging was on: the log is not empty"
-    assert TOKEN not in printed, "the token appeared in what the bridge printed"
     assert delivery.expected >= 12 * 150
     assert (delivery.lost, delivery.misordered) == (0, 0), delivery.summary()
     # Only what was in flight around each crash comes twice, not whole threads.
     assert delivery.duplicated < delivery.expected // 10, delivery.summary()
+    printed = bridge.log_text()
+    assert "bridge.pump.started" in printed, "debug logging was on: the log is not empty"
+    assert TOKEN not in printed, "the token appeared in what the bridge printed"
 
 
 async def test_sigterm_drains_within_deadline_and_checkpoints_cover_everything(
@@ -98,9 +123,7 @@ async def test_sigterm_drains_within_deadline_and_checkpoints_cover_everything(
         bridge = BridgeProcess(env, tmp_path / "bridge.log")
         bridge.start()
         try:
-            with anyio.fail_after(60):
-                while not await read_topic(kafka_bootstrap, kafka_topics.events):
-                    await anyio.sleep(0.2)
+            await _first_record(kafka_bootstrap, kafka_topics.events)
             await anyio.sleep(1.0)  # mid-stream, on purpose
             started = time.monotonic()
             code = await anyio.to_thread.run_sync(bridge.terminate, 30)
@@ -127,55 +150,43 @@ async def test_broker_down_for_20s_loses_nothing_and_memory_stays_flat(
     """Scenario: the broker is stopped for 20 s mid-stream and started again; the bridge's RSS
     while Kafka is down stays within 64 MiB of its level before, and nothing is lost."""
     broker = await anyio.to_thread.run_sync(kafka_broker_factory)
-    scenario = _scenario(1, 7, 600, 30, Faults(), seed=6)
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        env = bridge_env(sim.base_url, broker.bootstrap, kafka_topics)
-        bridge = BridgeProcess(env, tmp_path / "bridge.log")
-        bridge.start()
-        try:
-            with anyio.fail_after(60):
-                while not await read_topic(broker.bootstrap, kafka_topics.events):
-                    await anyio.sleep(0.2)
-            before = bridge.rss_bytes()
-            await anyio.to_thread.run_sync(broker.stop)
-            peak = before
-            for _ in range(40):
-                await anyio.sleep(0.5)
-                peak = max(peak, bridge.rss_bytes())
-            await anyio.to_thread.run_sync(broker.start)
-            with anyio.fail_after(120):
-                await sim.wait_idle()
-            _, delivery = await wait_for_delivery(
-                broker.bootstrap, kafka_topics.events, sim, timeout_s=90
-            )
-        finally:
-            bridge.stop()
+    rss: dict[str, int] = {}
+
+    async def broker_down(bridge: BridgeProcess, _: Any) -> None:
+        await _first_record(broker.bootstrap, kafka_topics.events)
+        rss["before"] = rss["peak"] = bridge.rss_bytes()
+        await broker.astop()
+        for _ in range(40):
+            await anyio.sleep(0.5)
+            rss["peak"] = max(rss["peak"], bridge.rss_bytes())
+        await broker.astart()
+
+    delivery, _ = await _run_disrupted(
+        _scenario(1, 7, 600, 30, Faults(), seed=6),
+        broker.bootstrap,
+        kafka_topics,
+        tmp_path / "bridge.log",
+        broker_down,
+    )
     _report("broker down 20 s", delivery)
-    print(f"rss before={before >> 20} MiB, peak while down={peak >> 20} MiB")
+    print(f"rss before={rss['before'] >> 20} MiB, peak while down={rss['peak'] >> 20} MiB")
     assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
         delivery.summary()
     )
-    assert peak - before < 64 << 20
+    assert rss["peak"] - rss["before"] < 64 << 20
 
 
 @pytest.mark.slow
 async def test_chaos_twenty_sigkills_exactly_once(kafka_bootstrap, kafka_topics, tmp_path):
     """Scenario: exactly_once, 104 threads, 20,800 events, simulator faults on; the bridge is
     SIGKILLed 20 times at random moments and restarted: 0 lost, 0 duplicated, 0 out of order."""
-    scenario = _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=20)
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        env = bridge_env(sim.base_url, kafka_bootstrap, kafka_topics)
-        bridge = BridgeProcess(env, tmp_path / "bridge.log")
-        bridge.start()
-        try:
-            await _kill_repeatedly(bridge, 20, random.Random(20))
-            with anyio.fail_after(180):
-                await sim.wait_idle()
-            _, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=120
-            )
-        finally:
-            bridge.stop()
+    delivery, _ = await _run_disrupted(
+        _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=20),
+        kafka_bootstrap,
+        kafka_topics,
+        tmp_path / "bridge.log",
+        _kills(20, seed=20),
+    )
     _report("chaos 20 x SIGKILL exactly_once", delivery)
     assert delivery.expected >= 20_000
     assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
@@ -188,22 +199,14 @@ async def test_chaos_at_least_once_under_kills_counts_duplicates(
     kafka_bootstrap, kafka_topics, tmp_path
 ):
     """Scenario: the same kills in at_least_once: 0 lost, 0 out of order; duplicates counted."""
-    scenario = _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=21)
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        env = bridge_env(
-            sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_DELIVERY="at_least_once"
-        )
-        bridge = BridgeProcess(env, tmp_path / "bridge.log")
-        bridge.start()
-        try:
-            await _kill_repeatedly(bridge, 20, random.Random(21))
-            with anyio.fail_after(180):
-                await sim.wait_idle()
-            _, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=120
-            )
-        finally:
-            bridge.stop()
+    delivery, _ = await _run_disrupted(
+        _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=21),
+        kafka_bootstrap,
+        kafka_topics,
+        tmp_path / "bridge.log",
+        _kills(20, seed=21),
+        BRIDGE_DELIVERY="at_least_once",
+    )
     _report("chaos 20 x SIGKILL at_least_once", delivery)
     assert delivery.expected >= 20_000
     assert (delivery.lost, delivery.misordered) == (0, 0), delivery.summary()
@@ -211,26 +214,24 @@ async def test_chaos_at_least_once_under_kills_counts_duplicates(
 
 @pytest.mark.slow
 async def test_chaos_broker_killed_twice_exactly_once(kafka_broker_factory, kafka_topics, tmp_path):
-    """Scenario: exactly_once, the broker is killed (-9) and restarted twice mid-run."""
+    """Scenario: exactly_once, 52 threads with faults on; the broker is killed (-9) and
+    restarted twice mid-run: 0 lost, 0 duplicated, 0 out of order."""
     broker = await anyio.to_thread.run_sync(kafka_broker_factory)
-    scenario = _scenario(2, 25, 100, 10, CHAOS_FAULTS, seed=22)
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        env = bridge_env(sim.base_url, broker.bootstrap, kafka_topics)
-        bridge = BridgeProcess(env, tmp_path / "bridge.log")
-        bridge.start()
-        try:
-            for _ in range(2):
-                await anyio.sleep(3)
-                await broker.akill()
-                await anyio.sleep(2)
-                await broker.astart()
-            with anyio.fail_after(180):
-                await sim.wait_idle()
-            _, delivery = await wait_for_delivery(
-                broker.bootstrap, kafka_topics.events, sim, timeout_s=120
-            )
-        finally:
-            bridge.stop()
+
+    async def broker_kills(_: BridgeProcess, __: Any) -> None:
+        for _ in range(2):
+            await anyio.sleep(3)
+            await broker.akill()
+            await anyio.sleep(2)
+            await broker.astart()
+
+    delivery, _ = await _run_disrupted(
+        _scenario(2, 25, 100, 10, CHAOS_FAULTS, seed=22),
+        broker.bootstrap,
+        kafka_topics,
+        tmp_path / "bridge.log",
+        broker_kills,
+    )
     _report("chaos broker killed twice exactly_once", delivery)
     assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
         delivery.summary()
@@ -239,23 +240,55 @@ async def test_chaos_broker_killed_twice_exactly_once(kafka_broker_factory, kafk
 
 @pytest.mark.slow
 async def test_chaos_api_down_30s_exactly_once(kafka_bootstrap, kafka_topics, tmp_path):
-    """Scenario: exactly_once; the API answers 503 to everything for 30 s and streams stall."""
-    scenario = _scenario(2, 10, 150, 10, CHAOS_FAULTS, seed=23)
+    """Scenario: exactly_once, 22 threads; the API answers 503 to everything for 30 s, and
+    a fifth of the streams stall silently: 0 lost, 0 duplicated, 0 out of order."""
+    faults = Faults(drop_rate=0.05, replay_rate=0.5, stall_rate=0.2, stall_after_frames=(0, 50))
+
+    async def api_outage(_: BridgeProcess, sim: Any) -> None:
+        await anyio.sleep(3)
+        sim.outage(status=503, duration_s=30)
+
+    delivery, _ = await _run_disrupted(
+        _scenario(2, 10, 150, 10, faults, seed=23),
+        kafka_bootstrap,
+        kafka_topics,
+        tmp_path / "bridge.log",
+        api_outage,
+    )
+    _report("chaos API 503 for 30 s exactly_once", delivery)
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+
+
+async def test_second_instance_fences_the_first_which_exits_non_zero(
+    kafka_bootstrap, kafka_topics, tmp_path
+):
+    """Scenario: exactly_once; while bridge A streams 8 threads, bridge B starts with the same
+    transactional.id. A is fenced: it stops publishing at once and exits 1 with a clear log
+    line; B carries on from the committed checkpoints: 0 lost, 0 duplicated, 0 out of order."""
+    scenario = _scenario(1, 7, 300, 25, Faults(), seed=8)
     async with running_simulator(scenario, token=TOKEN) as sim:
         env = bridge_env(sim.base_url, kafka_bootstrap, kafka_topics)
-        bridge = BridgeProcess(env, tmp_path / "bridge.log")
-        bridge.start()
+        first = BridgeProcess(env, tmp_path / "a.log")
+        second = BridgeProcess(env, tmp_path / "b.log")
+        first.start()
         try:
-            await anyio.sleep(3)
-            sim.outage(status=503, duration_s=30)
-            with anyio.fail_after(180):
+            await _first_record(kafka_bootstrap, kafka_topics.events)
+            second.start()
+            assert first.proc is not None
+            code = await anyio.to_thread.run_sync(first.proc.wait, 60)
+            with anyio.fail_after(120):
                 await sim.wait_idle()
             _, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=120
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=60
             )
         finally:
-            bridge.stop()
-    _report("chaos API 503 for 30 s exactly_once", delivery)
+            first.stop()
+            second.stop()
+    _report("fenced by a second instance", delivery)
+    assert code == 1, first.log_text()[-2000:]
+    assert "bridge.fatal.fenced" in first.log_text()
     assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
         delivery.summary()
     )

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-import anyio
 import pytest
 
-from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec, running_simulator
-from tests.bridge_harness import TOKEN, bridge_settings, running_bridge, wait_for_delivery
+from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec
+from tests.bridge_harness import deliver_scenario
 from tests.kafka_broker import read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -45,39 +44,32 @@ async def test_every_event_once_in_order_with_key_value_and_headers(kafka_bootst
     coordinator that runs a second turn, an archived child and a terminated session.
     Every event of every thread is in the topic exactly once, in API order, byte for byte."""
     scenario = _many_threads_scenario()
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        settings = bridge_settings(sim.base_url, kafka_bootstrap, kafka_topics)
-        async with running_bridge(settings):
-            with anyio.fail_after(60):
-                await sim.wait_idle()
-            records, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=30
-            )
-        assert len(sim.all_threads()) == 34
-        assert delivery.expected > 500
-        assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
-            delivery.summary()
-        )
-        assert delivery.received == delivery.expected
+    records, delivery = await deliver_scenario(scenario, kafka_bootstrap, kafka_topics)
+    assert len(delivery.by_key) == 34  # every thread of the three sessions
+    assert delivery.expected > 500
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+    assert delivery.received == delivery.expected
 
-        first = records[0]
-        session_id, thread_id = first.key.decode().split("/")
-        event = json.loads(first.value)
-        headers = {k: v.decode() for k, v in first.headers}
-        assert headers["ce_specversion"] == "1.0"
-        assert headers["ce_id"] == event["id"]
-        assert headers["ce_type"] == event["type"]
-        assert headers["ce_source"] == f"/sessions/{session_id}/threads/{thread_id}"
-        assert headers["ce_time"] == event["processed_at"]
-        assert headers["content-type"] == "application/json"
-        assert headers["qoder_session_id"] == session_id
-        assert headers["qoder_thread_id"] == thread_id
+    first = records[0]
+    session_id, thread_id = first.key.decode().split("/")
+    event = json.loads(first.value)
+    headers = {k: v.decode() for k, v in first.headers}
+    assert headers["ce_specversion"] == "1.0"
+    assert headers["ce_id"] == event["id"]
+    assert headers["ce_type"] == event["type"]
+    assert headers["ce_source"] == f"/sessions/{session_id}/threads/{thread_id}"
+    assert headers["ce_time"] == event["processed_at"]
+    assert headers["content-type"] == "application/json"
+    assert headers["qoder_session_id"] == session_id
+    assert headers["qoder_thread_id"] == thread_id
 
-        assert await read_topic(kafka_bootstrap, kafka_topics.dlq) == []
-        checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
-        last = {r.key.decode(): json.loads(r.value)["last_event_id"] for r in checkpoints}
-        for key, values in delivery.by_key.items():
-            assert last[key] == json.loads(values[-1])["id"], f"checkpoint of {key} is behind"
+    assert await read_topic(kafka_bootstrap, kafka_topics.dlq) == []
+    checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
+    last = {r.key.decode(): json.loads(r.value)["last_event_id"] for r in checkpoints}
+    for key, values in delivery.by_key.items():
+        assert last[key] == json.loads(values[-1])["id"], f"checkpoint of {key} is behind"
 
 
 @pytest.mark.parametrize("heartbeat", ["comment", "event"])
@@ -98,22 +90,15 @@ async def test_heartbeats_are_never_published_and_never_move_the_cursor(
             ),
         ),
     )
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        settings = bridge_settings(sim.base_url, kafka_bootstrap, kafka_topics)
-        async with running_bridge(settings):
-            with anyio.fail_after(60):
-                await sim.wait_idle()
-            _, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=30
-            )
-        assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
-            delivery.summary()
-        )
-        assert await read_topic(kafka_bootstrap, kafka_topics.dlq) == []
-        checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
-        last = {r.key.decode(): json.loads(r.value)["last_event_id"] for r in checkpoints}
-        for key, values in delivery.by_key.items():
-            assert last[key] == json.loads(values[-1])["id"]
+    _, delivery = await deliver_scenario(scenario, kafka_bootstrap, kafka_topics)
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+    assert await read_topic(kafka_bootstrap, kafka_topics.dlq) == []
+    checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
+    last = {r.key.decode(): json.loads(r.value)["last_event_id"] for r in checkpoints}
+    for key, values in delivery.by_key.items():
+        assert last[key] == json.loads(values[-1])["id"]
 
 
 @pytest.mark.parametrize("fresh_stream", ["tail", "replay"])
@@ -151,20 +136,13 @@ async def test_faults_lose_nothing_and_duplicate_nothing(
             ),
         ),
     )
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        settings = bridge_settings(
-            sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_DELIVERY="at_least_once"
-        )
-        async with running_bridge(settings):
-            with anyio.fail_after(60):
-                await sim.wait_idle()
-            _, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=45
-            )
-        assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
-            delivery.summary()
-        )
-        if fault.non_json_rate:
-            dead = await read_topic(kafka_bootstrap, kafka_topics.dlq)
-            assert dead, "non-JSON frames must reach the DLQ"
-            assert {json.loads(r.value)["reason"] for r in dead} == {"not_json"}
+    _, delivery = await deliver_scenario(
+        scenario, kafka_bootstrap, kafka_topics, BRIDGE_DELIVERY="at_least_once"
+    )
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+    if fault.non_json_rate:
+        dead = await read_topic(kafka_bootstrap, kafka_topics.dlq)
+        assert dead, "non-JSON frames must reach the DLQ"
+        assert {json.loads(r.value)["reason"] for r in dead} == {"not_json"}

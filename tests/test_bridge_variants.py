@@ -12,7 +12,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
-from tests.bridge_harness import TOKEN, bridge_settings, running_bridge, wait_for_delivery
+from tests.bridge_harness import (
+    TOKEN,
+    bridge_settings,
+    deliver_scenario,
+    running_bridge,
+    wait_for_delivery,
+)
 from tests.kafka_broker import read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -54,14 +60,7 @@ async def test_every_documented_api_variant_delivers_everything_once(
     """Scenario: the thread stream served on only one of its two routes; the older generation
     (history replay on a fresh stream, `event: heartbeat` frames, `statuses[]` honoured); and
     stream-only `event_start`/`event_delta` frames, which are never published."""
-    async with running_simulator(scenario, token=TOKEN) as sim:
-        settings = bridge_settings(sim.base_url, kafka_bootstrap, kafka_topics)
-        async with running_bridge(settings):
-            with anyio.fail_after(60):
-                await sim.wait_idle()
-            records, delivery = await wait_for_delivery(
-                kafka_bootstrap, kafka_topics.events, sim, timeout_s=30
-            )
+    records, delivery = await deliver_scenario(scenario, kafka_bootstrap, kafka_topics)
     assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
         delivery.summary()
     )
