@@ -5,6 +5,7 @@ that fails. A read_committed consumer counts by value; every run prints one summ
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,10 @@ def _scenario(sessions: int, children: int, events: int, rate: float, faults: Fa
     )
 
 
+#: `BRIDGE_CHAOS_SOAK=10 pytest -m slow tests/test_bridge_chaos.py`: ten times the events, the
+#: kills and the patience (a soak; the default is what CI runs).
+SOAK = max(1, int(os.environ.get("BRIDGE_CHAOS_SOAK", "1")))
+
 CHAOS_FAULTS = Faults(drop_rate=0.05, replay_rate=0.5, error_rate=0.01, drop_after_frames=(5, 200))
 
 
@@ -67,9 +72,11 @@ async def _run_disrupted(
         bridge.start()
         try:
             await disrupt(bridge, sim)
-            with anyio.fail_after(180):
+            with anyio.fail_after(180 * SOAK):
                 await sim.wait_idle()
-            _, delivery = await wait_for_delivery(bootstrap, topics.events, sim, timeout_s=120)
+            _, delivery = await wait_for_delivery(
+                bootstrap, topics.events, sim, timeout_s=120 * SOAK
+            )
         finally:
             bridge.stop()
     return delivery, bridge
@@ -181,11 +188,11 @@ async def test_chaos_twenty_sigkills_exactly_once(kafka_bootstrap, kafka_topics,
     """Scenario: exactly_once, 104 threads, 20,800 events, simulator faults on; the bridge is
     SIGKILLed 20 times at random moments and restarted: 0 lost, 0 duplicated, 0 out of order."""
     delivery, _ = await _run_disrupted(
-        _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=20),
+        _scenario(4, 25, 200 * SOAK, 12, CHAOS_FAULTS, seed=20),
         kafka_bootstrap,
         kafka_topics,
         tmp_path / "bridge.log",
-        _kills(20, seed=20),
+        _kills(20 * SOAK, seed=20),
     )
     _report("chaos 20 x SIGKILL exactly_once", delivery)
     assert delivery.expected >= 20_000
@@ -200,11 +207,11 @@ async def test_chaos_at_least_once_under_kills_counts_duplicates(
 ):
     """Scenario: the same kills in at_least_once: 0 lost, 0 out of order; duplicates counted."""
     delivery, _ = await _run_disrupted(
-        _scenario(4, 25, 200, 12, CHAOS_FAULTS, seed=21),
+        _scenario(4, 25, 200 * SOAK, 12, CHAOS_FAULTS, seed=21),
         kafka_bootstrap,
         kafka_topics,
         tmp_path / "bridge.log",
-        _kills(20, seed=21),
+        _kills(20 * SOAK, seed=21),
         BRIDGE_DELIVERY="at_least_once",
     )
     _report("chaos 20 x SIGKILL at_least_once", delivery)
