@@ -255,8 +255,15 @@ choose_controller_port() {
 	printf '%s\n' "$p"
 }
 
-new_cluster_id() { # Kafka's Uuid: 16 random bytes, URL-safe base64, no padding
-	head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'
+# Kafka's Uuid: 16 random bytes, URL-safe base64, no padding. Like Kafka's Uuid.randomUuid(),
+# never one that starts with "-": kafka-storage would take it for an option and refuse to format
+# ("--cluster-id: expected one argument"), one start in 64.
+new_cluster_id() {
+	local id=-
+	while [[ $id == -* ]]; do
+		id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')
+	done
+	printf '%s\n' "$id"
 }
 
 log4j_opts=()
