@@ -57,13 +57,33 @@ def build_ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
             context.load_cert_chain(
                 str(settings.ssl_certfile),
                 str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
+                # Without a callback, OpenSSL asks for an encrypted key's password on the
+                # terminal (the daemon would hang there), or fails with an opaque "[Errno 22]"
+                # when there is none. The bridge has no setting for that password.
+                password=_refuse_key_password,
             )
+        except _EncryptedKeyError:
+            name, key = "KAFKA_SSL_KEYFILE", settings.ssl_keyfile
+            if key is None:
+                name, key = "KAFKA_SSL_CERTFILE", settings.ssl_certfile
+            raise ConfigError(
+                f"{name}: the private key in {key} is encrypted; the bridge needs it unencrypted "
+                "(`openssl pkey -in KEY -out PLAIN_KEY`, and protect that file instead)"
+            ) from None
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(
                 f"KAFKA_SSL_CERTFILE/KAFKA_SSL_KEYFILE: cannot load the client certificate "
                 f"{settings.ssl_certfile} with its key ({exc})"
             ) from None
     return context
+
+
+class _EncryptedKeyError(Exception):
+    """OpenSSL asked for the password of the client key: it is encrypted."""
+
+
+def _refuse_key_password() -> str:
+    raise _EncryptedKeyError
 
 
 def producer_tuning_kwargs(settings: KafkaSettings) -> dict[str, Any]:
