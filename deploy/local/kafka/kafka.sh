@@ -15,6 +15,23 @@
 #   KAFKA_HEAP_OPTS         default "-Xms256m -Xmx768m"
 #   KAFKA_START_TIMEOUT_S   default 60;  KAFKA_STOP_TIMEOUT_S default 30
 #   KAFKA_OWNER_PID         stop the broker once this process is gone (test runs, demo)
+#
+# Secure listeners (opt-in; without these knobs the broker has the plaintext listener only, and
+# that one stays either way: the broker and the tests' admin helpers use it):
+#   KAFKA_SASL_SSL_PORT     a SASL_SSL listener on 127.0.0.1: TLS, then SASL SCRAM-SHA-256,
+#                           SCRAM-SHA-512, and PLAIN when KAFKA_PLAIN_USERS is set
+#   KAFKA_SSL_PORT          an SSL listener (TLS only); it requires a client certificate signed
+#                           by KAFKA_TLS_CLIENT_CA when that is set (mutual TLS)
+#   KAFKA_TLS_CERT          PEM certificate chain of the broker (leaf first), for both; its
+#                           subjectAltName must name 127.0.0.1 for clients that verify hostnames
+#   KAFKA_TLS_KEY           its PEM private key, unencrypted (needs `openssl` to re-wrap it)
+#   KAFKA_TLS_CLIENT_CA     optional PEM CA(s) for client certificates: SSL listener "required",
+#                           SASL_SSL listener "requested"
+#   KAFKA_SCRAM_USERS       "name:password,..." SCRAM-SHA-256 and -512 credentials, written when
+#                           the data dir is formatted (first start only; later changes need a
+#                           fresh KAFKA_DATA_DIR or kafka-configs.sh --alter --add-config)
+#   KAFKA_PLAIN_USERS       "name:password,..." PLAIN users of the SASL_SSL listener (every start)
+#   Names and passwords: letters, digits and ._~+- only (they are embedded in Kafka configs).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -45,6 +62,56 @@ die_unavailable() {
 
 [[ $port =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "KAFKA_PORT must be a TCP port, got '$port'"
 [[ -n $version ]] || die "cannot read <kafka.version> from $here/pom.xml"
+
+# -- secure listeners (opt-in) ------------------------------------------------------------------
+# The ports are read here (stop and status need no more); start checks the rest of the knobs.
+sasl_ssl_port=${KAFKA_SASL_SSL_PORT:-}
+ssl_port=${KAFKA_SSL_PORT:-}
+secure_ports=()
+for knob in KAFKA_SASL_SSL_PORT KAFKA_SSL_PORT; do
+	[[ -n ${!knob:-} ]] || continue
+	[[ ${!knob} =~ ^[0-9]+$ ]] && ((${!knob} > 0 && ${!knob} < 65536 && ${!knob} != port)) ||
+		die "$knob must be a TCP port other than KAFKA_PORT, got '${!knob}'"
+	secure_ports+=("${!knob}")
+done
+[[ -z $sasl_ssl_port || $sasl_ssl_port != "$ssl_port" ]] ||
+	die "KAFKA_SASL_SSL_PORT and KAFKA_SSL_PORT must differ, both are $ssl_port"
+secure=${secure_ports[*]:+yes}
+
+# "name:password,..." fit for Kafka's config syntax (JAAS, --add-scram), or die naming the knob.
+check_users() { # knob value
+	local entry IFS=,
+	for entry in $2; do
+		[[ $entry =~ ^[A-Za-z0-9._~+-]+:[A-Za-z0-9._~+-]+$ ]] ||
+			die "$1: expected name:password[,name:password...] (letters, digits, ._~+- only), got an entry '${entry%%:*}:...'"
+	done
+}
+
+check_secure_config() {
+	local knob
+	if [[ -z $secure ]]; then
+		if [[ -n ${KAFKA_TLS_CERT:-}${KAFKA_TLS_KEY:-}${KAFKA_TLS_CLIENT_CA:-}${KAFKA_SCRAM_USERS:-}${KAFKA_PLAIN_USERS:-} ]]; then
+			say "note: KAFKA_TLS_*/KAFKA_SCRAM_USERS/KAFKA_PLAIN_USERS ignored: no KAFKA_SASL_SSL_PORT or KAFKA_SSL_PORT"
+		fi
+		return 0
+	fi
+	if [[ -n ${KAFKA_SCRAM_USERS:-}${KAFKA_PLAIN_USERS:-} && -z $sasl_ssl_port ]]; then
+		die "KAFKA_SCRAM_USERS/KAFKA_PLAIN_USERS need KAFKA_SASL_SSL_PORT (the listener they log in on)"
+	fi
+	check_users KAFKA_SCRAM_USERS "${KAFKA_SCRAM_USERS:-}"
+	check_users KAFKA_PLAIN_USERS "${KAFKA_PLAIN_USERS:-}"
+	for knob in KAFKA_TLS_CERT KAFKA_TLS_KEY; do
+		[[ -n ${!knob:-} ]] || die "$knob is required with KAFKA_SASL_SSL_PORT/KAFKA_SSL_PORT"
+	done
+	for knob in KAFKA_TLS_CERT KAFKA_TLS_KEY KAFKA_TLS_CLIENT_CA; do
+		[[ -z ${!knob:-} || -r ${!knob} ]] || die "$knob: cannot read ${!knob}"
+	done
+	command -v openssl >/dev/null 2>&1 || die_unavailable "openssl is needed to load KAFKA_TLS_KEY"
+	for knob in ${secure_ports[@]+"${secure_ports[@]}"}; do
+		port_in_use "$knob" && die "secure listener port $host:$knob is already in use by another process"
+	done
+	return 0
+}
 
 pid_file() { printf '%s/kafka.pid' "$data_dir"; }
 log_file() { printf '%s/logs/server.log' "$data_dir"; }
@@ -169,13 +236,26 @@ cmd_fetch() {
 
 write_config() { # controller_port
 	mkdir -p "$data_dir/logs" "$data_dir/data"
+	local listeners="PLAINTEXT://$host:$port,CONTROLLER://$host:$1"
+	local advertised="PLAINTEXT://$host:$port"
+	local protocols="PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+	if [[ -n $sasl_ssl_port ]]; then
+		listeners+=",SASL_SSL://$host:$sasl_ssl_port"
+		advertised+=",SASL_SSL://$host:$sasl_ssl_port"
+		protocols+=",SASL_SSL:SASL_SSL"
+	fi
+	if [[ -n $ssl_port ]]; then
+		listeners+=",SSL://$host:$ssl_port"
+		advertised+=",SSL://$host:$ssl_port"
+		protocols+=",SSL:SSL"
+	fi
 	cat >"$data_dir/server.properties" <<EOF
 # Generated by kafka.sh on every start; edit kafka.sh instead.
 process.roles=broker,controller
 node.id=1
-listeners=PLAINTEXT://$host:$port,CONTROLLER://$host:$1
-advertised.listeners=PLAINTEXT://$host:$port
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=$listeners
+advertised.listeners=$advertised
+listener.security.protocol.map=$protocols
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
 controller.quorum.bootstrap.servers=$host:$1
@@ -209,6 +289,9 @@ num.network.threads=2
 num.io.threads=4
 background.threads=4
 EOF
+	if [[ -n $secure ]]; then
+		write_secure_config
+	fi
 	cat >"$data_dir/log4j2.xml" <<'EOF'
 <?xml version="1.0" encoding="UTF-8"?>
 <!-- Generated by kafka.sh: every broker logger to logs/server.log. -->
@@ -231,6 +314,55 @@ EOF
 EOF
 }
 
+# The TLS and SASL part of server.properties (KAFKA_SASL_SSL_PORT, KAFKA_SSL_PORT). Kafka reads a
+# PEM key store from a file only with an encrypted PKCS#8 key, so the key is re-wrapped under a
+# fresh random password, next to the config, both readable by this user only. PBE-SHA1-3DES
+# because Java 17 cannot decrypt PBES2 (openssl's default) there; the password sits next to the
+# file anyway, the encryption is only the format Kafka wants.
+write_secure_config() {
+	local tls="$data_dir/tls" pass
+	mkdir -p "$tls"
+	chmod 700 "$tls"
+	chmod 600 "$data_dir/server.properties"
+	grep -q -- '-----BEGIN CERTIFICATE-----' "$KAFKA_TLS_CERT" ||
+		die "KAFKA_TLS_CERT: no PEM certificate in $KAFKA_TLS_CERT"
+	pass=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+	rm -f "$tls/keystore.pem"
+	if ! (umask 077 && KAFKA_SH_KEY_PASS=$pass openssl pkcs8 -topk8 -v1 PBE-SHA1-3DES \
+		-in "$KAFKA_TLS_KEY" -passin pass: -passout env:KAFKA_SH_KEY_PASS -out "$tls/keystore.pem") \
+		2>"$tls/openssl.err"; then
+		cat "$tls/openssl.err" >&2
+		die "KAFKA_TLS_KEY: cannot read $KAFKA_TLS_KEY as an unencrypted PEM private key"
+	fi
+	cat "$KAFKA_TLS_CERT" >>"$tls/keystore.pem"
+	{
+		printf '\n# TLS and SASL listeners (KAFKA_SASL_SSL_PORT, KAFKA_SSL_PORT)\n'
+		printf 'ssl.keystore.type=PEM\nssl.keystore.location=%s\nssl.key.password=%s\n' \
+			"$tls/keystore.pem" "$pass"
+		if [[ -n ${KAFKA_TLS_CLIENT_CA:-} ]]; then
+			printf 'ssl.truststore.type=PEM\nssl.truststore.location=%s\n' "$KAFKA_TLS_CLIENT_CA"
+			[[ -z $ssl_port ]] || printf 'listener.name.ssl.ssl.client.auth=required\n'
+			[[ -z $sasl_ssl_port ]] || printf 'listener.name.sasl_ssl.ssl.client.auth=requested\n'
+		fi
+		if [[ -n $sasl_ssl_port ]]; then
+			local mechanisms="SCRAM-SHA-256,SCRAM-SHA-512" user
+			local scram="org.apache.kafka.common.security.scram.ScramLoginModule required;"
+			if [[ -n ${KAFKA_PLAIN_USERS:-} ]]; then
+				mechanisms="PLAIN,$mechanisms"
+				printf 'listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required'
+				local IFS=,
+				for user in $KAFKA_PLAIN_USERS; do
+					printf ' user_%s="%s"' "${user%%:*}" "${user#*:}"
+				done
+				printf ';\n'
+			fi
+			printf 'listener.name.sasl_ssl.sasl.enabled.mechanisms=%s\n' "$mechanisms"
+			printf 'listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=%s\n' "$scram"
+			printf 'listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=%s\n' "$scram"
+		fi
+	} >>"$data_dir/server.properties"
+}
+
 # The controller port is part of the KRaft voter set written at format time: keep it for the
 # life of the data dir, so a restart on the same data dir comes back as the same quorum.
 choose_controller_port() {
@@ -243,11 +375,12 @@ choose_controller_port() {
 		port_in_use "$p" && die "controller port $host:$p (fixed by $data_dir) is already in use"
 	elif [[ -n ${KAFKA_CONTROLLER_PORT:-} ]]; then
 		p=$KAFKA_CONTROLLER_PORT
-		[[ $p =~ ^[0-9]+$ && $p != "$port" ]] || die "KAFKA_CONTROLLER_PORT must be a TCP port other than KAFKA_PORT, got '$p'"
+		[[ $p =~ ^[0-9]+$ && $p != "$port" && " ${secure_ports[*]:-} " != *" $p "* ]] ||
+			die "KAFKA_CONTROLLER_PORT must be a TCP port other than KAFKA_PORT and the secure ports, got '$p'"
 		port_in_use "$p" && die "controller port $host:$p is already in use (choose another KAFKA_CONTROLLER_PORT)"
 	else
 		p=$((port + 1))
-		while port_in_use "$p"; do
+		while port_in_use "$p" || [[ " ${secure_ports[*]:-} " == *" $p "* ]]; do
 			((p < port + 100 && p < 65535)) || die "no free controller port near $port; set KAFKA_CONTROLLER_PORT"
 			p=$((p + 1))
 		done
@@ -272,16 +405,38 @@ set_log4j_opts() {
 }
 
 format_storage() { # controller_port
-	[[ -f $data_dir/data/meta.properties ]] && return 0
-	local cluster_id out
+	if [[ -f $data_dir/data/meta.properties ]]; then
+		if [[ -n ${KAFKA_SCRAM_USERS:-} && $(scram_users_stamp) != "$(cat "$data_dir/scram.users" 2>/dev/null)" ]]; then
+			say "note: KAFKA_SCRAM_USERS differs from when $data_dir was formatted; SCRAM users are only created at format time"
+		fi
+		return 0
+	fi
+	local cluster_id out user scram=()
 	cluster_id=$(new_cluster_id)
+	# SCRAM credentials live in the cluster metadata: the format writes them into the first
+	# metadata snapshot, so they exist before the broker accepts a connection.
+	if [[ -n ${KAFKA_SCRAM_USERS:-} ]]; then
+		local IFS=,
+		for user in $KAFKA_SCRAM_USERS; do
+			scram+=(--add-scram "SCRAM-SHA-256=[name=${user%%:*},password=${user#*:}]"
+				--add-scram "SCRAM-SHA-512=[name=${user%%:*},password=${user#*:}]")
+		done
+		unset IFS
+	fi
 	if ! out=$("$java" -Xmx256m "${log4j_opts[@]}" -cp "$libs/*" kafka.tools.StorageTool format \
-		--config "$data_dir/server.properties" --cluster-id "$cluster_id" --standalone 2>&1); then
+		--config "$data_dir/server.properties" --cluster-id "$cluster_id" --standalone \
+		${scram[@]+"${scram[@]}"} 2>&1); then
 		printf '%s\n' "$out" >&2
 		die "formatting KRaft storage in $data_dir/data failed"
 	fi
 	printf '%s\n' "$1" >"$data_dir/controller.port"
+	if [[ -n ${KAFKA_SCRAM_USERS:-} ]]; then
+		scram_users_stamp >"$data_dir/scram.users"
+	fi
 }
+
+# A checksum of KAFKA_SCRAM_USERS, to notice a change without storing the passwords.
+scram_users_stamp() { printf '%s' "${KAFKA_SCRAM_USERS:-}" | cksum | cut -d' ' -f1; }
 
 # Until start succeeds, any exit (failure, Ctrl-C, timeout) takes the new broker down with it.
 starting_pid=""
@@ -328,6 +483,7 @@ cmd_start() {
 		return 0
 	fi
 	port_in_use "$port" && die "port $host:$port is already in use by another process (set KAFKA_PORT)"
+	check_secure_config
 	cmd_fetch
 	local cport
 	cport=$(choose_controller_port)
@@ -370,6 +526,8 @@ cmd_start() {
 	starting_pid=""
 	trap - EXIT INT TERM
 	say "Kafka $version running on $host:$port (pid $(<"$(pid_file)"), log $(log_file))"
+	[[ -z $sasl_ssl_port ]] || say "SASL_SSL listener on $host:$sasl_ssl_port"
+	[[ -z $ssl_port ]] || say "SSL listener on $host:$ssl_port"
 	printf '%s:%s\n' "$host" "$port"
 }
 
