@@ -12,6 +12,13 @@ Loaded as a pytest plugin by ``tests/conftest.py``. Fixtures:
     ``.transactional_id``. Nothing is created; ``await kafka_topics.create(bootstrap)`` does.
 ``kafka_broker_factory`` (function) -> ``start_broker() -> KafkaBroker``
     A dedicated broker per call, for tests that stop, pause or kill -9 it; torn down after.
+``kafka_pki`` (module) -> :class:`KafkaPki`
+    A throwaway CA, a broker certificate for 127.0.0.1/localhost, a client certificate, and a
+    second CA that signed nothing the broker has; PEM files made with the ``openssl`` CLI.
+``secure_kafka`` (module) -> :class:`SecureKafka`
+    A dedicated broker with a SASL_SSL listener (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) and an
+    SSL listener that requires a client certificate, besides its plaintext one; credentials,
+    PEM paths and ready-made bridge environments on the object.
 
 Helpers: :func:`read_topic` (everything up to the end as of the call), :func:`wait_for_records`
 (read until N records are there) and :func:`create_topics`.
@@ -22,12 +29,13 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,10 +129,14 @@ class KafkaBroker:
     them in a worker thread so the event loop (and an in-process bridge) keeps running.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, env: Mapping[str, str] | None = None
+    ) -> None:
         self.port = port if port is not None else free_port_pair()
         self.controller_port = self.port + 1
         self.data_dir = Path(data_dir)
+        #: more kafka.sh knobs (the secure listeners), passed on every start/stop/status
+        self.extra_env = dict(env or {})
 
     def __repr__(self) -> str:
         return f"KafkaBroker({self.bootstrap}, data_dir={str(self.data_dir)!r})"
@@ -156,6 +168,7 @@ class KafkaBroker:
             "KAFKA_DATA_DIR": str(self.data_dir),
             # If pytest dies without tearing down, kafka.sh's watchdog stops the broker.
             "KAFKA_OWNER_PID": str(os.getpid()),
+            **self.extra_env,
         }
 
     def start(self, timeout_s: float = 90) -> None:
@@ -358,6 +371,200 @@ def kafka_broker_factory(
     yield start_broker
     for broker in brokers:
         broker.resume()  # a paused JVM would ignore everything but SIGKILL until then
+        broker.kill()  # throwaway data: no need for a clean shutdown
+
+
+@dataclass(frozen=True)
+class KafkaPki:
+    """PEM files of a throwaway PKI (unencrypted keys)."""
+
+    ca: Path  #: the CA that signed the broker and client certificates
+    broker_cert: Path  #: leaf, subjectAltName IP:127.0.0.1 and DNS:localhost
+    broker_key: Path
+    client_cert: Path  #: CN=qoder-kafka-bridge-test-client, extendedKeyUsage clientAuth
+    client_key: Path
+    other_ca: Path  #: a CA that signed nothing here: trusting only it must fail verification
+
+
+_CA_EXT = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
+_LEAF_EXT = (
+    "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+)
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    done = subprocess.run(
+        ["openssl", *map(str, args)],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise KafkaBrokerError(f"openssl {args[0]} failed: {done.stderr.strip()}")
+
+
+def make_pki(directory: Path) -> KafkaPki:
+    """Generate :class:`KafkaPki` in ``directory`` with the ``openssl`` CLI (EC P-256, 2 days).
+
+    Raises KafkaUnavailable when there is no ``openssl``.
+    """
+    if shutil.which("openssl") is None:
+        raise KafkaUnavailable("the openssl command is needed to make test certificates")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def key(name: str) -> Path:
+        _openssl(
+            "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=d
+        )
+        return d / f"{name}.key"
+
+    def cert(name: str, subject: str, ext: str, ca: str | None) -> Path:
+        key(name)
+        (d / f"{name}.ext").write_text(ext)
+        _openssl(
+            "req", "-new", "-key", f"{name}.key", "-subj", subject, "-out", f"{name}.csr", cwd=d
+        )
+        signer = ["-signkey", f"{name}.key"]
+        if ca is not None:
+            signer = ["-CA", f"{ca}.pem", "-CAkey", f"{ca}.key"]
+        serial = f"0x{uuid.uuid4().hex}"
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", *signer, "-set_serial", serial,
+            "-extfile", f"{name}.ext", "-days", "2", "-out", f"{name}.pem", cwd=d,
+        )  # fmt: skip
+        return d / f"{name}.pem"
+
+    ca = cert("ca", "/CN=qoder-kafka-bridge test CA", _CA_EXT, None)
+    broker = cert(
+        "broker",
+        "/CN=localhost",
+        _LEAF_EXT + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        "ca",
+    )
+    client = cert(
+        "client",
+        "/CN=qoder-kafka-bridge-test-client",
+        _LEAF_EXT + "extendedKeyUsage=clientAuth\n",
+        "ca",
+    )
+    other = cert("other-ca", "/CN=some other CA", _CA_EXT, None)
+    return KafkaPki(
+        ca=ca,
+        broker_cert=broker,
+        broker_key=d / "broker.key",
+        client_cert=client,
+        client_key=d / "client.key",
+        other_ca=other,
+    )
+
+
+@pytest.fixture(scope="module")
+def kafka_pki(tmp_path_factory: pytest.TempPathFactory) -> KafkaPki:
+    try:
+        return make_pki(tmp_path_factory.mktemp("kafka-pki"))
+    except KafkaUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"CI needs openssl: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+
+
+@dataclass(frozen=True)
+class SecureKafka:
+    """A broker with a SASL_SSL and an SSL (client certificate required) listener."""
+
+    broker: KafkaBroker
+    bootstrap: str  #: the SASL_SSL listener: PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+    ssl_bootstrap: str  #: the SSL listener: mutual TLS, no SASL
+    pki: KafkaPki
+    scram_user: str
+    scram_password: str
+    plain_user: str
+    plain_password: str
+
+    @property
+    def plaintext_bootstrap(self) -> str:
+        """The same broker without TLS or SASL: for the test helpers (topics, read_topic)."""
+        return self.broker.bootstrap
+
+    def sasl_env(
+        self, mechanism: str, *, password: str | None = None, cafile: Path | None = None
+    ) -> dict[str, str]:
+        """The bridge's settings (environment) for the SASL_SSL listener with ``mechanism``."""
+        plain = mechanism == "PLAIN"
+        user = self.plain_user if plain else self.scram_user
+        if password is None:
+            password = self.plain_password if plain else self.scram_password
+        return {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            "KAFKA_SASL_MECHANISM": mechanism,
+            "KAFKA_SASL_USERNAME": user,
+            "KAFKA_SASL_PASSWORD": password,
+            "KAFKA_SSL_CAFILE": str(cafile or self.pki.ca),
+        }
+
+    def mtls_env(self, *, client_cert: bool = True) -> dict[str, str]:
+        """The bridge's settings for the SSL listener, with the client certificate or without."""
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.ssl_bootstrap,
+            "KAFKA_SECURITY_PROTOCOL": "SSL",
+            "KAFKA_SSL_CAFILE": str(self.pki.ca),
+        }
+        if client_cert:
+            env["KAFKA_SSL_CERTFILE"] = str(self.pki.client_cert)
+            env["KAFKA_SSL_KEYFILE"] = str(self.pki.client_key)
+        return env
+
+
+def free_port_block(count: int) -> int:
+    """A port P such that P .. P+count-1 are free on 127.0.0.1 (below the ephemeral range)."""
+    top = min(_ephemeral_range()[0], 32768) - count
+    for _ in range(200):
+        port = random.randrange(15000, top)
+        if all(_bindable(p) for p in range(port, port + count)):
+            return port
+    raise KafkaBrokerError(f"no {count} free consecutive loopback ports found")
+
+
+@pytest.fixture(scope="module")
+def secure_kafka(
+    tmp_path_factory: pytest.TempPathFactory, kafka_pki: KafkaPki
+) -> Iterator[SecureKafka]:
+    """A dedicated broker with TLS and SASL listeners, for one test module; killed after.
+
+    Ports P (plaintext), P+1 (controller), P+2 (SASL_SSL), P+3 (SSL with client certificate).
+    """
+    port = free_port_block(4)
+    creds = {
+        "scram_user": "bridge-scram",
+        "scram_password": f"scram-{uuid.uuid4().hex}",
+        "plain_user": "bridge-plain",
+        "plain_password": f"plain-{uuid.uuid4().hex}",
+    }
+    env = {
+        "KAFKA_SASL_SSL_PORT": str(port + 2),
+        "KAFKA_SSL_PORT": str(port + 3),
+        "KAFKA_TLS_CERT": str(kafka_pki.broker_cert),
+        "KAFKA_TLS_KEY": str(kafka_pki.broker_key),
+        "KAFKA_TLS_CLIENT_CA": str(kafka_pki.ca),
+        "KAFKA_SCRAM_USERS": f"{creds['scram_user']}:{creds['scram_password']}",
+        "KAFKA_PLAIN_USERS": f"{creds['plain_user']}:{creds['plain_password']}",
+    }
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka-secure"), port, env=env)
+    _start_or_give_up(broker)
+    try:
+        yield SecureKafka(
+            broker=broker,
+            bootstrap=f"{HOST}:{port + 2}",
+            ssl_bootstrap=f"{HOST}:{port + 3}",
+            pki=kafka_pki,
+            **creds,
+        )
+    finally:
         broker.kill()  # throwaway data: no need for a clean shutdown
 
 
