@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import structlog
 
 from bridge import metrics
@@ -25,6 +26,7 @@ class BridgeAlerts:
         self._topic = topic
         self._health = health
         self._token_rejected = False
+        self._rejected_at = float("-inf")
 
     async def send(
         self,
@@ -47,6 +49,7 @@ class BridgeAlerts:
         await self._publisher.submit(Outgoing(None, 0, [record]))
 
     async def token_rejected(self, message: str) -> None:
+        self._rejected_at = anyio.current_time()
         if self._token_rejected:
             return
         self._token_rejected = True
@@ -54,7 +57,11 @@ class BridgeAlerts:
         metrics.TOKEN_REJECTED.set(1)
         await self.send("bridge.token_rejected", "authentication_error", detail={"error": message})
 
-    def token_accepted(self) -> None:
+    def token_accepted(self, started_at: float) -> None:
+        """A request that *started* at ``started_at`` succeeded. One that was already under
+        way when the token was rejected proves nothing about the token in use now."""
+        if started_at < self._rejected_at:
+            return
         if self._token_rejected:
             log.info("bridge.token.accepted_again")
         self._token_rejected = False

@@ -125,6 +125,7 @@ class Pump:
         self.log.debug("bridge.pump.started", cursor=self.cursor.submitted_id, follow=self._follow)
         while True:
             self._epoch = self.cursor.epoch
+            attempt_started = anyio.current_time()
             reason: str | None = None
             delay = 0.0
             try:
@@ -134,7 +135,7 @@ class Pump:
                     final = not self._follow
                     with self._state(PumpState.BACKFILLING):
                         await self._backfill()
-                    self._alerts.token_accepted()
+                    self._alerts.token_accepted(attempt_started)
                     if final:
                         break
                     if not self._follow:

@@ -104,12 +104,13 @@ class Supervisor:
     async def _discover(self) -> None:
         """Follow every session the token can list, re-listed so that new ones are picked up."""
         while True:
+            started = anyio.current_time()
             try:
                 for session in await self._api.list_sessions():
                     session_id = session.get("id")
                     if isinstance(session_id, str) and not _session_over(session):
                         self._watch(session_id)
-                self._alerts.token_accepted()
+                self._alerts.token_accepted(started)
             except AuthRejected as exc:
                 await self._alerts.token_rejected(str(exc))
             except ApiError as exc:
@@ -125,9 +126,10 @@ class Supervisor:
                 self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s
             )
             while True:
+                started = anyio.current_time()
                 try:
                     over = await self._reconcile(session_id)
-                    self._alerts.token_accepted()
+                    self._alerts.token_accepted(started)
                     backoff.reset()
                 except NotFound:
                     over = True

@@ -112,8 +112,9 @@ async def test_sigkill_five_times_at_least_once_loses_nothing(
     _report("sigkill x5 at_least_once", delivery)
     assert delivery.expected >= 12 * 150
     assert (delivery.lost, delivery.misordered) == (0, 0), delivery.summary()
-    # Only what was in flight around each crash comes twice, not whole threads.
-    assert delivery.duplicated < delivery.expected // 10, delivery.summary()
+    # Only what was unacknowledged or not yet checkpointed at each crash comes twice: at most
+    # about a second of every thread's events per crash (12 threads at 25/s), not whole threads.
+    assert delivery.duplicated <= 5 * 12 * 25, delivery.summary()
     printed = bridge.log_text()
     assert "bridge.pump.started" in printed, "debug logging was on: the log is not empty"
     assert TOKEN not in printed, "the token appeared in what the bridge printed"

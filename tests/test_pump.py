@@ -88,7 +88,7 @@ class FakeAlerts:
     async def token_rejected(self, message: str) -> None:
         self.sent.append(("bridge.token_rejected", message))
 
-    def token_accepted(self) -> None:
+    def token_accepted(self, started_at: float) -> None:
         pass
 
 
