@@ -19,6 +19,7 @@ import asyncio
 import math
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -74,26 +75,46 @@ class Outgoing:
 
 
 class ByteBudget:
-    """Backpressure: at most ``limit`` bytes of work between the pumps and Kafka's acks."""
+    """Backpressure: at most ``limit`` bytes of work between the pumps and Kafka's acks.
+
+    Waiters are served first come, first served, and a release wakes only those that now fit:
+    thousands of pumps waiting after an outage must not all wake for every batch.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
-        self._changed = anyio.Condition()
+        self._waiters: deque[tuple[int, anyio.Event]] = deque()
 
     async def acquire(self, size: int) -> None:
         size = min(size, self.limit)  # one huge item may pass alone
-        async with self._changed:
-            while self.used + size > self.limit:
-                await self._changed.wait()
+        if not self._waiters and self.used + size <= self.limit:
             self.used += size
+            metrics.INFLIGHT_BYTES.set(self.used)
+            return
+        entry = (size, anyio.Event())
+        self._waiters.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:
+            if entry[1].is_set():
+                self.release(size)  # granted as we were cancelled: give it back
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
         metrics.INFLIGHT_BYTES.set(self.used)
 
-    async def release(self, size: int) -> None:
-        async with self._changed:
-            self.used = max(0, self.used - min(size, self.limit))
-            self._changed.notify_all()
+    def release(self, size: int) -> None:
+        self.used = max(0, self.used - min(size, self.limit))
+        self._wake()
         metrics.INFLIGHT_BYTES.set(self.used)
+
+    def _wake(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            size, granted = self._waiters.popleft()
+            self.used += size
+            granted.set()
 
 
 def _seconds_since(timestamp: str | None) -> float | None:
@@ -139,7 +160,7 @@ class Publisher:
         try:
             self._send.send_nowait(item)
         except BaseException:
-            await self._budget.release(item.size)
+            self._budget.release(item.size)
             raise
 
     def close(self) -> None:
@@ -242,6 +263,7 @@ class Publisher:
 
     async def _publish_until_done(self, batch: list[Outgoing]) -> None:
         delay = 0.2
+        acquired = sum(item.size for item in batch)  # released once, whatever happens below
         try:
             while live := [item for item in batch if not item.stale]:
                 try:
@@ -270,8 +292,7 @@ class Publisher:
                 self._committed(live)
                 return
         finally:
-            for item in batch:
-                await self._budget.release(item.size)
+            self._budget.release(acquired)
 
     async def _publish(self, batch: list[Outgoing]) -> None:
         producer = self._producer
