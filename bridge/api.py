@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+import zlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -124,6 +125,7 @@ class QoderApi:
     def __init__(
         self,
         client: httpx.AsyncClient,
+        stream_clients: Sequence[httpx.AsyncClient],
         base_url: str,
         token: Callable[[], str],
         limiter: RateLimiter,
@@ -132,6 +134,9 @@ class QoderApi:
         request_timeout_s: float,
     ) -> None:
         self._client = client
+        # httpcore scans its whole pool on every request: thousands of streams in one pool
+        # make every request slow. Streams are spread over small pools by a stable hash.
+        self._stream_clients = stream_clients
         self._base = base_url.rstrip("/")
         self._token = token
         self._limiter = limiter
@@ -275,8 +280,9 @@ class QoderApi:
         # No bytes at all (not even a heartbeat) for stall_timeout_s is a stalled stream.
         timeout = httpx.Timeout(self._request_timeout_s, read=self._stall_timeout_s)
         try:
+            shard = zlib.crc32(path.encode()) % len(self._stream_clients)
             async with aconnect_sse(
-                self._client,
+                self._stream_clients[shard],
                 "GET",
                 self._base + path,
                 params=params,

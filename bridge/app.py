@@ -37,6 +37,17 @@ from bridge.supervisor import Supervisor
 log = structlog.get_logger("bridge.app")
 
 EXIT_OK, EXIT_FATAL = 0, 1
+#: JSON requests get a pool of their own; streams are spread over pools of about this many
+#: (twice as many slots, so an uneven hash never makes a stream wait for a slot).
+JSON_POOL_SIZE = 64
+STREAMS_PER_POOL = 128
+
+
+def _client(connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=min(connections, 16)
+    )
+    return httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
 
 
 class Bridge:
@@ -94,15 +105,16 @@ class Bridge:
         settings = self.settings
         metrics.BUILD_INFO.labels(version=__version__).set(1)
         tokens = TokenProvider.from_settings(settings.api)
-        limits = httpx.Limits(
-            max_connections=settings.api.max_streams + 64, max_keepalive_connections=64
-        )
         async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
-            )
+            client = await stack.enter_async_context(_client(JSON_POOL_SIZE))
+            shards = max(1, -(-settings.api.max_streams // STREAMS_PER_POOL))
+            stream_clients = [
+                await stack.enter_async_context(_client(2 * STREAMS_PER_POOL))
+                for _ in range(shards)
+            ]
             api = QoderApi(
                 client,
+                stream_clients,
                 settings.api.url,
                 lambda: tokens.current().reveal(),
                 RateLimiter(settings.api.max_requests_per_s),

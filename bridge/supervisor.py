@@ -108,7 +108,9 @@ class Supervisor:
             try:
                 for session in await self._api.list_sessions():
                     session_id = session.get("id")
-                    if isinstance(session_id, str) and not _session_over(session):
+                    # A session that is over still gets one look: it may have run while the
+                    # bridge was not looking. The watcher catches its threads up, then drops it.
+                    if isinstance(session_id, str):
                         self._watch(session_id)
                 self._alerts.token_accepted(started)
             except AuthRejected as exc:

@@ -188,3 +188,33 @@ async def test_checkpoint_the_api_no_longer_knows_republishes_the_thread_and_ale
     )
     lost = [a for a in alerts if a["type"] == "bridge.cursor_lost"]
     assert [(a["session_id"], a["thread_id"]) for a in lost] == [(session_id, thread_id)]
+
+
+async def test_sessions_that_ended_before_the_bridge_started_are_caught_up(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: while the bridge was down, one session ran and was terminated, one ran with a
+    child that was archived, one ran and went idle. The bridge starts after all of it: every
+    event of every thread still reaches Kafka once, in order."""
+    scenario = Scenario(
+        name="downtime",
+        seed=13,
+        instant=True,
+        sessions=(
+            SessionSpec(coordinator=ThreadSpec(events=20), terminate=True),
+            SessionSpec(children=(ThreadSpec(events=15, final_status="archived"),)),
+            SessionSpec(coordinator=ThreadSpec(events=12)),
+        ),
+    )
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        with anyio.fail_after(30):
+            await sim.wait_idle()
+        settings = bridge_settings(sim.base_url, kafka_bootstrap, kafka_topics)
+        async with running_bridge(settings):
+            _, delivery = await wait_for_delivery(
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=30
+            )
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+    assert len(delivery.by_key) == 4
