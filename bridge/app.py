@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
 import anyio
 import anyio.abc
+import certifi
 import httpx
 import structlog
 
@@ -43,11 +45,11 @@ JSON_POOL_SIZE = 64
 STREAMS_PER_POOL = 128
 
 
-def _client(connections: int) -> httpx.AsyncClient:
+def _client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=connections, max_keepalive_connections=min(connections, 16)
     )
-    return httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
+    return httpx.AsyncClient(limits=limits, verify=tls, follow_redirects=False, trust_env=False)
 
 
 class Bridge:
@@ -105,11 +107,13 @@ class Bridge:
         settings = self.settings
         metrics.BUILD_INFO.labels(version=__version__).set(1)
         tokens = TokenProvider.from_settings(settings.api)
+        # One TLS context for every pool: each would otherwise load the CA bundle (~0.7 MiB).
+        tls = ssl.create_default_context(cafile=certifi.where())
         async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(_client(JSON_POOL_SIZE))
+            client = await stack.enter_async_context(_client(JSON_POOL_SIZE, tls))
             shards = max(1, -(-settings.api.max_streams // STREAMS_PER_POOL))
             stream_clients = [
-                await stack.enter_async_context(_client(2 * STREAMS_PER_POOL))
+                await stack.enter_async_context(_client(2 * STREAMS_PER_POOL, tls))
                 for _ in range(shards)
             ]
             api = QoderApi(
