@@ -112,6 +112,9 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout_s: float) -> None:
 
 
 def main() -> int:
+    # A closed terminal or a `kill` stops the demo as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     exe = shutil.which("qoder-bridge") or sys.executable
@@ -154,13 +157,20 @@ def main() -> int:
             anyio.run(_show, env["KAFKA_BOOTSTRAP_SERVERS"], topic)
         return 0
     finally:
-        print("\nstopping: draining the bridge…", flush=True)
+        # Stopping what we started matters more than telling about it: the terminal or the
+        # pipe we print to may already be gone (`make run | tee`, a closed window).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _say("\nstopping: draining the bridge…")
         for proc in reversed(procs):
             _stop(proc, 30)
         if started_kafka:
-            subprocess.run([str(KAFKA_SH), "stop"], check=False, env=env)
-        print("stopped.")
+            subprocess.run([str(KAFKA_SH), "stop"], check=False, env=env, capture_output=True)
+        _say("stopped.")
+
+
+def _say(text: str) -> None:
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
 
 
 if __name__ == "__main__":
