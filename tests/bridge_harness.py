@@ -7,6 +7,7 @@ the API served them, under the right key, with the CloudEvents headers, and noth
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -221,3 +222,8 @@ async def deliver_scenario(
             with anyio.fail_after(idle_timeout_s):
                 await sim.wait_idle()
             return await wait_for_delivery(bootstrap, topics.events, sim, timeout_s=45)
+
+
+async def read_json(bootstrap: str, topic: str) -> list[Any]:
+    """Every committed record of the topic, its value parsed as JSON (alerts, dead letters)."""
+    return [json.loads(r.value) for r in await read_topic(bootstrap, topic)]

@@ -16,6 +16,7 @@ from tests.bridge_harness import (
     TOKEN,
     bridge_settings,
     deliver_scenario,
+    read_json,
     running_bridge,
     wait_for_delivery,
 )
@@ -134,9 +135,7 @@ async def test_revoked_token_turns_readiness_off_alerts_once_and_rotation_recove
             _, delivery = await wait_for_delivery(
                 kafka_bootstrap, kafka_topics.events, sim, timeout_s=30
             )
-        alerts = [
-            json.loads(r.value) for r in await read_topic(kafka_bootstrap, kafka_topics.alerts)
-        ]
+        alerts = await read_json(kafka_bootstrap, kafka_topics.alerts)
     assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
         delivery.summary()
     )
@@ -180,9 +179,7 @@ async def test_checkpoint_the_api_no_longer_knows_republishes_the_thread_and_ale
             _, delivery = await wait_for_delivery(
                 kafka_bootstrap, kafka_topics.events, sim, timeout_s=30
             )
-        alerts = [
-            json.loads(r.value) for r in await read_topic(kafka_bootstrap, kafka_topics.alerts)
-        ]
+        alerts = await read_json(kafka_bootstrap, kafka_topics.alerts)
     assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
         delivery.summary()
     )
