@@ -64,6 +64,7 @@ class ApiSettings:
     request_timeout_s: float = 30.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    max_event_bytes: int = 16777216
 
     @property
     def uses_simulator(self) -> bool:
@@ -379,6 +380,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         _seconds,
     ),
     EnvVar("BRIDGE_BACKOFF_MAX_S", "api.backoff_max_s", "longest reconnect delay", _seconds),
+    EnvVar(
+        "BRIDGE_MAX_EVENT_BYTES",
+        "api.max_event_bytes",
+        "largest SSE frame or list item read from the API; a larger one goes to the DLQ as an "
+        "excerpt",
+        _int(65536),
+    ),
     EnvVar(
         "KAFKA_BOOTSTRAP_SERVERS",
         "kafka.bootstrap_servers",
