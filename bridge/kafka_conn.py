@@ -87,7 +87,10 @@ def _refuse_key_password() -> str:
 
 
 def producer_tuning_kwargs(settings: KafkaSettings) -> dict[str, Any]:
-    """``compression_type``, ``linger_ms`` and ``max_request_size`` for ``AIOKafkaProducer``.
+    """Tuning for ``AIOKafkaProducer``: compression, linger, sizes and the request timeout.
+
+    The publisher adds only what the delivery guarantee needs (acks, idempotence, the
+    transactional id), so everything returned here is the operator's to tune.
 
     Raises ConfigError when the chosen compression codec's library is not installed (aiokafka
     would only fail on the first send).
@@ -110,4 +113,6 @@ def producer_tuning_kwargs(settings: KafkaSettings) -> dict[str, Any]:
         "compression_type": settings.compression,
         "linger_ms": settings.linger_ms,
         "max_request_size": settings.max_request_bytes,
+        "max_batch_size": 256 * 1024,
+        "request_timeout_ms": 30_000,
     }

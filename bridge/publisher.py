@@ -175,8 +175,6 @@ class Publisher:
             **producer_tuning_kwargs(self._kafka),
             acks="all",
             enable_idempotence=True,
-            max_batch_size=256 * 1024,
-            request_timeout_ms=30_000,
         )
         if self._transactional:
             kwargs["transactional_id"] = self._delivery.transactional_id
