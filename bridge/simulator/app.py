@@ -129,7 +129,7 @@ class App:
         if route == "session":
             body = canonical(session.to_json())
         elif route == "session_events":
-            body = _list_events(session.log, query)
+            body = _list_events(session.log, query, self.scenario.pagination)
         elif route == "threads":
             body = self._list_threads(session, query)
         elif thread is None:  # unreachable: thread routes were checked above
@@ -137,7 +137,7 @@ class App:
         elif route == "thread":
             body = canonical(thread.to_json())
         else:
-            body = _list_events(thread.log, query)
+            body = _list_events(thread.log, query, self.scenario.pagination)
         await _respond(send, 200, body, request_id)
 
     def _check_outage(self) -> None:
@@ -160,7 +160,8 @@ class App:
         raise HttpError(int(error), "api_error", "Service temporarily unavailable.")
 
     def _list_sessions(self, query: Query) -> bytes:
-        q = parse_page_query(query, default_order="desc")
+        pagination = self.scenario.pagination
+        q = parse_page_query(query, default_order="desc", pagination=pagination)
         archived = (query.get("include_archived") or ["false"])[0].lower() in ("true", "1")
         statuses = many(query, "statuses", "statuses[]")
         sessions = self.world.sessions
@@ -174,10 +175,11 @@ class App:
             len(sessions), lambda i: sessions[i].id, self.world.session_index, q, match
         )
         items = [canonical(sessions[i].to_json()) for i in picked]
-        return envelope(items, [sessions[i].id for i in picked], has_more, next_page)
+        return envelope(items, [sessions[i].id for i in picked], has_more, next_page, pagination)
 
     def _list_threads(self, session: SessionState, query: Query) -> bytes:
-        q = parse_page_query(query)
+        pagination = self.scenario.pagination
+        q = parse_page_query(query, pagination=pagination)
         threads = session.threads
         statuses = many(query, "statuses[]", "statuses")
         honour = statuses and self.scenario.honour_thread_statuses
@@ -186,7 +188,7 @@ class App:
             len(threads), lambda i: threads[i].id, session.thread_index, q, match
         )
         items = [canonical(threads[i].to_json()) for i in picked]
-        return envelope(items, [threads[i].id for i in picked], has_more, next_page)
+        return envelope(items, [threads[i].id for i in picked], has_more, next_page, pagination)
 
     async def _stream(
         self,
@@ -288,15 +290,14 @@ def _cursor(headers: dict[bytes, bytes], scope: MutableMapping[str, Any]) -> str
     return first(parse_qs(scope["query_string"].decode("latin-1")), "after_id")
 
 
-def _list_events(log: EventLog, query: Query) -> bytes:
-    q = parse_page_query(query)
+def _list_events(log: EventLog, query: Query, pagination: str) -> bytes:
+    q = parse_page_query(query, pagination=pagination)
     events = log.events
     types = many(query, "types", "types[]", "type")
     match = (lambda i: events[i].type in types) if types else None
     picked, has_more, next_page = select(len(events), lambda i: events[i].id, log.index, q, match)
-    return envelope(
-        [events[i].raw for i in picked], [events[i].id for i in picked], has_more, next_page
-    )
+    items, item_ids = [events[i].raw for i in picked], [events[i].id for i in picked]
+    return envelope(items, item_ids, has_more, next_page, pagination)
 
 
 async def _respond(

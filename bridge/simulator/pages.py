@@ -3,6 +3,8 @@
 Listing order is ``asc`` (oldest first) or ``desc``; ``after_id`` and ``before_id`` are relative
 to it. ``next_page`` is an opaque token naming the anchor and the direction, so a page stays
 stable while items are added. ``page``, ``after_id`` and ``before_id`` are mutually exclusive.
+The older generation (``pagination="after_id"``) knows only the two id cursors: its envelope
+has no ``next_page`` key and it refuses ``page``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ class PageQuery:
     desc: bool
 
 
-def parse_page_query(query: Query, *, default_order: str = "asc") -> PageQuery:
+def parse_page_query(
+    query: Query, *, default_order: str = "asc", pagination: str = "next_page"
+) -> PageQuery:
+    if pagination == "after_id" and "page" in query:
+        raise bad_request("page is not supported here; page with after_id or before_id.", "page")
     raw_limit = first(query, "limit")
     try:
         limit = 20 if raw_limit is None else int(raw_limit)
@@ -148,14 +154,16 @@ def select(
 
 
 def envelope(
-    items: Sequence[bytes], ids: Sequence[str], has_more: bool, next_page: str | None
+    items: Sequence[bytes],
+    ids: Sequence[str],
+    has_more: bool,
+    next_page: str | None,
+    pagination: str = "next_page",
 ) -> bytes:
     """The list envelope, joined around the items' own bytes (never re-serialised)."""
-    tail = {
-        "next_page": next_page,
-        "first_id": ids[0] if ids else None,
-        "last_id": ids[-1] if ids else None,
-        "has_more": has_more,
-    }
+    tail: dict[str, object] = {"next_page": next_page} if pagination == "next_page" else {}
+    tail["first_id"] = ids[0] if ids else None
+    tail["last_id"] = ids[-1] if ids else None
+    tail["has_more"] = has_more
     rest = json.dumps(tail, separators=(",", ":"))
     return b'{"data":[' + b",".join(items) + b"]," + rest[1:].encode()

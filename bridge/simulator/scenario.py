@@ -24,11 +24,17 @@ FreshStream = Literal["replay", "tail"]
 HeartbeatForm = Literal["comment", "event"]
 ThreadRoutes = Literal["both", "events", "stream"]
 FinalStatus = Literal["idle", "archived", "terminated"]
+Pagination = Literal["next_page", "after_id"]
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(f"scenario: {message}")
+
+
+def _check_one_of(name: str, value: object, choices: Any) -> None:
+    allowed = typing.get_args(choices)
+    _check(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,9 @@ class Scenario:
     honour_thread_statuses: bool = False  # G2 filtered threads by statuses[]; G3/G4 ignore it
     deltas: bool = False  # stream-only event_start/event_delta frames before live messages
     close_on_terminal: bool = False  # end a stream cleanly once its thread/session is final
+    # Lists: "next_page" (G3/G4: page tokens) or "after_id" (older CN docs: id cursors only,
+    # no next_page key in the envelope, a page parameter is a 400).
+    pagination: Pagination = "next_page"
     extra_field_rate: float = 0.1  # events carrying unknown fields (x_trace, x_region)
     unicode_rate: float = 0.3  # texts with emoji, CJK, RTL
     line_separator_rate: float = 0.03  # texts with U+2028/U+2029/U+0085 (raw in data lines)
@@ -117,6 +126,7 @@ class Scenario:
         _check(self.repeat_every_s is None or self.repeat_every_s > 0, "repeat_every_s > 0")
         for name in ("extra_field_rate", "unicode_rate", "line_separator_rate"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be within 0..1")
+        _check_one_of("pagination", self.pagination, Pagination)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scenario:

@@ -67,10 +67,28 @@ async def all_pages(c: httpx.AsyncClient, path: str, **params: Any) -> list[dict
             return pages
 
 
+async def all_pages_by_id(c: httpx.AsyncClient, path: str, **params: Any) -> list[dict[str, Any]]:
+    """Every page of a list the older way, ``after_id`` = the previous ``last_id``, for the
+    envelope without ``next_page`` (``pagination="after_id"``)."""
+    pages: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        r = await c.get(path, params={**params, **({"after_id": after} if after else {})})
+        r.raise_for_status()
+        body = r.json()
+        assert list(body) == ["data", "first_id", "last_id", "has_more"]
+        pages.append(body)
+        if not body["has_more"]:
+            return pages
+        assert body["last_id"] and body["last_id"] != after
+        after = body["last_id"]
+
+
 def page_items_raw(body: bytes) -> bytes:
     """The bytes between ``{"data":[`` and the envelope's tail: the items as served."""
     assert body.startswith(b'{"data":[')
-    return body[len(b'{"data":[') : body.rindex(b'],"next_page"')]
+    tail = b'],"next_page"' if b'],"next_page"' in body else b'],"first_id"'
+    return body[len(b'{"data":[') : body.rindex(tail)]
 
 
 def ids(raw_events: list[bytes]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 
@@ -9,7 +10,14 @@ import anyio
 import pytest
 
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
-from tests.simulator.helpers import TOKEN, all_pages, client, ids, page_items_raw
+from tests.simulator.helpers import (
+    TOKEN,
+    all_pages,
+    all_pages_by_id,
+    client,
+    ids,
+    page_items_raw,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -88,6 +96,40 @@ async def test_session_and_thread_lists_paginate() -> None:
             assert [s["status"] for s in ended["data"]] == ["terminated"]
             one = (await c.get(f"/sessions/{session}")).json()
             assert one["id"] == session and one["type"] == "session" and one["status"] == "idle"
+
+
+async def test_after_id_generation_lists_without_next_page() -> None:
+    """Scenario "wide" with pagination=after_id (the older CN docs): every list route answers
+    {data, first_id, last_id, has_more} with no next_page key, pages by after_id and
+    before_id, and answers a page parameter (even an empty one) with 400 naming it."""
+    scenario = dataclasses.replace(WIDE, pagination="after_id")
+    with anyio.fail_after(20):
+        async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+            session, coordinator = sim.all_threads()[0]
+            log = ids(sim.thread_log(session, coordinator))
+            expected = {
+                "/sessions": [sim.session_ids()[2], sim.session_ids()[0]],  # newest first
+                f"/sessions/{session}/threads": [t for s, t in sim.all_threads() if s == session],
+                f"/sessions/{session}/events": ids(sim.session_log(session)),
+                f"/sessions/{session}/threads/{coordinator}/events": log,
+            }
+            for path, listed in expected.items():
+                limit = 1 if path == "/sessions" else 7
+                pages = await all_pages_by_id(c, path, limit=limit)
+                assert [item["id"] for p in pages for item in p["data"]] == listed, path
+                assert len(pages) == -(-len(listed) // limit)
+                first = await c.get(path, params={"limit": 1})
+                assert b"next_page" not in first.content
+                assert first.content.endswith(b',"has_more":true}')
+                for page in ("", "page_YTpldnRfMQ"):
+                    r = await c.get(path, params={"page": page})
+                    assert r.status_code == 400, (path, r.text)
+                    error = r.json()["error"]
+                    assert error["type"] == "invalid_request_error" and error["param"] == "page"
+            path = f"/sessions/{session}/threads/{coordinator}/events"
+            before = (await c.get(path, params={"before_id": log[10], "limit": 3})).json()
+            assert [e["id"] for e in before["data"]] == log[7:10] and before["has_more"]
+            assert (before["first_id"], before["last_id"]) == (log[7], log[9])
 
 
 @pytest.mark.parametrize("honour", [True, False])

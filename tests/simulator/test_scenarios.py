@@ -60,12 +60,26 @@ def test_scenario_files_json_and_toml(tmp_path: Path) -> None:
         ({"faults": {"drop_rate": 2}}, "faults.drop_rate must be within 0..1"),
         ({"sessions": [{"children": {"count": 2, "rate": "fast"}}]}, "expected float"),
         ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be > 0"),
+        ({"pagination": "pages"}, "'pages' is not one of next_page, after_id"),
     ],
 )
 def test_bad_scenarios_name_the_problem(data: dict[str, Any], message: str) -> None:
     """Scenario files with mistakes: ConfigError naming the key and what it accepts."""
     with pytest.raises(ConfigError, match=message):
         Scenario.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Scenario(pagination="pages"), "pagination must be one of next_page, after_id"),
+    ],
+)
+def test_bad_knobs_built_in_python_name_the_problem(build: Any, message: str) -> None:
+    """Scenarios built in Python with a value out of range: the same ConfigError as from a
+    file, raised when the value is made."""
+    with pytest.raises(ConfigError, match=message):
+        build()
 
 
 def test_named_scenarios() -> None:
