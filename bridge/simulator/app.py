@@ -104,7 +104,8 @@ class App:
         # Faults are keyed by what is asked for, in terms stable across runs (ordinals, not ids).
         target = thread.key if thread else (str(session.ordinal) if session else path)
         key = f"{'stream' if streaming else route}:{target}"
-        resuming = _cursor(headers, scope) is not None
+        strict = self.scenario.stream_query == "strict"
+        resuming = _cursor(headers, scope, strict=strict) is not None
         plan = self.planner.stream(key, resuming=resuming) if streaming else None
         self._fail(plan.error if plan else self.planner.request(key))
         if headers.get(b"authorization", b"") != f"Bearer {self.token}".encode() or not self.token:
@@ -125,6 +126,10 @@ class App:
                 route == "thread_events" and self.scenario.thread_stream_routes == "stream"
             ):
                 raise HttpError(404, "not_found_error", f"No stream route at {path}.")
+            if strict and query:
+                name = next(iter(query))
+                message = f"Query parameter '{name}' is not supported on event streams."
+                raise HttpError(400, "invalid_request", message, param=name, code="invalid_request")
             return await self._stream(scope, headers, receive, send, route, session, thread, plan)
         if route == "session":
             body = canonical(session.to_json())
@@ -202,7 +207,7 @@ class App:
         plan: StreamPlan,
     ) -> None:
         log: EventLog = thread.log if thread else session.log
-        cursor = _cursor(headers, scope)
+        cursor = _cursor(headers, scope, strict=self.scenario.stream_query == "strict")
         if cursor is None:
             pos = 0 if self.scenario.fresh_stream == "replay" else len(log)
         elif (at := log.index.get(cursor)) is None:
@@ -283,10 +288,13 @@ def _route(parts: list[str]) -> str | None:
     return {"events": "thread_events", "stream": "thread_stream"}.get(parts[4]) if n == 5 else None
 
 
-def _cursor(headers: dict[bytes, bytes], scope: MutableMapping[str, Any]) -> str | None:
+def _cursor(
+    headers: dict[bytes, bytes], scope: MutableMapping[str, Any], *, strict: bool
+) -> str | None:
+    """Last-Event-ID, else (unless streams refuse every query parameter) ``after_id``."""
     header = headers.get(b"last-event-id", b"").decode("latin-1").strip()
-    if header:
-        return header
+    if header or strict:
+        return header or None
     return first(parse_qs(scope["query_string"].decode("latin-1")), "after_id")
 
 

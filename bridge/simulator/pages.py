@@ -28,16 +28,20 @@ class HttpError(Exception):
         message: str,
         *,
         param: str | None = None,
+        code: str | None = None,  # Forward bodies add one
         headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.param = status, kind, message, param
+        self.code = code
         self.headers = list(headers)
 
     def body(self, request_id: str) -> bytes:
         error = {"type": self.kind, "message": self.message}
         if self.param:
             error["param"] = self.param
+        if self.code:
+            error["code"] = self.code
         envelope = {"type": "error", "request_id": request_id, "error": error}
         return canonical(envelope)
 

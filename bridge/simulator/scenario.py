@@ -25,6 +25,7 @@ HeartbeatForm = Literal["comment", "event"]
 ThreadRoutes = Literal["both", "events", "stream"]
 FinalStatus = Literal["idle", "archived", "terminated"]
 Pagination = Literal["next_page", "after_id"]
+StreamQuery = Literal["lenient", "strict"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -116,6 +117,10 @@ class Scenario:
     # Lists: "next_page" (G3/G4: page tokens) or "after_id" (older CN docs: id cursors only,
     # no next_page key in the envelope, a page parameter is a 400).
     pagination: Pagination = "next_page"
+    # Query parameters on event streams: "lenient" takes after_id as a cursor and ignores the
+    # rest; "strict" (Forward) refuses any, even empty, with 400 invalid_request, so the
+    # cursor can only come from Last-Event-ID.
+    stream_query: StreamQuery = "lenient"
     extra_field_rate: float = 0.1  # events carrying unknown fields (x_trace, x_region)
     unicode_rate: float = 0.3  # texts with emoji, CJK, RTL
     line_separator_rate: float = 0.03  # texts with U+2028/U+2029/U+0085 (raw in data lines)
@@ -127,6 +132,7 @@ class Scenario:
         for name in ("extra_field_rate", "unicode_rate", "line_separator_rate"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be within 0..1")
         _check_one_of("pagination", self.pagination, Pagination)
+        _check_one_of("stream_query", self.stream_query, StreamQuery)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scenario:

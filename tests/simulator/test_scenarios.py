@@ -73,6 +73,7 @@ def test_bad_scenarios_name_the_problem(data: dict[str, Any], message: str) -> N
     ("build", "message"),
     [
         (lambda: Scenario(pagination="pages"), "pagination must be one of next_page, after_id"),
+        (lambda: Scenario(stream_query="forward"), "stream_query must be one of lenient, strict"),
     ],
 )
 def test_bad_knobs_built_in_python_name_the_problem(build: Any, message: str) -> None:

@@ -90,6 +90,42 @@ async def test_bad_cursor_is_400_before_the_stream_starts() -> None:
             assert r.status_code == 400 and r.json()["error"]["param"] == "after_id"
 
 
+async def test_strict_stream_query_refuses_any_parameter() -> None:
+    """Scenario "replay" with stream_query=strict (Forward): any query parameter on any stream
+    request, even an empty one, is answered 400 invalid_request (with error.code and param)
+    and no stream opens; the cursor comes from Last-Event-ID only; JSON lists still page."""
+    scenario = dataclasses.replace(REPLAY, stream_query="strict")
+    with anyio.fail_after(20):
+        async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[1]
+            log = ids(sim.thread_log(session, thread))
+            streams = [
+                *_routes(session, thread),
+                (f"/sessions/{session}/events/stream", {}),
+                (f"/sessions/{session}/events", {"Accept": "text/event-stream"}),
+            ]
+            for path, headers in streams:
+                for query in (f"after_id={log[3]}", "x=", "x", "after_id=", "limit=5&order=asc"):
+                    r = await c.get(f"{path}?{query}", headers={**headers, "Last-Event-ID": log[2]})
+                    assert r.status_code == 400, (path, query, r.text)
+                    assert r.headers["content-type"] == "application/json"
+                    name = query.split("=")[0].split("&")[0]
+                    assert r.json()["error"] == {
+                        "type": "invalid_request",
+                        "message": f"Query parameter '{name}' is not supported on event streams.",
+                        "param": name,
+                        "code": "invalid_request",
+                    }
+            assert sim.connections == []
+            for path, headers in _routes(session, thread):
+                frames = await read_sse(c, path, 3, headers={**headers, "Last-Event-ID": log[4]})
+                assert [f.id for f in frames] == log[5:8]
+            listed = await c.get(
+                f"/sessions/{session}/threads/{thread}/events", params={"after_id": log[4]}
+            )
+            assert [e["id"] for e in listed.json()["data"]] == log[5:]
+
+
 async def test_fresh_stream_tail_starts_at_the_live_edge() -> None:
     """Scenario "live" (tail, the behaviour since 2026-08-24): a fresh connection gets only
     events created after it connected, consecutive from there."""
