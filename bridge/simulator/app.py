@@ -215,7 +215,7 @@ class App:
             param = "Last-Event-ID" if headers.get(b"last-event-id") else "after_id"
             raise bad_request(f"Event '{cursor}' is not an event of {where}.", param)
         else:
-            pos = max(0, at + 1 - plan.replay)
+            pos = log.back(at, plan.replay) if plan.replay else at + 1
         scenario = self.scenario
         target: ThreadState | SessionState = thread if thread else session
         conn = StreamConn(

@@ -33,7 +33,7 @@ class StreamPlan:
     drop_mid_frame: bool = False  # ... half-way through the next one
     stall_after: int | None = None  # go silent after this many frames
     stall_s: float = 0.0
-    replay: int = 0  # resend this many already-sent events first (resumes only)
+    replay: int = 0  # resumes only: start this many events before the cursor
     non_json_rate: float = 0.0
     rng: random.Random = field(default_factory=random.Random)
     log: list[tuple[str, str]] | None = None
@@ -99,7 +99,7 @@ class FaultPlanner:
         drop, mid = rng.random() < f.drop_rate, rng.random() < f.drop_mid_frame_rate
         drop_after = rng.randint(*f.drop_after_frames)
         stall, stall_after = rng.random() < f.stall_rate, rng.randint(*f.stall_after_frames)
-        replay, replay_n = rng.random() < f.replay_rate, rng.randint(1, 3)
+        replay, replay_n = rng.random() < f.replay_rate, rng.randint(1, f.replay_max)
         if error:
             plan.error = error
         else:

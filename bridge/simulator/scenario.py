@@ -83,7 +83,10 @@ class Faults:
     stall_rate: float = 0.0  # stream connections that go silent (no heartbeats either)
     stall_after_frames: tuple[int, int] = (0, 20)
     stall_s: float = 3600.0
-    replay_rate: float = 0.0  # resumed connections that first resend 1-3 already-sent events
+    # Resumed connections that first go back k events (1..replay_max) before the cursor and
+    # resend from there: k older events, the cursor's own, then what is new.
+    replay_rate: float = 0.0
+    replay_max: int = 3
     non_json_rate: float = 0.0  # per frame: a frame whose data is not JSON goes first
     huge_rate: float = 0.0  # share of tool results that are huge
     huge_bytes: int = 300_000
@@ -98,6 +101,7 @@ class Faults:
             _check(0 <= low <= high, f"faults.{name} must be [low, high] with 0 <= low <= high")
         _check(sum(self.error_mix) > 0 and min(self.error_mix) >= 0, "faults.error_mix weights")
         _check(self.stall_s >= 0 and self.huge_bytes > 0, "faults.stall_s / huge_bytes")
+        _check(self.replay_max >= 1, f"faults.replay_max must be >= 1, got {self.replay_max}")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,15 @@ class EventLog:
         self.events.append(event)
         self.wake()
 
+    def back(self, at: int, count: int) -> int:
+        """The position ``count`` events before position ``at`` (or the start), for replays
+        that go back past a cursor."""
+        pos = at
+        while count and pos > 0:
+            pos -= 1
+            count -= bool(self.events[pos].id)
+        return pos
+
     def changed(self) -> anyio.Event:
         if self._changed is None:
             self._changed = anyio.Event()

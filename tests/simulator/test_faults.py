@@ -114,21 +114,31 @@ async def test_drop_mid_frame_cuts_the_body_and_records_what_was_served() -> Non
             assert sim.fault_log == [("stream:0.0", "drop after 4 frames mid-frame")]
 
 
-async def test_replay_right_after_the_resume_boundary() -> None:
-    """Scenario "faulty" with boundary replays: a resumed connection first resends 1-3
-    events up to and including the cursor, then carries on in order."""
+@pytest.mark.parametrize("replay_max", [1, 3, 6])
+async def test_replay_goes_back_past_the_resume_boundary(replay_max: int) -> None:
+    """Scenario "faulty" with a boundary replay on every resume (replay_max 1, 3, 6): a
+    resumed connection first serves the k events before the cursor (ids older than the
+    Last-Event-ID), then the cursor's own event, then carries on in order; k is drawn from
+    1..replay_max, the same k for the same connection in every run."""
+    faults = Faults(replay_rate=1.0, replay_max=replay_max)
+    drawn: list[list[int]] = []
     with anyio.fail_after(20):
-        async with running_simulator(_with(Faults(replay_rate=1.0)), token=TOKEN) as sim:
-            async with client(sim) as c:
+        for _ in range(2):
+            async with running_simulator(_with(faults), token=TOKEN) as sim, client(sim) as c:
                 session, thread = sim.all_threads()[1]
                 log = ids(sim.thread_log(session, thread))
                 path = f"/sessions/{session}/threads/{thread}/stream"
-                fresh = await read_sse(c, path, 1, headers={"Last-Event-ID": log[9]})
-                frames = await read_sse(c, path, 8, headers={"Last-Event-ID": log[9]})
-            replayed = int(sim.fault_log[-1][1].split()[-1])
-            assert 1 <= replayed <= 3 and fresh
-            assert [f.id for f in frames] == log[10 - replayed : 18 - replayed]
-            assert sim.connections[-1].ids[:replayed] == log[10 - replayed : 10]
+                drawn.append([])
+                for _ in range(8):
+                    frames = await read_sse(c, path, 12, headers={"Last-Event-ID": log[9]})
+                    k = int(sim.fault_log[-1][1].split()[-1])
+                    drawn[-1].append(k)
+                    assert 1 <= k <= replay_max
+                    assert frames[0].id in log[:9]  # older than the cursor
+                    assert [f.id for f in frames] == log[9 - k : 21 - k]
+                    assert sim.connections[-1].ids[: k + 1] == log[9 - k : 10]
+    assert drawn[0] == drawn[1]
+    assert (len(set(drawn[0])) > 1) == (replay_max > 1)
 
 
 async def test_non_json_frames_and_huge_events() -> None:

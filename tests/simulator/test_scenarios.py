@@ -61,6 +61,7 @@ def test_scenario_files_json_and_toml(tmp_path: Path) -> None:
         ({"sessions": [{"children": {"count": 2, "rate": "fast"}}]}, "expected float"),
         ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be > 0"),
         ({"pagination": "pages"}, "'pages' is not one of next_page, after_id"),
+        ({"faults": {"replay_max": 0}}, "faults.replay_max must be >= 1, got 0"),
     ],
 )
 def test_bad_scenarios_name_the_problem(data: dict[str, Any], message: str) -> None:
