@@ -27,6 +27,8 @@ class BridgeAlerts:
         self._health = health
         self._token_rejected = False
         self._rejected_at = float("-inf")
+        #: The API answered a discovery look (a listing, or a configured session's first GET).
+        self.discovery_ok = False
 
     async def send(
         self,
@@ -56,6 +58,9 @@ class BridgeAlerts:
         self._health.api_authorized = False
         metrics.TOKEN_REJECTED.set(1)
         await self.send("bridge.token_rejected", "authentication_error", detail={"error": message})
+
+    def discovered(self) -> None:
+        self.discovery_ok = True
 
     def token_accepted(self, started_at: float) -> None:
         """A request that *started* at ``started_at`` succeeded. One that was already under

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import anyio
 import httpx
-from httpx_sse import ServerSentEvent, aconnect_sse
+import structlog
 
 from bridge import metrics
 from bridge.errors import (
@@ -28,13 +29,22 @@ from bridge.errors import (
     ApiUnavailable,
     AuthRejected,
     BadCursor,
+    ListCursorStuck,
     NotFound,
     StreamStalled,
 )
-from bridge.records import Event, ThreadRef, canonical_json
+from bridge.records import Event, Rejected, ThreadRef, canonical_json
+from bridge.sse import EXCERPT_BYTES, Frame, decode_frames
+
+log = structlog.get_logger("bridge.api")
 
 PAGE_LIMIT = 100
 _CURSOR_PARAMS = ("after_id", "before_id", "page")
+#: Envelope bytes allowed on top of the items of a page.
+_ENVELOPE_BYTES = 64 * 1024
+_LAST_ID = re.compile(rb'"last_id"\s*:\s*"([^"\\]+)"')
+_HAS_MORE = re.compile(rb'"has_more"\s*:\s*(true|false)')
+_NEXT_PAGE = re.compile(rb'"next_page"\s*:\s*"([^"\\]+)"')
 
 
 class RateLimiter:
@@ -59,9 +69,18 @@ class RateLimiter:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    items: list[dict[str, Any]]
+    items: list[Any]
     next_page: str | None
     has_more: bool
+    last_id: str | None = None
+
+
+class _PageTooLarge(Exception):
+    """A page past the byte limit: what was seen of it, to salvage one oversize item."""
+
+    def __init__(self, head: bytes, tail: bytes, size: int) -> None:
+        super().__init__(f"{size} bytes")
+        self.head, self.tail, self.size = head, tail, size
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -77,14 +96,87 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def event_from_item(item: dict[str, Any]) -> Event:
-    """An event from a JSON page; re-serialised canonically (the API's compact form)."""
-    return Event(
-        id=str(item.get("id", "")),
-        type=str(item.get("type", "")),
-        data=canonical_json(item),
-        fields=item,
+def event_from_item(item: Any) -> Event | Rejected:
+    """An event from a JSON page, re-serialised canonically (the API's compact form).
+
+    Pages are decoded with ``surrogateescape``, so bytes that are not UTF-8 come back exactly
+    here and the item is rejected alone, not the whole page with it.
+    """
+    kind = item.get("type") if isinstance(item, dict) else None
+    kind = kind if isinstance(kind, str) else None
+    event_id = item.get("id") if isinstance(item, dict) else None
+    event_id = event_id if isinstance(event_id, str) and event_id else None
+    try:
+        data = canonical_json(item)
+    except UnicodeEncodeError:
+        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+        raw = text.encode("utf-8", "surrogateescape" if _escapable(text) else "backslashreplace")
+        return Rejected("invalid_utf8", raw, event_id, kind, len(raw))
+    if not isinstance(item, dict):
+        return Rejected("not_object", data, None, None, len(data))
+    if event_id is None:
+        return Rejected("missing_id", data, None, kind, len(data))
+    return Event(id=event_id, type=kind or "", data=data, fields=item)
+
+
+def _escapable(text: str) -> bool:
+    """Every lone surrogate stands for a byte that was not UTF-8 (not a JSON ``\\ud800``)."""
+    return all(0xDC80 <= ord(c) <= 0xDCFF for c in text if 0xD800 <= ord(c) <= 0xDFFF)
+
+
+def _json(body: bytes, path: str) -> Any:
+    try:
+        return json.loads(body.decode("utf-8", "surrogateescape"))
+    except ValueError as exc:
+        raise ApiUnavailable(f"GET {path}: the response is not JSON") from exc
+
+
+async def _read_capped(response: httpx.Response, limit_bytes: int | None) -> bytes:
+    """The whole body, or ``_PageTooLarge`` with its first and last bytes past the limit."""
+    parts: list[bytes] = []
+    size = 0
+    head = b""
+    tail = b""
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if limit_bytes is None or size <= limit_bytes:
+            parts.append(chunk)
+            continue
+        if parts:
+            head = b"".join(parts)[: EXCERPT_BYTES * 2]
+            parts = []
+        tail = (tail + chunk)[-_ENVELOPE_BYTES:]
+    if limit_bytes is not None and size > limit_bytes:
+        raise _PageTooLarge(head, tail, size)
+    return b"".join(parts)
+
+
+def _salvage(big: _PageTooLarge) -> Page:
+    """A one-item page too large to hold: where the list goes on is in its envelope's tail."""
+    last = _LAST_ID.search(big.tail)
+    more = _HAS_MORE.search(big.tail)
+    next_page = _NEXT_PAGE.search(big.tail)
+    return Page(
+        [],
+        next_page.group(1).decode() if next_page else None,
+        more is None or more.group(1) == b"true",
+        last.group(1).decode() if last else None,
     )
+
+
+def _oversize(big: _PageTooLarge) -> Rejected:
+    last = _LAST_ID.search(big.tail)
+    event_id = last.group(1).decode() if last else None
+    start = big.head.find(b"[")
+    excerpt = big.head[start + 1 if start >= 0 else 0 :][:EXCERPT_BYTES]
+    return Rejected("too_large", excerpt, event_id, None, big.size)
+
+
+def _last_item_id(items: list[Any]) -> str | None:
+    for item in reversed(items):
+        if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
+            return str(item["id"])
+    return None
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -132,6 +224,7 @@ class QoderApi:
         *,
         stall_timeout_s: float,
         request_timeout_s: float,
+        max_event_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self._client = client
         # httpcore scans its whole pool on every request: thousands of streams in one pool
@@ -142,8 +235,12 @@ class QoderApi:
         self._limiter = limiter
         self._stall_timeout_s = stall_timeout_s
         self._request_timeout_s = request_timeout_s
+        self._max_event_bytes = max_event_bytes
         #: Which thread-stream route this server serves; learnt on first use.
         self.stream_route: StreamRoute = "events"
+        #: False once a stream answered a query parameter with 400 (the Forward-style route):
+        #: from then on the cursor travels only in ``Last-Event-ID``.
+        self.stream_query = True
 
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self._token()}", "Accept": "application/json"}
@@ -152,40 +249,72 @@ class QoderApi:
         return headers
 
     async def _get(self, route: str, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        return _json(await self._get_bytes(route, path, params, limit_bytes=None), path)
+
+    async def _get_bytes(
+        self, route: str, path: str, params: Mapping[str, Any] | None, *, limit_bytes: int | None
+    ) -> bytes:
+        """The body of a GET; past ``limit_bytes`` only its head and tail are kept."""
         await self._limiter.acquire()
         had_cursor = bool(params) and any(params.get(p) for p in _CURSOR_PARAMS)  # type: ignore[union-attr]
         try:
-            response = await self._client.get(
+            async with self._client.stream(
+                "GET",
                 self._base + path,
                 params=params,
                 headers=self._headers(),
                 timeout=self._request_timeout_s,
-            )
+            ) as response:
+                metrics.API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
+                if response.status_code >= 400:
+                    await response.aread()
+                    _raise_for_status(response, had_cursor=had_cursor)
+                return await _read_capped(response, limit_bytes)
         except httpx.HTTPError as exc:
             metrics.API_REQUESTS.labels(route=route, status="error").inc()
             raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
-        metrics.API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
-        _raise_for_status(response, had_cursor=had_cursor)
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiUnavailable(f"GET {path}: the response is not JSON") from exc
 
     async def _pages(
-        self, route: str, path: str, params: dict[str, Any]
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        """Follow ``next_page`` while ``has_more``; a cursor that does not advance is an error."""
-        params = {"limit": PAGE_LIMIT, **params}
+        self, route: str, path: str, params: dict[str, Any], *, item_bytes: int | None = None
+    ) -> AsyncIterator[list[Any]]:
+        """Every page of a list, following ``next_page``, or ``after_id=<last_id>`` where a
+        server has no ``next_page`` (the older generation). A continuation that does not
+        advance is an error, never a silent stop.
+
+        ``item_bytes``: pages are read within ``limit x item_bytes``; a larger page is asked
+        again with a smaller limit, and a single item past it comes back as a ``_PageTooLarge``
+        for the caller to dead-letter.
+        """
+        limit = PAGE_LIMIT
+        cursor: dict[str, Any] = {}
         seen: set[str] = set()
         while True:
-            page = self._page(await self._get(route, path, params))
-            yield page.items
-            if not page.has_more or not page.next_page:
+            request = {**params, "limit": limit, **cursor}
+            cap = None if item_bytes is None else limit * item_bytes + _ENVELOPE_BYTES
+            try:
+                body = await self._get_bytes(route, path, request, limit_bytes=cap)
+            except _PageTooLarge as big:
+                if limit > 1:
+                    limit = max(1, limit // 4)
+                    continue
+                yield [big]
+                page = _salvage(big)
+            else:
+                page = self._page(_json(body, path))
+                limit = PAGE_LIMIT
+                yield page.items
+            if not page.has_more:
                 return
-            if page.next_page in seen:
-                raise ApiRequestRejected(f"GET {path}: next_page {page.next_page!r} repeats")
-            seen.add(page.next_page)
-            params = {"limit": PAGE_LIMIT, "page": page.next_page}
+            if page.next_page:
+                token, cursor = "page:" + page.next_page, {"page": page.next_page}
+            elif page.last_id or _last_item_id(page.items):
+                last = page.last_id or _last_item_id(page.items)
+                token, cursor = "after_id:" + str(last), {"after_id": last}
+            else:
+                raise ListCursorStuck(f"GET {path}: has_more without next_page or last_id")
+            if token in seen:
+                raise ListCursorStuck(f"GET {path}: the list cursor does not advance ({token})")
+            seen.add(token)
 
     @staticmethod
     def _page(body: Any) -> Page:
@@ -193,12 +322,21 @@ class QoderApi:
             raise ApiUnavailable("a list response without a `data` array")
         next_page = body.get("next_page")
         has_more = body.get("has_more")
+        last_id = body.get("last_id")
         # Some generations omit has_more; a next_page alone then means "more".
         more = bool(next_page) if has_more is None else bool(has_more)
-        return Page(body["data"], next_page if isinstance(next_page, str) else None, more)
+        return Page(
+            body["data"],
+            next_page if isinstance(next_page, str) and next_page else None,
+            more,
+            last_id if isinstance(last_id, str) and last_id else None,
+        )
 
-    async def list_sessions(self) -> list[dict[str, Any]]:
-        return [s async for page in self._pages("sessions", "/sessions", {}) for s in page]
+    async def list_sessions(self, *, include_archived: bool = True) -> list[dict[str, Any]]:
+        """Every session; archived ones too by default: one may have run since we last looked."""
+        params = {"include_archived": "true"} if include_archived else {}
+        pages = self._pages("sessions", "/sessions", params)
+        return [s async for page in pages for s in page if isinstance(s, dict)]
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         body = await self._get("session", f"/sessions/{session_id}")
@@ -206,22 +344,34 @@ class QoderApi:
 
     async def list_threads(self, session_id: str) -> list[dict[str, Any]]:
         path = f"/sessions/{session_id}/threads"
-        return [t async for page in self._pages("threads", path, {}) for t in page]
+        return [
+            t
+            async for page in self._pages("threads", path, {})
+            for t in page
+            if isinstance(t, dict)
+        ]
 
     async def get_thread(self, thread: ThreadRef) -> dict[str, Any]:
         path = f"/sessions/{thread.session_id}/threads/{thread.thread_id}"
         body = await self._get("thread", path)
         return body if isinstance(body, dict) else {}
 
-    def thread_events(self, thread: ThreadRef, after_id: str | None) -> AsyncIterator[list[Event]]:
+    def thread_events(
+        self, thread: ThreadRef, after_id: str | None
+    ) -> AsyncIterator[list[Event | Rejected]]:
         """Pages of the thread's buffered events strictly after ``after_id`` (all if None)."""
         path = f"/sessions/{thread.session_id}/threads/{thread.thread_id}/events"
         params = {"after_id": after_id} if after_id else {}
         return self._event_pages(path, params)
 
-    async def _event_pages(self, path: str, params: dict[str, Any]) -> AsyncIterator[list[Event]]:
-        async for items in self._pages("events", path, params):
-            yield [event_from_item(i) for i in items if isinstance(i, dict)]
+    async def _event_pages(
+        self, path: str, params: dict[str, Any]
+    ) -> AsyncIterator[list[Event | Rejected]]:
+        pages = self._pages("events", path, params, item_bytes=self._max_event_bytes)
+        async for items in pages:
+            yield [
+                _oversize(i) if isinstance(i, _PageTooLarge) else event_from_item(i) for i in items
+            ]
 
     async def latest_session_event_id(self, session_id: str) -> str | None:
         body = await self._get(
@@ -237,7 +387,7 @@ class QoderApi:
     @asynccontextmanager
     async def stream_thread(
         self, thread: ThreadRef, after_id: str | None
-    ) -> AsyncIterator[AsyncIterator[ServerSentEvent]]:
+    ) -> AsyncIterator[AsyncIterator[Frame]]:
         """The thread's SSE frames, resuming strictly after ``after_id``.
 
         Tries the events route with ``Accept: text/event-stream`` first; a server that answers it
@@ -261,7 +411,7 @@ class QoderApi:
     @asynccontextmanager
     async def stream_session(
         self, session_id: str, after_id: str | None
-    ) -> AsyncIterator[AsyncIterator[ServerSentEvent]]:
+    ) -> AsyncIterator[AsyncIterator[Frame]]:
         async with self._sse(
             "session_events", f"/sessions/{session_id}/events/stream", after_id
         ) as f:
@@ -270,47 +420,64 @@ class QoderApi:
     @asynccontextmanager
     async def _sse(
         self, route: str, path: str, after_id: str | None
-    ) -> AsyncIterator[AsyncIterator[ServerSentEvent]]:
-        await self._limiter.acquire()
+    ) -> AsyncIterator[AsyncIterator[Frame]]:
         extra = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
-        params: dict[str, str] = {}
         if after_id:
             extra["Last-Event-ID"] = after_id
-            params["after_id"] = after_id
         # No bytes at all (not even a heartbeat) for stall_timeout_s is a stalled stream.
         timeout = httpx.Timeout(self._request_timeout_s, read=self._stall_timeout_s)
-        try:
-            shard = zlib.crc32(path.encode()) % len(self._stream_clients)
-            async with aconnect_sse(
-                self._stream_clients[shard],
+        client = self._stream_clients[zlib.crc32(path.encode()) % len(self._stream_clients)]
+        while True:
+            query = bool(after_id) and self.stream_query
+            request = client.build_request(
                 "GET",
                 self._base + path,
-                params=params,
+                params={"after_id": after_id} if query else None,
                 headers=self._headers(extra),
                 timeout=timeout,
-            ) as source:
-                response = source.response
+            )
+            await self._limiter.acquire()
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.ReadTimeout as exc:
+                raise StreamStalled(
+                    f"GET {path}: no bytes for {self._stall_timeout_s:g} s"
+                ) from exc
+            except httpx.HTTPError as exc:
+                metrics.API_REQUESTS.labels(route=route, status="error").inc()
+                raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+            try:
                 metrics.API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
                 if response.status_code >= 400:
-                    await response.aread()
+                    await _read_error(response, path)
+                    if response.status_code == 400 and query:
+                        # A stream that takes no query parameters (the Forward-style route):
+                        # learnt once; the cursor still travels in Last-Event-ID.
+                        self.stream_query = False
+                        log.info("bridge.api.stream_query_refused", path=path)
+                        continue
                     _raise_for_status(response, had_cursor=after_id is not None)
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     raise _WrongRoute(path)
-                yield _translated(source.aiter_sse(), path)
-        except httpx.ReadTimeout as exc:
-            raise StreamStalled(f"GET {path}: no bytes for {self._stall_timeout_s:g} s") from exc
-        except httpx.HTTPError as exc:
-            metrics.API_REQUESTS.labels(route=route, status="error").inc()
-            raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+                frames = decode_frames(response.aiter_bytes(), self._max_event_bytes)
+                yield _translated(frames, path)
+                return
+            finally:
+                await response.aclose()
+
+
+async def _read_error(response: httpx.Response, path: str) -> None:
+    try:
+        await response.aread()
+    except httpx.HTTPError as exc:
+        raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
 
 
 class _WrongRoute(ApiError):
     """This route answered, but not with an event stream."""
 
 
-async def _translated(
-    frames: AsyncIterator[ServerSentEvent], path: str
-) -> AsyncIterator[ServerSentEvent]:
+async def _translated(frames: AsyncIterator[Frame], path: str) -> AsyncIterator[Frame]:
     # No cancel scope or task group here: this generator only re-raises errors as ours.
     try:
         async for frame in frames:

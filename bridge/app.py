@@ -30,7 +30,7 @@ from bridge.alerts import BridgeAlerts
 from bridge.api import QoderApi, RateLimiter
 from bridge.checkpoints import Checkpoint, ensure_topics, load_checkpoints
 from bridge.config import Settings
-from bridge.errors import ConfigError, ProducerFenced, SinkUnavailable
+from bridge.errors import ConfigError, ProducerFenced, SinkForbidden, SinkUnavailable
 from bridge.health import HealthState, serve_http
 from bridge.publisher import Publisher
 from bridge.secrets import TokenProvider
@@ -60,6 +60,7 @@ class Bridge:
         self._outer: anyio.CancelScope | None = None
         self._readers: anyio.CancelScope | None = None
         self._draining = False
+        self._nothing_read = False
         self.exit_code = EXIT_OK
         self.http_port: int | None = None
 
@@ -71,10 +72,18 @@ class Bridge:
         self._draining = True
         self.health.draining = True
         deadline_s = self.settings.shutdown.drain_timeout_s
+        if self._readers is None:
+            # Still starting: nothing was read, so nothing is to be flushed. Stop now.
+            log.info("bridge.shutdown.before_reading")
+            self._nothing_read = True
+            self.publisher.close()
+            if self._outer is not None:
+                self._outer.cancel()
+            return
         log.info("bridge.shutdown.draining", deadline_s=deadline_s)
-        if self._readers is not None:
-            self._readers.cancel()
-        self.publisher.close()
+        # The readers stop first; the publisher is closed once none of them can submit any
+        # more (run() does it), then flushes and commits what they handed on.
+        self._readers.cancel()
         if self._outer is not None:
             self._outer.deadline = min(self._outer.deadline, anyio.current_time() + deadline_s)
 
@@ -124,6 +133,7 @@ class Bridge:
                 RateLimiter(settings.api.max_requests_per_s),
                 stall_timeout_s=settings.api.stall_timeout_s,
                 request_timeout_s=settings.api.request_timeout_s,
+                max_event_bytes=settings.api.max_event_bytes,
             )
             async with anyio.create_task_group() as tg:
                 self._outer = tg.cancel_scope
@@ -150,7 +160,14 @@ class Bridge:
                         self._readers = readers.cancel_scope
                         await readers.start(supervisor.run)
                         log.info("bridge.ready_to_read")
-            if tg.cancel_scope.cancelled_caught and self._draining and not self.publisher.drained:
+                    # Every reader has stopped: nothing can be submitted any more.
+                    self.publisher.close()
+            if (
+                tg.cancel_scope.cancelled_caught
+                and self._draining
+                and not self._nothing_read
+                and not self.publisher.drained
+            ):
                 log.error("bridge.shutdown.deadline_exceeded")
                 self.exit_code = EXIT_FATAL
         log.info("bridge.stopped", exit_code=self.exit_code)
@@ -166,6 +183,8 @@ async def _run(settings: Settings) -> int:
         # Stop publishing at once and let the orchestrator restart us; never write outside a
         # transaction.
         log.error("bridge.fatal.fenced", error=str(group.exceptions[0]))
+    except* SinkForbidden as group:
+        log.error("bridge.fatal.forbidden", error=str(group.exceptions[0]))
     return code
 
 

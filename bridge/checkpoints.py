@@ -17,6 +17,7 @@ import anyio
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 from bridge.config import KafkaSettings
@@ -30,6 +31,8 @@ log = structlog.get_logger("bridge.checkpoints")
 class Checkpoint:
     last_event_id: str | None
     drained_updated_at: str | None
+    #: The ids handed on just before ``last_event_id``: replays from before the cursor.
+    recent_ids: tuple[str, ...] = ()
 
 
 async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
@@ -96,8 +99,11 @@ def _parse(value: bytes | None) -> Checkpoint | None:
     if not isinstance(doc, dict):
         return None
     last, drained = doc.get("last_event_id"), doc.get("drained_updated_at")
+    recent = doc.get("recent_ids")
     return Checkpoint(
-        last if isinstance(last, str) else None, drained if isinstance(drained, str) else None
+        last if isinstance(last, str) else None,
+        drained if isinstance(drained, str) else None,
+        tuple(i for i in recent if isinstance(i, str)) if isinstance(recent, list) else (),
     )
 
 
@@ -162,3 +168,62 @@ async def load_checkpoints(
             await consumer.stop()
     log.info("bridge.checkpoints.loaded", threads=len(result))
     return result
+
+
+async def transaction_committed(
+    kafka: KafkaSettings, partition: TopicPartition, offset: int, *, timeout_s: float = 30
+) -> bool:
+    """Whether the transaction that wrote ``offset`` of ``partition`` committed.
+
+    Asked after a new producer with the same transactional.id has started: that start
+    completes a transaction whose commit had reached the coordinator and aborts any other,
+    so the record is then either visible to read_committed or skipped as aborted.
+    """
+    consumer = AIOKafkaConsumer(
+        **kafka_client_kwargs(kafka),
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    try:
+        with anyio.fail_after(timeout_s):
+            await consumer.start()
+            consumer.assign([partition])
+            consumer.seek(partition, offset)
+            while True:
+                batches = await consumer.getmany(partition, timeout_ms=500)
+                if any(r.offset == offset for r in batches.get(partition, ())):
+                    return True
+                if await consumer.position(partition) > offset:
+                    return False  # read past it without seeing it: aborted
+    except (KafkaError, TimeoutError) as exc:
+        raise SinkUnavailable(f"cannot learn a transaction's outcome: {exc!r}") from exc
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await consumer.stop()
+
+
+async def topic_record_limits(kafka: KafkaSettings, *, timeout_s: float = 30) -> dict[str, int]:
+    """Each of our topics' ``max.message.bytes``: a record above it is refused by the broker,
+    and a batch above it takes every record in it down, so the publisher stays below."""
+    topics = [kafka.topic, kafka.dlq_topic, kafka.checkpoint_topic]
+    if kafka.alerts_topic:
+        topics.append(kafka.alerts_topic)
+    limits: dict[str, int] = {}
+    try:
+        with anyio.fail_after(timeout_s):
+            async with _admin(kafka) as admin:
+                responses = await admin.describe_configs(
+                    [
+                        ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None})
+                        for t in topics
+                    ]
+                )
+    except (KafkaError, TimeoutError) as exc:
+        raise SinkUnavailable(f"cannot read the topics' settings: {exc!r}") from exc
+    for response in responses:
+        for _code, _message, _type, name, entries in response.resources:
+            for entry in entries:
+                if entry[0] == "max.message.bytes" and str(entry[1]).isdigit():
+                    limits[name] = int(entry[1])
+    return limits

@@ -9,14 +9,18 @@ and the pump starts reading again from the committed position. No event is skipp
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 
 import anyio
 
 from bridge.records import ThreadRef
 
 #: How many recent event ids a thread remembers to drop replays at a resume boundary.
-RECENT_IDS = 4096
+RECENT_IDS = 1024
+#: How many of them a checkpoint carries, so that a restarted bridge still recognises the
+#: events a server replays from before the cursor (qoder-api.md 6.2 and 10: one to three).
+CHECKPOINT_RECENT_IDS = 32
 
 
 class ThreadCursor:
@@ -25,6 +29,7 @@ class ThreadCursor:
         thread: ThreadRef,
         committed_id: str | None = None,
         drained_updated_at: str | None = None,
+        recent_ids: Iterable[str] = (),
     ) -> None:
         self.thread = thread
         self.committed_id = committed_id
@@ -33,29 +38,56 @@ class ThreadCursor:
         self.drained_updated_at = drained_updated_at
         #: A drain handed to the publisher but not yet committed: not worth another pass.
         self.pending_drained_updated_at: str | None = None
+        #: Drain marks committed so far: a draining pump waits for this to move.
+        self.drains_committed = 0
         self.epoch = 0
         self._recent: OrderedDict[str, None] = OrderedDict()
-        if committed_id:
-            self._recent[committed_id] = None
+        #: The dedupe keys up to ``committed_id``, newest last: what a checkpoint carries.
+        self.committed_recent: deque[str] = deque(maxlen=CHECKPOINT_RECENT_IDS)
+        for key in [*recent_ids, *([committed_id] if committed_id else [])]:
+            self._remember(key)
+            self.committed_recent.append(key)
+        #: Set when the publisher commits or rewinds this thread: a draining pump waits on it.
+        self.settled = anyio.Event()
         self._read_scope: anyio.CancelScope | None = None
 
     def seen(self, event_id: str) -> bool:
         return event_id in self._recent
 
-    def mark_submitted(self, epoch: int, event_id: str) -> bool:
-        """Record that ``event_id`` was handed on; False when a rewind made the read stale."""
+    def mark_submitted(self, epoch: int, key: str, *, moves_cursor: bool = True) -> bool:
+        """Record that ``key`` was handed on; False when a rewind made the read stale.
+
+        ``moves_cursor=False``: an item without an id of its own (a dead letter known by its
+        digest) is remembered, so it is not handed on twice, but cannot be resumed after.
+        """
         if epoch != self.epoch:
             return False
-        self._recent[event_id] = None
-        self._recent.move_to_end(event_id)
-        if len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
-        self.submitted_id = event_id
+        self._remember(key)
+        if moves_cursor:
+            self.submitted_id = key
         return True
 
-    def mark_committed(self, epoch: int, event_id: str | None, drained: str | None) -> None:
+    def _remember(self, key: str) -> None:
+        self._recent[key] = None
+        self._recent.move_to_end(key)
+        if len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
+
+    def mark_committed(
+        self,
+        epoch: int,
+        event_id: str | None,
+        drained: str | None,
+        key: str | None = None,
+        *,
+        drain: bool = False,
+    ) -> None:
         if epoch != self.epoch:
             return
+        if drain:
+            self.drains_committed += 1
+        if key is not None:
+            self.committed_recent.append(key)
         if event_id is not None:
             self.committed_id = event_id
         if drained is not None:
@@ -63,12 +95,18 @@ class ThreadCursor:
             if self.pending_drained_updated_at == drained:
                 self.pending_drained_updated_at = None
 
+    def settle(self) -> None:
+        """A batch holding this thread was committed or rewound: wake whoever waits on it."""
+        self.settled.set()
+        self.settled = anyio.Event()
+
     def rewind(self) -> None:
         """Forget everything after ``committed_id`` and make the reader start again from it."""
         self.epoch += 1
+        committed = set(self.committed_recent)
         while self._recent:
             last = next(reversed(self._recent))
-            if last == self.committed_id:
+            if last == self.committed_id or last in committed:
                 break
             self._recent.popitem(last=True)
         self.submitted_id = self.committed_id

@@ -12,10 +12,12 @@ Third-party exceptions (httpx, httpx-sse, aiokafka) are translated into these at
     │   ├── NotFound                 404: the session or thread is gone
     │   ├── BadCursor                400 on after_id / Last-Event-ID: fall back to backfill
     │   └── ApiRequestRejected       any other 4xx: a bug on our side or an API change
+    │       └── ListCursorStuck      a list says "more" but its cursor does not advance
     └── SinkError                    Kafka
         ├── SinkUnavailable          retriable: broker down, request timed out
         ├── TransactionAborted       retriable: the transaction was aborted; replay from checkpoints
         ├── RecordRejected           this one record cannot be published (too large, invalid)
+        ├── SinkForbidden            fatal: an ACL forbids writing to one of our topics
         └── ProducerFenced           fatal: another instance owns our transactional.id
 """
 
@@ -70,6 +72,10 @@ class ApiRequestRejected(ApiError):
     pass
 
 
+class ListCursorStuck(ApiRequestRejected):
+    """A list answered ``has_more`` with a cursor it already gave, or none at all."""
+
+
 class SinkError(BridgeError):
     """Kafka failed us."""
 
@@ -84,6 +90,10 @@ class TransactionAborted(SinkError):
 
 class RecordRejected(SinkError):
     pass
+
+
+class SinkForbidden(SinkError):
+    """Kafka refuses us a topic (authorization): no retry can help, an operator must."""
 
 
 class ProducerFenced(SinkError):

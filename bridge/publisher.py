@@ -26,11 +26,14 @@ from typing import Any
 
 import anyio
 import structlog
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import (
     InvalidProducerEpoch,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
 from aiokafka.errors import (
@@ -38,17 +41,26 @@ from aiokafka.errors import (
 )
 
 from bridge import metrics
+from bridge.checkpoints import topic_record_limits, transaction_committed
 from bridge.config import Settings
-from bridge.cursor import ThreadCursor
-from bridge.errors import ProducerFenced, SinkError, SinkUnavailable, TransactionAborted
+from bridge.cursor import CHECKPOINT_RECENT_IDS, ThreadCursor
+from bridge.errors import (
+    ProducerFenced,
+    SinkError,
+    SinkForbidden,
+    SinkUnavailable,
+    TransactionAborted,
+)
 from bridge.health import HealthState
 from bridge.kafka_conn import kafka_client_kwargs, producer_tuning_kwargs
-from bridge.records import Record, ThreadRef, checkpoint_record
+from bridge.records import Record, ThreadRef, checkpoint_record, dead_letter_record
 
 log = structlog.get_logger("bridge.publisher")
 
 #: Bookkeeping cost of one queued item, so that many tiny items are bounded too.
 ITEM_OVERHEAD_BYTES = 512
+#: Room for the batch and record headers around one record.
+RECORD_OVERHEAD_BYTES = 1024
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
@@ -59,15 +71,21 @@ class Outgoing:
     cursor: ThreadCursor | None
     epoch: int
     records: list[Record]
-    event_id: str | None = None
+    event_id: str | None = None  # moves the cursor once committed
     event_type: str | None = None
     event_time: str | None = None
     drained_updated_at: str | None = None
+    #: Remembered against replays: the event id, or a dead letter's digest when it has none.
+    dedupe_key: str | None = None
+    #: A drain marker whose pump waits for it to be committed (or rewound).
+    drain: bool = False
     read_at: float = field(default_factory=time.monotonic)
     size: int = 0
 
     def __post_init__(self) -> None:
         self.size = ITEM_OVERHEAD_BYTES + sum(r.size for r in self.records)
+        if self.dedupe_key is None:
+            self.dedupe_key = self.event_id
 
     @property
     def stale(self) -> bool:
@@ -132,9 +150,33 @@ def _translate(exc: BaseException) -> SinkError:
         return ProducerFenced(f"another bridge took over our transactional.id: {exc!r}")
     if isinstance(exc, TransactionalIdAuthorizationFailed):
         return ProducerFenced(f"not authorised to use the transactional.id: {exc!r}")
+    if isinstance(exc, TopicAuthorizationFailedError):
+        return SinkForbidden(f"Kafka does not allow this bridge to write to a topic: {exc}")
     if isinstance(exc, KafkaTimeoutError | TimeoutError):
         return SinkUnavailable(f"Kafka did not acknowledge in time: {exc!r}")
-    return TransactionAborted(f"Kafka refused the batch: {exc!r}")
+    return TransactionAborted(f"the batch failed: {exc!r}")
+
+
+class PublisherClosed(Exception):
+    """The bridge is draining: nothing more is taken. What was not taken is read again."""
+
+
+class CommitOutcomeUnknown(SinkError):
+    """EndTxn was sent, but whether it committed is unknown (timed out, connection lost)."""
+
+    def __init__(self, message: str, marker: tuple[TopicPartition, int] | None) -> None:
+        super().__init__(message)
+        #: One checkpoint record of the transaction: visible to read_committed iff committed.
+        self.marker = marker
+
+
+class RecordsRejected(SinkError):
+    """The broker refused records for what they are (too large for the topic): retrying the
+    same records can never succeed."""
+
+    def __init__(self, message: str, records: set[int]) -> None:
+        super().__init__(message)
+        self.records = records  # id() of each refused Record
 
 
 class Publisher:
@@ -147,6 +189,8 @@ class Publisher:
         self._budget = ByteBudget(settings.delivery.max_in_flight_bytes)
         self._send, self._recv = anyio.create_memory_object_stream[Outgoing](math.inf)
         self._producer: AIOKafkaProducer | None = None
+        #: Largest record each topic takes (its max.message.bytes), learnt from the broker.
+        self._topic_limits: dict[str, int] = {}
         #: True once everything submitted before close() was published.
         self.drained = False
         self._last_commit = time.monotonic()
@@ -154,11 +198,19 @@ class Publisher:
 
     # -- the pumps' side -------------------------------------------------------------------
 
+    def record_limit(self, topic: str) -> int:
+        """The largest record ``topic`` takes: the broker's limit for it, and ours."""
+        ours = self._kafka.max_request_bytes
+        return min(ours, self._topic_limits.get(topic, ours)) - RECORD_OVERHEAD_BYTES
+
     async def submit(self, item: Outgoing) -> None:
         """Queue work; waits while too much is in flight (Kafka slow or down)."""
         await self._budget.acquire(item.size)
         try:
             self._send.send_nowait(item)
+        except anyio.ClosedResourceError:
+            self._budget.release(item.size)
+            raise PublisherClosed("the bridge is draining") from None
         except BaseException:
             self._budget.release(item.size)
             raise
@@ -176,12 +228,17 @@ class Publisher:
             acks="all",
             enable_idempotence=True,
         )
+        if self._topic_limits:
+            # A batch larger than a topic takes would take every record in it down with it.
+            smallest = min(self._topic_limits.values()) - RECORD_OVERHEAD_BYTES
+            kwargs["max_batch_size"] = max(16 * 1024, min(kwargs["max_batch_size"], smallest))
         if self._transactional:
             kwargs["transactional_id"] = self._delivery.transactional_id
             kwargs["transaction_timeout_ms"] = self._delivery.transaction_timeout_ms
         return AIOKafkaProducer(**kwargs)
 
     async def _start_producer(self) -> None:
+        self._topic_limits = await topic_record_limits(self._kafka)
         producer = self._new_producer()
         try:
             with anyio.fail_after(60):
@@ -271,47 +328,148 @@ class Publisher:
                         "bridge.publisher.fenced", transactional_id=self._delivery.transactional_id
                     )
                     raise
+                except SinkForbidden as exc:
+                    log.error("bridge.publisher.forbidden", error=str(exc))
+                    raise
+                except RecordsRejected as exc:
+                    # Not the batch's fault: the refused records become dead letters (small
+                    # ones), everything else is published as it is. Nothing is read again.
+                    log.warning("bridge.publisher.records_rejected", error=str(exc))
+                    batch = [self._dead_lettered(item, exc.records) for item in live]
+                    await self._restart_producer(delay)
+                    continue
+                except CommitOutcomeUnknown as exc:
+                    log.warning("bridge.publisher.commit_outcome_unknown", error=str(exc))
+                    await self._restart_producer(delay)  # completes or aborts that transaction
+                    if await self._was_committed(exc):
+                        log.info("bridge.publisher.commit_outcome", committed=True)
+                        self._committed(live)
+                        return
+                    log.info("bridge.publisher.commit_outcome", committed=False)
+                    batch = self._failed(live)
                 except SinkError as exc:
                     metrics.TRANSACTIONS.labels(outcome="aborted").inc()
                     threads = {i.cursor.thread.key for i in live if i.cursor is not None}
                     log.warning(
                         "bridge.publisher.batch_failed", error=str(exc), threads=len(threads)
                     )
-                    for item in live:
-                        if item.cursor is not None and not item.stale:
-                            item.cursor.rewind()  # the pumps read these events again
-                    # Bridge alerts have no API to be read again from: keep them for the retry.
-                    batch = [i for i in live if i.cursor is None]
-                    await self._stop_producer()
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                    await self._connect()
-                    continue
-                self._committed(live)
-                return
+                    batch = self._failed(live)
+                    await self._restart_producer(delay)
+                else:
+                    self._committed(live)
+                    return
+                delay = min(delay * 2, 5.0)
         finally:
             self._budget.release(acquired)
+
+    def _failed(self, live: list[Outgoing]) -> list[Outgoing]:
+        """Rewind the batch's threads (the pumps read them again); keep what cannot be re-read."""
+        for item in live:
+            if item.cursor is not None and not item.stale:
+                item.cursor.rewind()
+                item.cursor.settle()
+        # Bridge alerts have no API to be read again from: keep them for the retry.
+        return [i for i in live if i.cursor is None]
+
+    async def _restart_producer(self, delay: float) -> None:
+        await self._stop_producer()
+        await anyio.sleep(delay)
+        await self._connect()
+
+    async def _was_committed(self, exc: CommitOutcomeUnknown) -> bool:
+        """Ask the checkpoint topic, after the new producer settled the old transaction."""
+        if exc.marker is None:
+            return False  # nothing of it was written: nothing can have been committed
+        while True:
+            try:
+                return await transaction_committed(self._kafka, *exc.marker)
+            except SinkError as error:
+                log.warning("bridge.publisher.commit_outcome_unknown", error=str(error))
+                await anyio.sleep(1.0)
+
+    def _dead_lettered(self, item: Outgoing, refused: set[int]) -> Outgoing:
+        if not any(id(r) in refused for r in item.records):
+            return item
+        records = []
+        for record in item.records:
+            if id(record) not in refused:
+                records.append(record)
+            elif item.cursor is not None and record.topic != self._kafka.dlq_topic:
+                records.append(
+                    dead_letter_record(
+                        self._kafka.dlq_topic,
+                        item.cursor.thread,
+                        "too_large",
+                        record.value,
+                        event_id=item.event_id,
+                        event_type=item.event_type,
+                        limit_bytes=64 * 1024,
+                    )
+                )
+            # else: a dead letter or a bridge alert the broker refuses even small: dropped,
+            # with the warning above; the event it names stays readable through the API.
+        metrics.DLQ_RECORDS.labels(reason="too_large").inc()
+        return Outgoing(
+            item.cursor,
+            item.epoch,
+            records,
+            event_id=item.event_id,
+            event_type=item.event_type,
+            event_time=item.event_time,
+            drained_updated_at=item.drained_updated_at,
+            dedupe_key=item.dedupe_key,
+            drain=item.drain,
+            read_at=item.read_at,
+        )
 
     async def _publish(self, batch: list[Outgoing]) -> None:
         producer = self._producer
         assert producer is not None  # noqa: S101 -- _connect() ran before any batch
         checkpoints = self._checkpoints(batch)
+        records = [r for item in batch for r in item.records]
         budget_s = self._delivery.transaction_timeout_ms / 1000
+        marker: tuple[TopicPartition, int] | None = None
+        committing = False
         try:
             with anyio.fail_after(budget_s):
                 if self._transactional:
                     await producer.begin_transaction()
-                acks = [await self._send_record(producer, r) for i in batch for r in i.records]
-                if self._transactional:
-                    acks += [await self._send_record(producer, r) for r in checkpoints]
-                    await asyncio.gather(*acks)
+                    await self._send_all(producer, records)
+                    done = await self._send_all(producer, checkpoints)
+                    if done:
+                        marker = (TopicPartition(done[0].topic, done[0].partition), done[0].offset)
+                    committing = True
                     await producer.commit_transaction()
                 else:
-                    await asyncio.gather(*acks)
-                    acks = [await self._send_record(producer, r) for r in checkpoints]
-                    await asyncio.gather(*acks)
+                    await self._send_all(producer, records)
+                    await self._send_all(producer, checkpoints)
         except (KafkaError, TimeoutError) as exc:
+            if committing and not isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
+                raise CommitOutcomeUnknown(f"the commit did not answer: {exc!r}", marker) from exc
             raise _translate(exc) from exc
+
+    async def _send_all(self, producer: AIOKafkaProducer, records: list[Record]) -> list[Any]:
+        """Send, then wait for every acknowledgement; records refused for their size are named."""
+        acks: list[asyncio.Future[Any]] = []
+        refused: set[int] = set()
+        for record in records:
+            try:
+                acks.append(await self._send_record(producer, record))
+            except (MessageSizeTooLargeError, RecordTooLargeError):
+                refused.add(id(record))  # larger than max_request_size: refused before sending
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        sent = [r for r in records if id(r) not in refused]
+        failures: list[BaseException] = []
+        for record, result in zip(sent, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError | RecordTooLargeError):
+                refused.add(id(record))
+            elif isinstance(result, BaseException):
+                failures.append(result)
+        if failures:
+            raise failures[0]
+        if refused:
+            raise RecordsRejected(f"Kafka refused {len(refused)} record(s) as too large", refused)
+        return results
 
     @staticmethod
     async def _send_record(producer: AIOKafkaProducer, record: Record) -> asyncio.Future[Any]:
@@ -322,16 +480,27 @@ class Publisher:
 
     def _checkpoints(self, batch: list[Outgoing]) -> list[Record]:
         latest: dict[ThreadRef, tuple[str | None, str | None]] = {}
+        recent: dict[ThreadRef, list[str]] = {}
         for item in batch:
             if item.cursor is None:
                 continue
             ref = item.cursor.thread
+            if ref not in latest:
+                recent[ref] = list(item.cursor.committed_recent)
             last_id, drained = latest.get(ref, (item.cursor.committed_id, None))
             latest[ref] = (item.event_id or last_id, item.drained_updated_at or drained)
+            if item.dedupe_key is not None:
+                recent[ref].append(item.dedupe_key)
         topic = self._kafka.checkpoint_topic
         cursors = {i.cursor.thread: i.cursor for i in batch if i.cursor is not None}
         return [
-            checkpoint_record(topic, ref, last_id, drained or cursors[ref].drained_updated_at)
+            checkpoint_record(
+                topic,
+                ref,
+                last_id,
+                drained or cursors[ref].drained_updated_at,
+                recent[ref][-CHECKPOINT_RECENT_IDS:],
+            )
             for ref, (last_id, drained) in latest.items()
         ]
 
@@ -340,9 +509,17 @@ class Publisher:
         self._last_commit = now
         if self._transactional:
             metrics.TRANSACTIONS.labels(outcome="committed").inc()
+        settled: set[ThreadCursor] = set()
         for item in batch:
             if item.cursor is not None:
-                item.cursor.mark_committed(item.epoch, item.event_id, item.drained_updated_at)
+                item.cursor.mark_committed(
+                    item.epoch,
+                    item.event_id,
+                    item.drained_updated_at,
+                    item.dedupe_key,
+                    drain=item.drain,
+                )
+                settled.add(item.cursor)
             if item.event_type is not None:
                 metrics.EVENTS_PUBLISHED.labels(
                     type=metrics.event_type_label(item.event_type)
@@ -351,3 +528,5 @@ class Publisher:
                 lag = _seconds_since(item.event_time)
                 if lag is not None:
                     metrics.END_TO_END_LAG.observe(max(0.0, lag))
+        for cursor in settled:
+            cursor.settle()

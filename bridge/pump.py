@@ -9,6 +9,7 @@ reconnect, a 401 waits slowly for a good token, a 404 ends the pump.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -19,7 +20,6 @@ from enum import Enum
 
 import anyio
 import structlog
-from httpx_sse import ServerSentEvent
 
 from bridge import metrics
 from bridge.alerts import BridgeAlerts
@@ -31,18 +31,21 @@ from bridge.errors import (
     ApiUnavailable,
     AuthRejected,
     BadCursor,
+    ListCursorStuck,
     NotFound,
     StreamStalled,
 )
-from bridge.publisher import Outgoing, Publisher
+from bridge.publisher import Outgoing, Publisher, PublisherClosed
 from bridge.records import (
     DELTA_FRAME_TYPES,
     Event,
+    Rejected,
     alert_reason,
     alert_record,
     dead_letter_record,
     event_record,
 )
+from bridge.sse import Frame
 
 #: A stream that stayed up this long resets the backoff.
 HEALTHY_AFTER_S = 30.0
@@ -123,6 +126,14 @@ class Pump:
 
     async def run(self) -> None:
         self.log.debug("bridge.pump.started", cursor=self.cursor.submitted_id, follow=self._follow)
+        try:
+            while not await self._read_until_drained():
+                pass  # the drain's batch failed and was rewound: read again
+        except PublisherClosed:
+            self.log.debug("bridge.pump.stopped_by_drain", cursor=self.cursor.submitted_id)
+
+    async def _read_until_drained(self) -> bool:
+        """Read until a complete final pass; False when the drain's batch was rewound."""
         while True:
             self._epoch = self.cursor.epoch
             attempt_started = anyio.current_time()
@@ -131,17 +142,25 @@ class Pump:
             try:
                 with self._reading():
                     # Only a backfill that began after the drain request has read everything
-                    # the thread wrote before it stopped running.
+                    # the thread wrote before it stopped running; the mark is the thread's
+                    # updated_at as of that request, not of a later one.
                     final = not self._follow
+                    mark = self._drain_updated_at
                     with self._state(PumpState.BACKFILLING):
                         await self._backfill()
                     self._alerts.token_accepted(attempt_started)
-                    if final:
+                    if final and not self._follow and self._drain_updated_at == mark:
                         break
                     if not self._follow:
-                        continue  # drained while backfilling: one more, complete pass
-                    async with self._limits.streams:
-                        await self._stream()
+                        continue  # drained again meanwhile: one more, complete pass
+                    # A drain must never wait for a stream slot: it cancels this scope.
+                    with anyio.CancelScope() as scope:
+                        self._stream_scope = scope
+                        try:
+                            async with self._limits.streams:
+                                await self._stream()
+                        finally:
+                            self._stream_scope = None
                 continue  # a rewind or a stream that ended: backfill again, then stream
             except StreamStalled:
                 reason, delay = "stall", self._backoff.next_delay()
@@ -153,16 +172,22 @@ class Pump:
                 reason, delay = "auth", self._backoff.max_s * random.uniform(0.8, 1.2)  # noqa: S311
                 await self._alerts.token_rejected(str(exc))
             except BadCursor as exc:
-                reason = "bad_cursor"
+                # Never a loop without a pause: the stream may refuse a cursor the list knows.
+                reason, delay = "bad_cursor", self._backoff.next_delay()
                 self.log.warning("bridge.pump.bad_cursor", error=str(exc))
                 await self._rescan()
-                continue
             except NotFound as exc:
                 metrics.RECONNECTS.labels(reason="not_found").inc()
                 self.log.info("bridge.pump.thread_gone", error=str(exc))
                 await self._alerts.send("bridge.thread_unreachable", "not_found", self.thread)
                 self.gone = True
-                return
+                return True
+            except ListCursorStuck as exc:
+                reason, delay = "other", self._backoff.max_s
+                self.log.error("bridge.pump.list_stuck", error=str(exc))
+                await self._alerts.send(
+                    "bridge.list_stuck", "cursor_not_advancing", self.thread, {"error": str(exc)}
+                )
             except ApiError as exc:
                 reason, delay = "other", self._backoff.next_delay()
                 self.log.warning("bridge.pump.api_error", error=str(exc))
@@ -171,15 +196,28 @@ class Pump:
             state = PumpState.AUTH_WAIT if reason == "auth" else PumpState.BACKOFF
             with self._state(state):
                 await anyio.sleep(delay)
+        return await self._commit_drain()
+
+    async def _commit_drain(self) -> bool:
+        """Hand on the drain mark and wait until it is stored: a thread whose last batch fails
+        is read again by this pump, whether or not anyone still watches its session."""
         with self._state(PumpState.DRAINING):
             epoch = self.cursor.epoch
             drained = self._drain_updated_at
+            committed = self.cursor.drains_committed
             await self._publisher.submit(
-                Outgoing(self.cursor, epoch, [], drained_updated_at=drained)
+                Outgoing(self.cursor, epoch, [], drained_updated_at=drained, drain=True)
             )
-            if epoch == self.cursor.epoch:
-                self.cursor.pending_drained_updated_at = drained
+            if epoch != self.cursor.epoch:
+                return False
+            self.cursor.pending_drained_updated_at = drained
+            while self.cursor.epoch == epoch and self.cursor.drains_committed == committed:
+                await self.cursor.settled.wait()
+        if self.cursor.epoch != epoch:
+            self.log.info("bridge.pump.drain_rewound", cursor=self.cursor.committed_id)
+            return False
         self.log.debug("bridge.pump.drained", cursor=self.cursor.submitted_id)
+        return True
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
@@ -213,7 +251,7 @@ class Pump:
                 for event in page:
                     if found:
                         await self._handle(event)
-                    elif event.id == lost:
+                    elif event.id is not None and event.id == lost:
                         found = True
             if not found:
                 await self._alerts.send(
@@ -234,65 +272,91 @@ class Pump:
                         # A fresh connection may start at the live tail: anything created between
                         # our empty backfill and this connection is fetched through the list.
                         await self._backfill()
-                    with anyio.CancelScope() as scope:
-                        self._stream_scope = scope
-                        if not self._follow:
-                            scope.cancel()
-                        async for frame in frames:
-                            await self._on_frame(frame)
-                            if time.monotonic() - started > HEALTHY_AFTER_S:
-                                self._backoff.reset()
+                    if not self._follow:
+                        return  # drained while connecting: the final pass reads the rest
+                    async for frame in frames:
+                        await self._on_frame(frame)
+                        if time.monotonic() - started > HEALTHY_AFTER_S:
+                            self._backoff.reset()
             finally:
-                self._stream_scope = None
                 metrics.OPEN_STREAMS.dec()
         if time.monotonic() - started < 1.0 and self._follow:
             # The server closed at once: don't spin.
             raise ApiUnavailable("the stream closed right after it opened")
 
-    async def _on_frame(self, frame: ServerSentEvent) -> None:
-        kind = frame.event  # httpx-sse names a frame without `event:` "message"
-        if kind == "heartbeat" or not frame.data:
-            # A heartbeat, as an event or as a comment (httpx-sse yields a comment-only frame
-            # with empty data and the previous id). It never moves the cursor.
+    async def _on_frame(self, frame: Frame) -> None:
+        kind = frame.event or "message"
+        if kind == "heartbeat" or (not frame.data and not frame.oversize):
+            # A heartbeat event (a comment heartbeat makes no frame at all): never published,
+            # never a cursor move.
             return
         if kind in DELTA_FRAME_TYPES and not self._publish_deltas:
             return
-        data = frame.data.encode()
-        try:
-            fields = json.loads(data)
-        except ValueError:
-            fields = None
-        if not isinstance(fields, dict):
-            # httpx-sse repeats the previous id on a frame without one: only a new id is its own.
-            own_id = frame.id if frame.id and frame.id != self.cursor.submitted_id else None
-            await self._dead_letter("not_json", data, own_id, None if kind == "message" else kind)
+        if frame.oversize:
+            await self._handle(Rejected("too_large", frame.data, frame.id, frame.event, frame.size))
             return
-        if fields.get("type") in DELTA_FRAME_TYPES and not self._publish_deltas:
+        try:
+            fields = json.loads(frame.data.decode("utf-8"))
+        except UnicodeDecodeError:
+            await self._handle(
+                Rejected("invalid_utf8", frame.data, frame.id, frame.event, frame.size)
+            )
+            return
+        except ValueError:
+            await self._handle(Rejected("not_json", frame.data, frame.id, frame.event, frame.size))
+            return
+        if not isinstance(fields, dict):
+            await self._handle(Rejected("not_object", frame.data, frame.id, None, frame.size))
+            return
+        event_type = fields.get("type") if isinstance(fields.get("type"), str) else frame.event
+        if kind in DELTA_FRAME_TYPES or event_type in DELTA_FRAME_TYPES:
+            if self._publish_deltas:
+                await self._publish_delta(Event("", str(event_type), frame.data, fields))
             return
         event_id = fields.get("id") if isinstance(fields.get("id"), str) else frame.id
-        event_type = fields.get("type") if isinstance(fields.get("type"), str) else kind
-        await self._handle(Event(str(event_id or ""), str(event_type or ""), data, fields))
+        if not event_id:
+            await self._handle(Rejected("missing_id", frame.data, None, event_type, frame.size))
+            return
+        await self._handle(Event(str(event_id), str(event_type or ""), frame.data, fields))
 
-    async def _handle(self, event: Event) -> None:
-        if event.id and self.cursor.seen(event.id):
+    async def _publish_delta(self, delta: Event) -> None:
+        """A stream-only frame: published, but it has no id of its own, so it is neither a
+        cursor nor remembered; its CloudEvents id is derived from its bytes."""
+        digest = hashlib.sha256(delta.data).hexdigest()[:32]
+        event = Event(f"{delta.type}:{digest}", delta.type, delta.data, delta.fields)
+        record = event_record(self._kafka.topic, self.thread, event)
+        await self._submit(Outgoing(self.cursor, self._epoch, [record], event_type=delta.type))
+
+    async def _handle(self, event: Event | Rejected) -> None:
+        if isinstance(event, Rejected):
+            await self._dead_letter(event)
+            return
+        if self.cursor.seen(event.id):
             return  # replayed at a resume boundary
         metrics.EVENTS_RECEIVED.labels(type=metrics.event_type_label(event.type)).inc()
         record = event_record(self._kafka.topic, self.thread, event)
-        if record.size > self._kafka.max_request_bytes - 1024:
-            await self._dead_letter("too_large", event.data, event.id, event.type)
+        limit = self._publisher.record_limit(self._kafka.topic)
+        if record.size > limit:
+            await self._dead_letter(
+                Rejected("too_large", event.data, event.id, event.type, len(event.data))
+            )
             return
         records = [record]
         reason = alert_reason(event)
         if reason is not None and self._kafka.alerts_topic:
-            records.append(
-                alert_record(
+            alert = alert_record(
+                self._kafka.alerts_topic, self.thread, "qoder." + event.type, reason, event=event
+            )
+            if alert.size > self._publisher.record_limit(self._kafka.alerts_topic):
+                # The copy of a huge event would not fit: the alert names it instead.
+                alert = alert_record(
                     self._kafka.alerts_topic,
                     self.thread,
                     "qoder." + event.type,
                     reason,
-                    event=event,
+                    detail={"event_id": event.id, "event_omitted": "too_large"},
                 )
-            )
+            records.append(alert)
             metrics.ALERTS.labels(type="qoder." + event.type).inc()
         item = Outgoing(
             self.cursor,
@@ -304,24 +368,29 @@ class Pump:
         )
         await self._submit(item)
 
-    async def _dead_letter(
-        self, reason: str, data: bytes, event_id: str | None, event_type: str | None
-    ) -> None:
-        if event_id and self.cursor.seen(event_id):
+    async def _dead_letter(self, rejected: Rejected) -> None:
+        """DLQ and alert, once: an item with an id moves the cursor past it; one without is
+        remembered by its digest (in the checkpoint too), so no pass repeats it."""
+        key = rejected.dedupe_key
+        if self.cursor.seen(key):
             return
-        metrics.DLQ_RECORDS.labels(reason=reason).inc()
+        metrics.DLQ_RECORDS.labels(reason=rejected.reason).inc()
         self.log.warning(
-            "bridge.pump.dead_letter", reason=reason, event_id=event_id, size=len(data)
+            "bridge.pump.dead_letter",
+            reason=rejected.reason,
+            event_id=rejected.id,
+            size=rejected.size,
         )
         records = [
             dead_letter_record(
                 self._kafka.dlq_topic,
                 self.thread,
-                reason,
-                data,
-                event_id=event_id,
-                event_type=event_type,
-                limit_bytes=self._kafka.max_request_bytes // 2,
+                rejected.reason,
+                rejected.data,
+                event_id=rejected.id,
+                event_type=rejected.type,
+                limit_bytes=self._publisher.record_limit(self._kafka.dlq_topic),
+                size=rejected.size,
             ),
         ]
         if self._kafka.alerts_topic:
@@ -330,18 +399,22 @@ class Pump:
                     self._kafka.alerts_topic,
                     self.thread,
                     "bridge.dead_letter",
-                    reason,
-                    detail={"event_id": event_id, "size_bytes": len(data)},
+                    rejected.reason,
+                    detail={"event_id": rejected.id, "size_bytes": rejected.size},
                 )
             )
-        await self._submit(Outgoing(self.cursor, self._epoch, records, event_id=event_id))
+        await self._submit(
+            Outgoing(self.cursor, self._epoch, records, event_id=rejected.id, dedupe_key=key)
+        )
 
     async def _submit(self, item: Outgoing) -> None:
         await self._publisher.submit(item)
-        if item.event_id:
+        if item.dedupe_key:
             # False after a rewind: the item is stale and dropped by the publisher, and the
             # rewind cancelled our read scope, so this read unwinds at its next await.
-            self.cursor.mark_submitted(item.epoch, item.event_id)
+            self.cursor.mark_submitted(
+                item.epoch, item.dedupe_key, moves_cursor=item.event_id is not None
+            )
 
 
 def _unavailable_reason(exc: ApiUnavailable) -> str:

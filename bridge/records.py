@@ -5,6 +5,8 @@ Every record is built here and nowhere else, so the wire format in the README ha
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +64,36 @@ class Event:
     def time(self) -> str | None:
         value = self.fields.get("processed_at") or self.fields.get("created_at")
         return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Something read from the API that cannot be published as an event, and why.
+
+    ``reason``: ``not_json``, ``not_object``, ``missing_id``, ``invalid_utf8``, ``too_large``.
+    ``data`` is what was read (only its first bytes when too large); ``size`` the full size.
+    """
+
+    reason: str
+    data: bytes
+    id: str | None
+    type: str | None
+    size: int
+
+    @property
+    def dedupe_key(self) -> str:
+        """Its id, or for an item without one a digest, so that it is dead-lettered once."""
+        return self.id or "sha256:" + hashlib.sha256(self.data).hexdigest()[:32]
+
+
+#: What a reason means, for the dead letter's ``dlq_message`` header.
+REJECTION_MESSAGES = {
+    "not_json": "the frame's data is not JSON",
+    "not_object": "the item is JSON but not an object",
+    "missing_id": "the event has no id",
+    "invalid_utf8": "the event is not valid UTF-8",
+    "too_large": "the event is larger than the bridge may read or Kafka may take",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,40 +189,66 @@ def dead_letter_record(
     *,
     event_id: str | None,
     event_type: str | None,
-    limit_bytes: int | None = None,
+    limit_bytes: int,
+    size: int | None = None,
 ) -> Record:
-    """A frame that cannot be published as an event: the reason, and as much of it as fits."""
-    whole = limit_bytes is None or len(data) <= limit_bytes
-    excerpt = data if whole else data[:DLQ_EXCERPT_BYTES]
-    doc = {
-        "reason": reason,
-        "session_id": thread.session_id,
-        "thread_id": thread.thread_id,
-        "event_id": event_id,
-        "event_type": event_type,
-        "size_bytes": len(data),
-        "truncated": not whole,
-        "data": excerpt.decode("utf-8", errors="replace"),
-        "time": _now(),
-    }
+    """A frame that cannot be published as an event: why, and as much of it as fits.
+
+    The record, headers and JSON escaping included, never exceeds ``limit_bytes``: a record
+    the broker refuses would block every thread. Bytes that are not UTF-8 are kept exactly,
+    in ``data_base64``. Headers carry the error context (as Kafka Connect's do).
+    """
+    size = len(data) if size is None else size
     headers: Headers = [
         ("content-type", b"application/json"),
         ("dlq_reason", reason.encode()),
+        ("dlq_message", REJECTION_MESSAGES.get(reason, reason).encode()),
+        ("dlq_source", thread.source.encode()),
+        ("dlq_size_bytes", str(size).encode()),
         *_thread_headers(thread),
     ]
     if event_id:
         headers.append(("ce_id", event_id.encode()))
-    return Record(topic, thread.key.encode(), canonical_json(doc), headers)
+    if event_type:
+        headers.append(("ce_type", event_type.encode()))
+    keep = len(data)
+    while True:
+        excerpt = data[:keep]
+        doc: dict[str, Any] = {
+            "reason": reason,
+            "session_id": thread.session_id,
+            "thread_id": thread.thread_id,
+            "event_id": event_id,
+            "event_type": event_type,
+            "size_bytes": size,
+            "truncated": keep < size,
+            "time": _now(),
+        }
+        try:
+            doc["data"] = excerpt.decode("utf-8")
+        except UnicodeDecodeError:
+            doc["data_base64"] = base64.b64encode(excerpt).decode()
+        record = Record(topic, thread.key.encode(), canonical_json(doc), headers)
+        if record.size <= limit_bytes or keep == 0:
+            return record
+        # Escaping can make the document several times its data: cut by the encoded size.
+        keep = min(keep - 1, keep * (limit_bytes - 1024) // record.size, DLQ_EXCERPT_BYTES)
+        keep = max(0, keep)
 
 
 def checkpoint_record(
-    topic: str, thread: ThreadRef, last_event_id: str | None, drained_updated_at: str | None
+    topic: str,
+    thread: ThreadRef,
+    last_event_id: str | None,
+    drained_updated_at: str | None,
+    recent_ids: list[str] | None = None,
 ) -> Record:
     doc = {
         "last_event_id": last_event_id,
         "session_id": thread.session_id,
         "thread_id": thread.thread_id,
         "drained_updated_at": drained_updated_at,
+        "recent_ids": recent_ids or [],
         "written_at": _now(),
     }
     return Record(topic, thread.key.encode(), canonical_json(doc), [])

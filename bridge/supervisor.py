@@ -74,6 +74,8 @@ class Supervisor:
         self._active: dict[ThreadRef, bool] = {}
         self._watched: set[str] = set()
         self._finished: set[str] = set()
+        #: Sessions the API has shown us at least once (a later 404 means deleted, not a typo).
+        self._seen: set[str] = set()
         self._triggers: dict[str, anyio.Event] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -102,22 +104,36 @@ class Supervisor:
         self._tg.start_soon(self._watch_session, session_id, name=f"session {session_id}")
 
     async def _discover(self) -> None:
-        """Follow every session the token can list, re-listed so that new ones are picked up."""
+        """Follow every session the token can list, re-listed so that new ones are picked up.
+
+        Archived sessions are listed too: one may have run, and been archived, since the last
+        look. A failed listing is retried with the streams' backoff, not a whole poll later.
+        """
+        api = self._settings.api
+        backoff = Backoff(api.backoff_initial_s, api.backoff_max_s)
         while True:
             started = anyio.current_time()
+            delay = api.poll_interval_s
             try:
-                for session in await self._api.list_sessions():
+                for session in await self._api.list_sessions(include_archived=True):
                     session_id = session.get("id")
                     # A session that is over still gets one look: it may have run while the
                     # bridge was not looking. The watcher catches its threads up, then drops it.
                     if isinstance(session_id, str):
                         self._watch(session_id)
                 self._alerts.token_accepted(started)
+                self._alerts.discovered()
+                backoff.reset()
             except AuthRejected as exc:
                 await self._alerts.token_rejected(str(exc))
             except ApiError as exc:
-                log.warning("bridge.supervisor.list_sessions_failed", error=str(exc))
-            await anyio.sleep(self._settings.api.poll_interval_s)
+                delay = backoff.next_delay(getattr(exc, "retry_after_s", None) or 0.0)
+                log.warning(
+                    "bridge.supervisor.list_sessions_failed",
+                    error=str(exc),
+                    retry_in_s=round(delay, 3),
+                )
+            await anyio.sleep(delay)
 
     async def _watch_session(self, session_id: str) -> None:
         slog = log.bind(session_id=session_id)
@@ -132,9 +148,20 @@ class Supervisor:
                 try:
                     over = await self._reconcile(session_id)
                     self._alerts.token_accepted(started)
+                    self._alerts.discovered()
                     backoff.reset()
-                except NotFound:
+                except NotFound as exc:
+                    # A 404 is an answer: the token is good, the session is not there.
+                    self._alerts.token_accepted(started)
                     over = True
+                    if session_id not in self._seen:
+                        slog.warning("bridge.session.not_found", error=str(exc))
+                        await self._alerts.send(
+                            "bridge.session_not_found",
+                            "not_found",
+                            None,
+                            {"session_id": session_id, "error": str(exc)},
+                        )
                     await self._drain_session(session_id)
                 except AuthRejected as exc:
                     await self._alerts.token_rejected(str(exc))
@@ -168,6 +195,7 @@ class Supervisor:
     async def _reconcile(self, session_id: str) -> bool:
         """Start, drain or catch up the session's threads; True when the session is over."""
         session = await self._api.get_session(session_id)
+        self._seen.add(session_id)
         over = _session_over(session)
         threads = await self._api.list_threads(session_id)
         for thread in threads:
@@ -208,6 +236,7 @@ class Supervisor:
                 ref,
                 checkpoint.last_event_id if checkpoint else None,
                 checkpoint.drained_updated_at if checkpoint else None,
+                checkpoint.recent_ids if checkpoint else (),
             )
             self._cursors[ref] = cursor
         return cursor
