@@ -176,11 +176,9 @@ class App:
             ok = archived or s.archived_at is None
             return ok and (not statuses or s.status in statuses)
 
-        picked, has_more, next_page = select(
-            len(sessions), lambda i: sessions[i].id, self.world.session_index, q, match
-        )
-        items = [canonical(sessions[i].to_json()) for i in picked]
-        return envelope(items, [sessions[i].id for i in picked], has_more, next_page, pagination)
+        page = select(len(sessions), lambda i: sessions[i].id, self.world.session_index, q, match)
+        items = [canonical(sessions[i].to_json()) for i in page.picked]
+        return envelope(items, page, pagination)
 
     def _list_threads(self, session: SessionState, query: Query) -> bytes:
         pagination = self.scenario.pagination
@@ -189,11 +187,9 @@ class App:
         statuses = many(query, "statuses[]", "statuses")
         honour = statuses and self.scenario.honour_thread_statuses
         match = (lambda i: threads[i].status in statuses) if honour else None
-        picked, has_more, next_page = select(
-            len(threads), lambda i: threads[i].id, session.thread_index, q, match
-        )
-        items = [canonical(threads[i].to_json()) for i in picked]
-        return envelope(items, [threads[i].id for i in picked], has_more, next_page, pagination)
+        page = select(len(threads), lambda i: threads[i].id, session.thread_index, q, match)
+        items = [canonical(threads[i].to_json()) for i in page.picked]
+        return envelope(items, page, pagination)
 
     async def _stream(
         self,
@@ -302,10 +298,10 @@ def _list_events(log: EventLog, query: Query, pagination: str) -> bytes:
     q = parse_page_query(query, pagination=pagination)
     events = log.events
     types = many(query, "types", "types[]", "type")
-    match = (lambda i: events[i].type in types) if types else None
-    picked, has_more, next_page = select(len(events), lambda i: events[i].id, log.index, q, match)
-    items, item_ids = [events[i].raw for i in picked], [events[i].id for i in picked]
-    return envelope(items, item_ids, has_more, next_page, pagination)
+    # Malformed items have no type a filter could match.
+    match = (lambda i: bool(events[i].id) and events[i].type in types) if types else None
+    page = select(len(events), lambda i: events[i].id, log.index, q, match)
+    return envelope([events[i].raw for i in page.picked], page, pagination)
 
 
 async def _respond(

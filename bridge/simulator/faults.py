@@ -5,13 +5,20 @@ times it was asked before): the third stream connection to thread ``0.2`` gets t
 every run with the same seed, and the m-th frame on it the same treatment, however the wall
 clock and the ids differ between runs. ``FaultPlanner.log`` records every fault in the order
 it was decided, for tests that compare two runs.
+
+:class:`ItemFaults` decides, per thread and per event as it is made, which events carry invalid
+UTF-8 and which are followed by a malformed item; those are part of the log, the same bytes
+on every read.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from bridge.simulator.scenario import Faults
 
@@ -112,3 +119,83 @@ class FaultPlanner:
         if described := plan.describe():
             self.log.append((key, described))
         return plan
+
+
+# Lone surrogates stand for the bytes they escape: encoded with "surrogateescape", "\udcff" is
+# a lone 0xff and "\udce2\udc82" the first two bytes of "€" without the third.
+_BAD_UTF8 = ("\udcff", "\udce2\udc82")
+_IDENTITY = ("id", "type", "processed_at", "session_thread_id")
+_NO_ID = b'{"type":"agent.message","content":[{"type":"text","text":"An item with no id."}]}'
+_NOT_OBJECTS = (b"null", b"42", b'"text"', b"[]")
+
+
+class ItemFaults:
+    """One thread's generation-time faults, each from its own generator seeded with (seed,
+    thread key), so one knob does not shift the other's decisions."""
+
+    def __init__(self, seed: int, key: str, faults: Faults) -> None:
+        self.utf8_rate = faults.invalid_utf8_rate
+        self.malformed_rate = faults.malformed_item_rate
+        self._utf8 = random.Random(f"{seed}|utf8:{key}")
+        self._items = random.Random(f"{seed}|malformed:{key}")
+        self._corrupted = self._made = 0
+
+    def corrupt(self, event: dict[str, Any]) -> bytes | None:
+        """The event's bytes with invalid UTF-8 inside one string value, or None."""
+        if not self.utf8_rate:
+            return None
+        rng = self._utf8
+        hit, which, where = rng.random() < self.utf8_rate, rng.random(), rng.random()
+        if not hit:
+            return None
+        bad = _BAD_UTF8[self._corrupted % len(_BAD_UTF8)]
+        self._corrupted += 1
+        leaves = list(_strings(event, ()))
+        if leaves:
+            path = leaves[int(which * len(leaves))]
+            value = _get(event, path)
+            at = int(where * (len(value) + 1))
+            event = _replace(event, path, value[:at] + bad + value[at:])
+        else:  # nothing but identity fields: an extra field carries it
+            event = {**event, "x_note": "note " + bad}
+        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", "surrogateescape")
+
+    def malformed(self) -> tuple[bytes, str] | None:
+        """An item to follow the event just made, and its event name ("" for none): in turn
+        an object without an id, and a JSON value that is not an object."""
+        if not self.malformed_rate or self._items.random() >= self.malformed_rate:
+            return None
+        n, self._made = self._made, self._made + 1
+        if n % 2 == 0:
+            return _NO_ID, "agent.message"
+        return _NOT_OBJECTS[n // 2 % len(_NOT_OBJECTS)], ""
+
+
+def _strings(value: Any, path: tuple[str | int, ...]) -> Iterator[tuple[str | int, ...]]:
+    """Paths to the string values that neither name nor type anything."""
+    if isinstance(value, str):
+        yield path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _IDENTITY and not key.endswith(("_id", "_ids", "_at")):
+                yield from _strings(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, (*path, i))
+
+
+def _get(value: Any, path: tuple[str | int, ...]) -> Any:
+    for step in path:
+        value = value[step]
+    return value
+
+
+def _replace(value: Any, path: tuple[str | int, ...], new: str) -> Any:
+    """A copy of ``value`` with the leaf at ``path`` replaced (the original is shared)."""
+    if not path:
+        return new
+    head, rest = path[0], path[1:]
+    if isinstance(value, list):
+        return [_replace(v, rest, new) if i == head else v for i, v in enumerate(value)]
+    return {k: _replace(v, rest, new) if k == head else v for k, v in value.items()}

@@ -90,11 +90,16 @@ class Faults:
     non_json_rate: float = 0.0  # per frame: a frame whose data is not JSON goes first
     huge_rate: float = 0.0  # share of tool results that are huge
     huge_bytes: int = 300_000
+    # Decided per event when it is made, so every page and stream serves the same bytes:
+    invalid_utf8_rate: float = 0.0  # events with invalid UTF-8 inside a string value
+    malformed_item_rate: float = 0.0  # events followed by an item with no id, or no object
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "drop_rate", "drop_mid_frame_rate", "stall_rate"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"faults.{name} must be within 0..1")
         for name in ("replay_rate", "non_json_rate", "huge_rate"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"faults.{name} must be within 0..1")
+        for name in ("invalid_utf8_rate", "malformed_item_rate"):
             _check(0.0 <= getattr(self, name) <= 1.0, f"faults.{name} must be within 0..1")
         for name in ("drop_after_frames", "stall_after_frames"):
             low, high = getattr(self, name)

@@ -20,7 +20,7 @@ from bridge.simulator.app import BASE, App, Connection
 from bridge.simulator.driver import Driver
 from bridge.simulator.named import load_scenario
 from bridge.simulator.scenario import Scenario
-from bridge.simulator.state import World
+from bridge.simulator.state import SessionState, ThreadState, World
 
 
 class Simulator:
@@ -46,18 +46,33 @@ class Simulator:
 
     def thread_log(self, session_id: str, thread_id: str) -> list[bytes]:
         """Every buffered event of the thread so far, in order, as canonical JSON bytes."""
+        return [e.raw for e in self._thread(session_id, thread_id).log.events if e.id]
+
+    def thread_items(self, session_id: str, thread_id: str) -> list[bytes]:
+        """What the thread's lists and streams serve, in order: its events and the malformed
+        items (no id, or no object) among them."""
+        return [e.raw for e in self._thread(session_id, thread_id).log.events]
+
+    def session_log(self, session_id: str) -> list[bytes]:
+        """The session-level events (coordinator activity and thread lifecycle)."""
+        return [e.raw for e in self._session(session_id).log.events if e.id]
+
+    def session_items(self, session_id: str) -> list[bytes]:
+        """The session-level events and the malformed items among them."""
+        return [e.raw for e in self._session(session_id).log.events]
+
+    def _session(self, session_id: str) -> SessionState:
+        session = self.world.session(session_id)
+        if session is None:
+            raise KeyError(session_id)
+        return session
+
+    def _thread(self, session_id: str, thread_id: str) -> ThreadState:
         session = self.world.session(session_id)
         thread = session.thread(thread_id) if session else None
         if thread is None:
             raise KeyError((session_id, thread_id))
-        return [e.raw for e in thread.log.events]
-
-    def session_log(self, session_id: str) -> list[bytes]:
-        """The session-level events (coordinator activity and thread lifecycle)."""
-        session = self.world.session(session_id)
-        if session is None:
-            raise KeyError(session_id)
-        return [e.raw for e in session.log.events]
+        return thread
 
     def all_threads(self) -> list[tuple[str, str]]:
         return [(s.id, t.id) for s in self.world.sessions for t in s.threads]
@@ -66,11 +81,7 @@ class Simulator:
         return [s.id for s in self.world.sessions]
 
     def thread_status(self, session_id: str, thread_id: str) -> str:
-        session = self.world.session(session_id)
-        thread = session.thread(thread_id) if session else None
-        if thread is None:
-            raise KeyError((session_id, thread_id))
-        return thread.status
+        return self._thread(session_id, thread_id).status
 
     async def wait_idle(self) -> None:
         """Until the scenario has emitted everything and no thread is running."""

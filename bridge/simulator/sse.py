@@ -75,7 +75,7 @@ async def _send_batch(send: Send, conn: StreamConn) -> None:
     batch = events[conn.pos : end]
     conn.pos = end
     conn.frames += len(batch)
-    conn.served.extend(e.id for e in batch)
+    conn.served.extend(e.id for e in batch if e.id)
     await _body(send, b"".join(e.frame for e in batch))
 
 
@@ -86,7 +86,7 @@ async def _send_slow(send: Send, conn: StreamConn) -> bool:
     while conn.pos < stop and size < BATCH_BYTES:
         event = conn.log.events[conn.pos]
         frames = [] if (bad := plan.garbage(conn.frames)) is None else [bad]
-        if conn.deltas and conn.pos >= conn.live_from and event.type in _DELTA_TYPES:
+        if conn.deltas and event.id and conn.pos >= conn.live_from and event.type in _DELTA_TYPES:
             frames.extend(delta_frames(event))
         frames.append(event.frame)
         for frame in frames:
@@ -103,7 +103,8 @@ async def _send_slow(send: Send, conn: StreamConn) -> bool:
             chunks.append(frame)
             size += len(frame)
             conn.frames += 1
-        conn.served.append(event.id)
+        if event.id:
+            conn.served.append(event.id)
         conn.pos += 1
     await _body(send, b"".join(chunks))
     return False
@@ -115,7 +116,8 @@ def delta_frames(event: Event) -> list[bytes]:
     start = {"event": {"id": event.id, "type": event.type}, "type": "event_start"}
     frames = [head + b"event_start\ndata: " + canonical(start) + b"\n\n"]
     if event.type == "agent.message":  # thinking deltas are start-only
-        text = "".join(b.get("text", "") for b in json.loads(event.raw).get("content", []))
+        data = json.loads(event.raw.decode("utf-8", "replace"))  # raw may be invalid UTF-8
+        text = "".join(b.get("text", "") for b in data.get("content", []))
         step = max(1, len(text) // 3)
         for at in range(0, len(text), step):
             content = {"text": text[at : at + step], "type": "text"}

@@ -2,7 +2,9 @@
 
 Every event is serialised once, at emission, as compact JSON (``ensure_ascii=False``). Those
 bytes are what JSON pages are joined from and what SSE ``data:`` lines carry, and the SSE frame
-around them is built once too, so serving is mostly ``b"".join``.
+around them is built once too, so serving is mostly ``b"".join``. Generation-time faults
+(:class:`~bridge.simulator.faults.ItemFaults`) are made here too: an event's bytes with invalid
+UTF-8, or a malformed item after it, are in the log like any event and served the same way.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import anyio
 
 from bridge.simulator.clock import Clock, Stamp
 from bridge.simulator.events import Step
+from bridge.simulator.faults import ItemFaults
 from bridge.simulator.scenario import Scenario, SessionSpec, ThreadSpec
 
 
@@ -24,16 +27,26 @@ def canonical(obj: Any) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """An item of a log: an event, or (with ``id == ""``) a malformed item served in its
+    place, which no cursor can name."""
+
     id: str
     type: str
     raw: bytes  # canonical JSON, byte for byte what lists and streams serve
     frame: bytes  # the SSE frame around it
 
     @classmethod
-    def make(cls, obj: dict[str, Any]) -> Event:
-        raw = canonical(obj)
+    def make(cls, obj: dict[str, Any], raw: bytes | None = None) -> Event:
+        """``raw``: other bytes for the same event (invalid UTF-8 in a string)."""
+        raw = canonical(obj) if raw is None else raw
         frame = b"id: %s\nevent: %s\ndata: %s\n\n" % (obj["id"].encode(), obj["type"].encode(), raw)
         return cls(obj["id"], obj["type"], raw, frame)
+
+    @classmethod
+    def without_id(cls, raw: bytes, event_type: str) -> Event:
+        """A frame with no ``id:`` line (and an ``event:`` line only when there is a type)."""
+        head = b"event: %s\n" % event_type.encode() if event_type else b""
+        return cls("", event_type, raw, head + b"data: " + raw + b"\n\n")
 
 
 class EventLog:
@@ -50,7 +63,8 @@ class EventLog:
         return len(self.events)
 
     def append(self, event: Event) -> None:
-        self.index[event.id] = len(self.events)
+        if event.id:
+            self.index[event.id] = len(self.events)
         self.events.append(event)
         self.wake()
 
@@ -87,6 +101,7 @@ class ThreadState:
     status: str = "running"
     archived_at: Stamp | None = None
     log: EventLog = field(default_factory=EventLog)
+    faults: ItemFaults | None = None  # generation-time faults of this thread's events
 
     @property
     def final(self) -> bool:
@@ -211,6 +226,9 @@ class World:
             created=stamp,
             updated=stamp,
         )
+        faults = self.scenario.faults
+        if faults.invalid_utf8_rate or faults.malformed_item_rate:
+            thread.faults = ItemFaults(self.scenario.seed, thread.key, faults)
         session.thread_index[thread.id] = len(session.threads)
         session.threads.append(thread)
         session.updated = stamp
@@ -226,12 +244,19 @@ class World:
         """Gives the step an id and a time, serialises it and appends it where it is served."""
         stamp = self.clock.stamp()
         obj = step.materialize(self.clock.new_id("evt_", stamp), stamp, thread.id, resolve or [])
-        event = Event.make(obj)
-        thread.log.append(event)
+        faults = thread.faults
+        event = Event.make(obj, faults.corrupt(obj) if faults else None)
+        # A malformed item follows its event wherever the event is served.
+        bad = faults.malformed() if faults else None
+        items = (event, Event.without_id(*bad)) if bad else (event,)
         session = thread.session
         # The session stream carries the coordinator's activity and every thread's lifecycle.
+        logs = [thread.log]
         if thread.parent_id is None or step.type.startswith(_SESSION_LEVEL):
-            session.log.append(event)
+            logs.append(session.log)
+        for log in logs:
+            for item in items:
+                log.append(item)
         thread.updated = session.updated = stamp
         if resolve is not None:
             resolve.append(event.id)

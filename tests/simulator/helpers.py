@@ -54,12 +54,10 @@ async def all_pages(c: httpx.AsyncClient, path: str, **params: Any) -> list[dict
         body = r.json()
         assert set(body) == {"data", "next_page", "first_id", "last_id", "has_more"}
         pages.append(body)
-        if body["data"]:
-            assert (body["first_id"], body["last_id"]) == (
-                body["data"][0]["id"],
-                body["data"][-1]["id"],
-            )
-        else:
+        real = [item["id"] for item in body["data"] if is_event(item)]
+        if real:
+            assert (body["first_id"], body["last_id"]) == (real[0], real[-1])
+        elif not body["data"]:
             assert body["first_id"] is None and body["last_id"] is None
         assert (body["next_page"] is not None) == body["has_more"]
         page = body["next_page"]
@@ -89,6 +87,22 @@ def page_items_raw(body: bytes) -> bytes:
     assert body.startswith(b'{"data":[')
     tail = b'],"next_page"' if b'],"next_page"' in body else b'],"first_id"'
     return body[len(b'{"data":[') : body.rindex(tail)]
+
+
+def is_event(item: Any) -> bool:
+    """False for the malformed items a log may carry (no id, or not an object at all)."""
+    return isinstance(item, dict) and "id" in item
+
+
+def sse_frame(raw: bytes) -> bytes:
+    """The frame a stream serves for an item of a log (``raw`` may be invalid UTF-8)."""
+    item = json.loads(raw.decode("utf-8", "surrogateescape"))
+    head = b""
+    if is_event(item):
+        head = b"id: %s\n" % item["id"].encode()
+    if isinstance(item, dict):
+        head += b"event: %s\n" % item["type"].encode()
+    return head + b"data: " + raw + b"\n\n"
 
 
 def ids(raw_events: list[bytes]) -> list[str]:

@@ -13,7 +13,16 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec, running_simulator
-from tests.simulator.helpers import TOKEN, client, ids, read_sse
+from tests.simulator.helpers import (
+    TOKEN,
+    all_pages,
+    client,
+    ids,
+    is_event,
+    page_items_raw,
+    read_sse,
+    sse_frame,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -166,6 +175,119 @@ async def test_non_json_frames_and_huge_events() -> None:
         json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode()
         for e in listed.json()["data"]
     ] == log
+
+
+async def _raw_stream(c: httpx.AsyncClient, path: str, size: int, **headers: str) -> bytes:
+    """The first ``size`` bytes of a stream's body, as they came."""
+    received = b""
+    async with c.stream("GET", path, headers=headers) as resp:
+        assert resp.status_code == 200
+        async for chunk in resp.aiter_raw():
+            received += chunk
+            if len(received) >= size:
+                break
+    return received[:size]
+
+
+async def test_invalid_utf8_inside_strings_in_pages_and_streams() -> None:
+    """Scenario "faulty" with invalid_utf8_rate=0.3 (and malformed items): some events carry
+    a lone 0xff or a truncated 0xe2 0x82 inside a JSON string value; the JSON page (then not
+    UTF-8 as a whole) and the stream's data lines serve exactly those bytes. The same seed
+    picks the same events, with or without malformed items among them."""
+    picked: list[list[tuple[int, bytes]]] = []
+    malformed: list[list[int]] = []
+    with anyio.fail_after(20):
+        for rate in (0.2, 0.2, 0.0):
+            faults = Faults(invalid_utf8_rate=0.3, malformed_item_rate=rate)
+            scenario = _with(faults, fresh_stream="replay")
+            async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+                session, thread = sim.all_threads()[0]
+                log, items = sim.thread_log(session, thread), sim.thread_items(session, thread)
+                path = f"/sessions/{session}/threads/{thread}"
+                page = await c.get(f"{path}/events", params={"limit": 100})
+                expected = b"".join(sse_frame(e) for e in items)
+                streamed = await _raw_stream(c, f"{path}/stream", len(expected))
+            bad = []
+            for i, raw in enumerate(log):
+                try:
+                    raw.decode()
+                except UnicodeDecodeError as exc:
+                    bad.append((i, raw[exc.start : exc.end]))
+                    # outside a string, json.loads would refuse the escaped bytes
+                    json.loads(raw.decode("utf-8", "surrogateescape"))
+            assert 0 < len(bad) < len(log)
+            assert {b for _, b in bad} == {b"\xff", b"\xe2\x82"}  # a lone byte, a cut sequence
+            with pytest.raises(UnicodeDecodeError):
+                page.content.decode()
+            assert page_items_raw(page.content) == b",".join(items)
+            assert streamed == expected
+            picked.append(bad)
+            malformed.append([i for i, raw in enumerate(items) if raw not in log])
+    assert picked[0] == picked[1] == picked[2]
+    assert malformed[0] == malformed[1] and malformed[0] and not malformed[2]
+
+
+async def test_malformed_items_hold_their_place_and_are_never_cursors() -> None:
+    """Scenario "faulty" with a malformed item after every event (malformed_item_rate=1):
+    in turn an object without an id and a JSON value that is no object. Pages serve them at
+    their place; first_id/last_id and next_page step over them, a page of nothing but one
+    is extended to the next event (or, at the end, names the event before it), so page
+    walks by next_page or by after_id=last_id get every event once; streams send them as
+    frames without an id line, at the same place."""
+    scenario = _with(Faults(malformed_item_rate=1.0), fresh_stream="replay")
+    with anyio.fail_after(20):
+        async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[1]
+            items, log = sim.thread_items(session, thread), ids(sim.thread_log(session, thread))
+            parsed = [json.loads(i) for i in items]
+            assert [is_event(i) for i in parsed] == [True, False] * len(log)
+            assert [p["id"] for p in parsed[0::2]] == log
+            assert parsed[1:8:2] == [parsed[1], None, parsed[1], 42]
+            assert parsed[1] == {"type": "agent.message", "content": parsed[1]["content"]}
+            assert {json.dumps(p) for p in parsed[3::4]} == {"null", "42", '"text"', "[]"}
+            path = f"/sessions/{session}/threads/{thread}/events"
+            for limit in (1, 2, 3, 7):
+                walked = [x for p in await all_pages(c, path, limit=limit) for x in p["data"]]
+                assert walked == parsed, limit
+                by_id, after = [], None
+                while True:
+                    params = {"limit": limit, **({"after_id": after} if after else {})}
+                    body = (await c.get(path, params=params)).json()
+                    by_id.append(body["data"])
+                    if not body["has_more"]:
+                        break
+                    after = body["last_id"]
+                real = [x["id"] for data in by_id for x in data if is_event(x)]
+                assert real == log, limit  # every event once; a malformed item may come twice
+            one = (await c.get(path, params={"after_id": log[3], "limit": 1})).json()
+            assert one["data"] == parsed[7:9] and one["first_id"] == one["last_id"] == log[4]
+            end = (await c.get(path, params={"after_id": log[-1]})).json()
+            assert end == {
+                "data": [parsed[-1]],
+                "next_page": None,
+                "first_id": log[-1],
+                "last_id": log[-1],
+                "has_more": False,
+            }
+            back = (await c.get(path, params={"before_id": log[2], "limit": 1})).json()
+            assert back["data"] == parsed[2:4] and back["first_id"] == log[1]
+            newest = (await c.get(path, params={"order": "desc", "limit": 1})).json()
+            assert newest["data"] == parsed[:-3:-1] and newest["last_id"] == log[-1]
+            session_items = [json.loads(i) for i in sim.session_items(session)]
+            assert len(session_items) == 2 * len(sim.session_log(session))
+            pages = await all_pages(c, f"/sessions/{session}/events", limit=3)
+            assert [x for p in pages for x in p["data"]] == session_items
+            typed = (await c.get(path, params={"types": "agent.message", "limit": 100})).json()
+            assert typed["data"] and all(is_event(x) for x in typed["data"])
+            stream = f"/sessions/{session}/threads/{thread}/stream"
+            expected = b"".join(sse_frame(i) for i in items)
+            assert await _raw_stream(c, stream, len(expected)) == expected
+            resumed = b"".join(sse_frame(i) for i in items[7:11])
+            assert await _raw_stream(c, stream, len(resumed), **{"last-event-id": log[3]}) == (
+                resumed
+            )
+            assert resumed.startswith(b"data: 42\n\nid: %s\n" % log[4].encode())
+            assert [conn.ids for conn in sim.connections] == [log, log[4:]]
 
 
 @pytest.mark.parametrize("kind", ["429", "503", "reset"])

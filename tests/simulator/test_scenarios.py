@@ -62,6 +62,8 @@ def test_scenario_files_json_and_toml(tmp_path: Path) -> None:
         ({"heartbeat_interval_s": 0}, "heartbeat_interval_s must be > 0"),
         ({"pagination": "pages"}, "'pages' is not one of next_page, after_id"),
         ({"faults": {"replay_max": 0}}, "faults.replay_max must be >= 1, got 0"),
+        ({"faults": {"invalid_utf8_rate": 1.5}}, "faults.invalid_utf8_rate must be within 0..1"),
+        ({"faults": {"malformed_item_rate": -1}}, "faults.malformed_item_rate must be within"),
     ],
 )
 def test_bad_scenarios_name_the_problem(data: dict[str, Any], message: str) -> None:
