@@ -6,6 +6,7 @@ or reset, authentication, then the resource (404), then the parameters (400).
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import MutableMapping
@@ -44,6 +45,7 @@ class Connection:
     ids: list[str]
     outcome: str = "open"
     cut: str | None = None  # set from outside: "abort" (outage, revoked token) or "end"
+    client: str = ""  # who opened it: a digest of its bearer token
     scope: anyio.CancelScope | None = field(default=None, repr=False)
 
 
@@ -62,6 +64,7 @@ class App:
         self.connections: list[Connection] = []
         self.served: dict[tuple[str, str], list[list[str]]] = {}
         self.open: set[Connection] = set()
+        self.cap_refusals: list[tuple[str, str]] = []  # (client, path): over connection_cap
 
     def cut_streams(self, how: str = "abort") -> None:
         for conn in list(self.open):
@@ -108,6 +111,8 @@ class App:
         resuming = _cursor(headers, scope, strict=strict) is not None
         plan = self.planner.stream(key, resuming=resuming) if streaming else None
         self._fail(plan.error if plan else self.planner.request(key))
+        if plan is not None:
+            self._cap(_client(headers), path)
         if headers.get(b"authorization", b"") != f"Bearer {self.token}".encode() or not self.token:
             raise HttpError(401, "authentication_error", "Invalid API key or token.")
         if route is None:
@@ -163,6 +168,14 @@ class App:
             retry = [(b"retry-after", str(self.scenario.faults.retry_after_s).encode())]
             raise HttpError(429, "rate_limit_error", "Too many requests.", headers=retry)
         raise HttpError(int(error), "api_error", "Service temporarily unavailable.")
+
+    def _cap(self, client: str, path: str) -> None:
+        """The gateway's per-client cap on open streams (JSON requests are not capped)."""
+        cap = self.scenario.connection_cap
+        if cap is None or sum(conn.client == client for conn in self.open) < cap:
+            return
+        self.cap_refusals.append((client, path))
+        self._fail(self.scenario.connection_cap_answer)
 
     def _list_sessions(self, query: Query) -> bytes:
         pagination = self.scenario.pagination
@@ -227,6 +240,7 @@ class App:
         record = Connection(
             route, session.id, thread.id if thread else None, cursor, plan.describe(), conn.served
         )
+        record.client = _client(headers)
         self.connections.append(record)
         if thread:
             self.served.setdefault((session.id, thread.id), []).append(conn.served)
@@ -235,6 +249,7 @@ class App:
         outcome: Outcome | None = None
         gone = False
         self.open.add(record)
+        self.world.wake()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": start})
             async with anyio.create_task_group() as tg:
@@ -254,6 +269,7 @@ class App:
                 tg.cancel_scope.cancel()
         finally:
             self.open.discard(record)
+            self.world.wake()
         record.outcome = "client closed" if gone else (outcome or f"cut ({record.cut})")
         if gone:
             return
@@ -282,6 +298,11 @@ def _route(parts: list[str]) -> str | None:
     if n == 4:
         return "thread"
     return {"events": "thread_events", "stream": "thread_stream"}.get(parts[4]) if n == 5 else None
+
+
+def _client(headers: dict[bytes, bytes]) -> str:
+    """A client as the gateway tells them apart: by bearer token (kept as a digest only)."""
+    return hashlib.sha256(headers.get(b"authorization", b"")).hexdigest()[:12]
 
 
 def _cursor(

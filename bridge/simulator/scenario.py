@@ -26,6 +26,7 @@ ThreadRoutes = Literal["both", "events", "stream"]
 FinalStatus = Literal["idle", "archived", "terminated"]
 Pagination = Literal["next_page", "after_id"]
 StreamQuery = Literal["lenient", "strict"]
+CapAnswer = Literal["429", "503", "reset"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -130,6 +131,10 @@ class Scenario:
     # rest; "strict" (Forward) refuses any, even empty, with 400 invalid_request, so the
     # cursor can only come from Last-Event-ID.
     stream_query: StreamQuery = "lenient"
+    # The gateway's cap on event streams open at once per client (bearer token); None: no
+    # cap. One more stream is refused with connection_cap_answer; JSON requests never are.
+    connection_cap: int | None = None
+    connection_cap_answer: CapAnswer = "reset"
     extra_field_rate: float = 0.1  # events carrying unknown fields (x_trace, x_region)
     unicode_rate: float = 0.3  # texts with emoji, CJK, RTL
     line_separator_rate: float = 0.03  # texts with U+2028/U+2029/U+0085 (raw in data lines)
@@ -142,6 +147,9 @@ class Scenario:
             _check(0.0 <= getattr(self, name) <= 1.0, f"{name} must be within 0..1")
         _check_one_of("pagination", self.pagination, Pagination)
         _check_one_of("stream_query", self.stream_query, StreamQuery)
+        cap = self.connection_cap
+        _check(cap is None or cap >= 0, f"connection_cap must be >= 0 or unset, got {cap}")
+        _check_one_of("connection_cap_answer", self.connection_cap_answer, CapAnswer)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scenario:
@@ -213,6 +221,8 @@ def _coerce(raw: Any, hint: Any, where: str) -> Any:
     args = typing.get_args(hint)
     origin = typing.get_origin(hint)
     if origin is Literal:
+        if isinstance(raw, int) and not isinstance(raw, bool) and str(raw) in args:
+            return str(raw)  # connection_cap_answer = 429 means "429"
         if raw not in args:
             raise ConfigError(f"{where}: {raw!r} is not one of {', '.join(map(str, args))}")
         return raw

@@ -112,6 +112,11 @@ class Simulator:
     def open_streams(self) -> int:
         return len(self.app.open)
 
+    @property
+    def cap_refusals(self) -> list[tuple[str, str]]:
+        """Stream opens refused over ``connection_cap``: (client digest, path), in order."""
+        return self.app.cap_refusals
+
     # runtime switches ----------------------------------------------------------------------
 
     def set_token(self, token: str | None, *, drop_streams: bool = True) -> None:

@@ -182,12 +182,13 @@ class World:
         self._changed: anyio.Event | None = None
 
     def changed(self) -> anyio.Event:
-        """Set on the next change anywhere: a session, a thread, an event, a status."""
+        """Set on the next change anywhere: a session, a thread, an event, a status, a stream
+        opening or closing."""
         if self._changed is None:
             self._changed = anyio.Event()
         return self._changed
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -209,7 +210,7 @@ class World:
         )
         self.session_index[session.id] = len(self.sessions)
         self.sessions.append(session)
-        self._wake()
+        self.wake()
         return session
 
     def add_thread(
@@ -232,7 +233,7 @@ class World:
         session.thread_index[thread.id] = len(session.threads)
         session.threads.append(thread)
         session.updated = stamp
-        self._wake()
+        self.wake()
         return thread
 
     def emit(
@@ -260,7 +261,7 @@ class World:
         thread.updated = session.updated = stamp
         if resolve is not None:
             resolve.append(event.id)
-        self._wake()
+        self.wake()
         return event
 
     def set_status(self, thread: ThreadState, status: str, *, archive: bool = False) -> None:
@@ -272,12 +273,12 @@ class World:
         # Streams that end on a final thread must notice even when no event came with it.
         thread.log.wake()
         thread.session.log.wake()
-        self._wake()
+        self.wake()
 
     def archive_session(self, session: SessionState) -> None:
         session.archived_at = session.updated = self.clock.stamp()
         session.log.wake()
-        self._wake()
+        self.wake()
 
 
 _SESSION_LEVEL = ("session.thread_", "agent.thread_message_")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -288,6 +289,65 @@ async def test_malformed_items_hold_their_place_and_are_never_cursors() -> None:
             )
             assert resumed.startswith(b"data: 42\n\nid: %s\n" % log[4].encode())
             assert [conn.ids for conn in sim.connections] == [log, log[4:]]
+
+
+@pytest.mark.parametrize("answer", ["429", "503", "reset"])
+async def test_connection_cap_per_token(answer: str) -> None:
+    """Scenario "faulty" with connection_cap=2: a client (bearer token) with two streams open
+    has a third refused, on every stream route, with the configured answer (429 with
+    Retry-After, 503 api_error, or a reset with no response); its JSON requests go through,
+    another token's streams are counted apart, and once one of its streams closes it may
+    open another. Every refusal is recorded."""
+    scenario = _with(Faults(retry_after_s=3), connection_cap=2, connection_cap_answer=answer)
+    with anyio.fail_after(20):
+        async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+            session, thread = sim.all_threads()[0]
+            base = f"/sessions/{session}/threads/{thread}"
+            sse = {"Accept": "text/event-stream"}
+            routes = [(f"{base}/stream", {}), (f"{base}/events", sse)]
+            routes.append((f"/sessions/{session}/events/stream", {}))
+
+            async def assert_refused(path: str, headers: dict[str, str]) -> None:
+                if answer == "reset":
+                    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+                        await c.get(path, headers=headers)
+                    return
+                r = await c.get(path, headers=headers)
+                assert r.status_code == int(answer)
+                if answer == "429":
+                    assert r.headers["retry-after"] == "3"
+                else:
+                    assert r.json()["error"]["type"] == "api_error"
+
+            async with contextlib.AsyncExitStack() as streams:
+                held = [
+                    await streams.enter_async_context(c.stream("GET", p, headers=h))
+                    for p, h in routes[:2]
+                ]
+                assert [r.status_code for r in held] == [200, 200]
+                for path, headers in routes:
+                    await assert_refused(path, headers)
+                assert (await c.get(f"{base}/events")).status_code == 200  # JSON: not capped
+                assert (await c.get("/sessions")).status_code == 200
+                await held[0].aclose()
+                await sim.wait_until(lambda: sim.open_streams == 1)
+                r = await streams.enter_async_context(c.stream("GET", routes[2][0]))
+                assert r.status_code == 200
+                sim.set_token("pt-other", drop_streams=False)
+                other = {"Authorization": "Bearer pt-other"}
+                for _ in range(2):
+                    r = await streams.enter_async_context(
+                        c.stream("GET", routes[0][0], headers=other)
+                    )
+                    assert r.status_code == 200
+                assert sim.open_streams == 4
+            assert len(sim.cap_refusals) == 3 and len(sim.connections) == 5
+            assert {who for who, _ in sim.cap_refusals} == {sim.connections[0].client}
+            assert sim.connections[0].client == sim.connections[2].client
+            assert sim.connections[0].client != sim.connections[3].client
+            assert [path for _, path in sim.cap_refusals] == [
+                f"/api/v1/cloud{path}" for path, _ in routes
+            ]
 
 
 @pytest.mark.parametrize("kind", ["429", "503", "reset"])

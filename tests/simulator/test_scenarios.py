@@ -64,6 +64,9 @@ def test_scenario_files_json_and_toml(tmp_path: Path) -> None:
         ({"faults": {"replay_max": 0}}, "faults.replay_max must be >= 1, got 0"),
         ({"faults": {"invalid_utf8_rate": 1.5}}, "faults.invalid_utf8_rate must be within 0..1"),
         ({"faults": {"malformed_item_rate": -1}}, "faults.malformed_item_rate must be within"),
+        ({"connection_cap": -1}, "connection_cap must be >= 0 or unset, got -1"),
+        ({"connection_cap": 1.5}, "connection_cap: expected int, got 1.5"),
+        ({"connection_cap_answer": 500}, "500 is not one of 429, 503, reset"),
     ],
 )
 def test_bad_scenarios_name_the_problem(data: dict[str, Any], message: str) -> None:
@@ -77,6 +80,7 @@ def test_bad_scenarios_name_the_problem(data: dict[str, Any], message: str) -> N
     [
         (lambda: Scenario(pagination="pages"), "pagination must be one of next_page, after_id"),
         (lambda: Scenario(stream_query="forward"), "stream_query must be one of lenient, strict"),
+        (lambda: Scenario(connection_cap_answer=429), "connection_cap_answer must be one of"),
     ],
 )
 def test_bad_knobs_built_in_python_name_the_problem(build: Any, message: str) -> None:
