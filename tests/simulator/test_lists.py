@@ -17,6 +17,7 @@ from tests.simulator.helpers import (
     client,
     ids,
     page_items_raw,
+    read_sse,
 )
 
 pytestmark = pytest.mark.anyio
@@ -130,6 +131,48 @@ async def test_after_id_generation_lists_without_next_page() -> None:
             before = (await c.get(path, params={"before_id": log[10], "limit": 3})).json()
             assert [e["id"] for e in before["data"]] == log[7:10] and before["has_more"]
             assert (before["first_id"], before["last_id"]) == (log[7], log[9])
+
+
+async def test_archived_sessions_leave_the_listing_and_stay_readable() -> None:
+    """Scenario: a session that starts late and is archived once its threads finish. It is
+    listed while it runs; once archived, GET /sessions leaves it out (statuses filter too)
+    unless include_archived=true, and the session, its threads and its events (lists and
+    stream resume) stay readable."""
+    archived = SessionSpec(
+        ThreadSpec(events=10, rate=20), (ThreadSpec(events=8, rate=20),), 0.2, archive=True
+    )
+    scenario = Scenario(seed=22, sessions=(SessionSpec(ThreadSpec(events=6, rate=0)), archived))
+    with anyio.fail_after(20):
+        async with running_simulator(scenario, token=TOKEN) as sim, client(sim) as c:
+            await sim.wait_until(lambda: len(sim.session_ids()) == 2)
+            kept, gone = sim.session_ids()
+            running = (await c.get("/sessions")).json()["data"]
+            assert [(s["id"], s["archived_at"]) for s in running] == [(gone, None), (kept, None)]
+            await sim.wait_idle()
+            listed = (await c.get("/sessions")).json()
+            assert [s["id"] for s in listed["data"]] == [kept] and not listed["has_more"]
+            idle = (await c.get("/sessions", params={"statuses": "idle"})).json()
+            assert [s["id"] for s in idle["data"]] == [kept]
+            everything = (await c.get("/sessions", params={"include_archived": "true"})).json()
+            assert [s["id"] for s in everything["data"]] == [gone, kept]
+            session = (await c.get(f"/sessions/{gone}")).json()
+            assert session["archived_at"] is not None and session["status"] == "idle"
+            assert everything["data"][0] == session
+            threads = (await c.get(f"/sessions/{gone}/threads")).json()["data"]
+            assert [t["id"] for t in threads] == [t for s, t in sim.all_threads() if s == gone]
+            for thread in threads:
+                log = ids(sim.thread_log(gone, thread["id"]))
+                events = await all_pages(c, f"/sessions/{gone}/threads/{thread['id']}/events")
+                assert [e["id"] for p in events for e in p["data"]] == log
+                resumed = await read_sse(
+                    c,
+                    f"/sessions/{gone}/threads/{thread['id']}/stream",
+                    2,
+                    headers={"Last-Event-ID": log[-3]},
+                )
+                assert [f.id for f in resumed] == log[-2:]
+            pages = await all_pages(c, f"/sessions/{gone}/events")
+            assert [e["id"] for p in pages for e in p["data"]] == ids(sim.session_log(gone))
 
 
 @pytest.mark.parametrize("honour", [True, False])
