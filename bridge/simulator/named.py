@@ -46,6 +46,44 @@ def _default() -> Scenario:
     )
 
 
+def _adversarial() -> Scenario:
+    # Everything a careful bridge must survive, at once and at a pace a test can follow (about
+    # 7 s): the older list envelope (after_id only), Forward's strict streams (the cursor from
+    # Last-Event-ID only), tail-only fresh streams, replays from before the cursor, bytes that
+    # are not UTF-8, items with no id, cut streams, and short sessions archived soon after
+    # they appear.
+    def long(title: str) -> SessionSpec:
+        kids = tuple(ThreadSpec(events=32, rate=6.0, start_after_s=0.5 * (i + 1)) for i in range(3))
+        return SessionSpec(ThreadSpec(events=36, rate=6.0), kids, title=title)
+
+    def brief(start: float, title: str) -> SessionSpec:
+        kid = (ThreadSpec(events=10, rate=25.0, start_after_s=0.1),)
+        return SessionSpec(ThreadSpec(events=12, rate=25.0), kid, start, title, archive=True)
+
+    return Scenario(
+        name="adversarial",
+        seed=10,
+        sessions=(
+            long("Migrate the billing jobs"),
+            long("审查依赖升级 🔍"),
+            brief(2.5, "Quick lint fix"),
+            brief(4.5, "One-off data export"),
+        ),
+        fresh_stream="tail",
+        pagination="after_id",
+        stream_query="strict",
+        heartbeat_interval_s=1.0,
+        faults=Faults(
+            drop_rate=0.2,
+            drop_after_frames=(3, 30),
+            replay_rate=0.8,
+            replay_max=3,
+            invalid_utf8_rate=0.02,
+            malformed_item_rate=0.02,
+        ),
+    )
+
+
 _TINY = SessionSpec(ThreadSpec(events=8, rate=0), (ThreadSpec(events=8, rate=0),) * 2, title="tiny")
 
 NAMED: dict[str, Scenario] = {
@@ -71,6 +109,7 @@ NAMED: dict[str, Scenario] = {
         honour_thread_statuses=True,
         thread_stream_routes="events",
     ),
+    "adversarial": _adversarial(),
     "chaos": Scenario(
         name="chaos",
         seed=5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -23,6 +24,7 @@ from bridge.simulator import (
     running_simulator,
 )
 from bridge.simulator.clock import decode_ms
+from tests.simulator.helpers import client
 
 pytestmark = pytest.mark.anyio
 
@@ -90,12 +92,71 @@ def test_bad_knobs_built_in_python_name_the_problem(build: Any, message: str) ->
         build()
 
 
+def test_example_scenario_file_shows_every_knob() -> None:
+    """deploy/simulator/example.toml: loads with Scenario.from_file, names every top-level knob
+    and every fault (commented out where the default is unset, as TOML has no null), and
+    holds the defaults, so it documents them: apart from its sessions it is Scenario()."""
+    path = Path(__file__).parents[2] / "deploy" / "simulator" / "example.toml"
+    scenario = Scenario.from_file(path)
+    text = path.read_text(encoding="utf-8")
+    for spec in (Scenario, Faults, SessionSpec, ThreadSpec):
+        for f in dataclasses.fields(spec):
+            shown = rf"^(# )?{f.name} = |^\[\[?(sessions\.)?{f.name}\]\]?"
+            assert re.search(shown, text, re.MULTILINE), f"{spec.__name__}.{f.name}"
+    assert dataclasses.replace(scenario, name="custom", sessions=Scenario().sessions) == Scenario()
+    first, second = scenario.sessions
+    assert first.coordinator == ThreadSpec() and first.title == "Refactor the config loader"
+    kids = (ThreadSpec(events=15, start_after_s=0.5, final_status="archived"),)
+    assert first.children == kids + (ThreadSpec(events=10, start_after_s=1.0),) * 3
+    assert second.children == (ThreadSpec(),) * 2 and second.archive
+
+
 def test_named_scenarios() -> None:
     """Named scenarios: every built-in loads by name; an unknown name lists them."""
     assert {"demo", "default", "tiny", "many-threads", "legacy", "chaos", "bench"} <= set(NAMED)
+    assert "adversarial" in NAMED
     assert load_scenario("demo").repeat_every_s
     with pytest.raises(ConfigError, match="demo"):
         load_scenario("nope")
+
+
+async def test_adversarial_scenario_combines_its_knobs() -> None:
+    """Scenario "adversarial" (generated at once here; live its events come over about 7 s):
+    two sessions of four threads and two short ones archived once done; lists answer the
+    older envelope and refuse page; streams refuse any query parameter; a few events carry
+    invalid UTF-8 and a few are followed by an item without an id."""
+    scenario = NAMED["adversarial"]
+    assert (scenario.pagination, scenario.stream_query, scenario.fresh_stream) == (
+        "after_id",
+        "strict",
+        "tail",
+    )
+    faults = scenario.faults
+    assert faults.replay_rate >= 0.5 and faults.replay_max == 3 and 0 < faults.drop_rate < 0.5
+    assert [len(s.children) + 1 for s in scenario.sessions] == [4, 4, 2, 2]
+    assert [(s.archive, s.start_after_s > 0) for s in scenario.sessions] == [
+        (False, False),
+        (False, False),
+        (True, True),
+        (True, True),
+    ]
+    with anyio.fail_after(20):
+        instant = dataclasses.replace(scenario, instant=True)
+        async with running_simulator(instant) as sim, client(sim) as c:
+            listed = (await c.get("/sessions")).json()
+            assert list(listed) == ["data", "first_id", "last_id", "has_more"]
+            assert [s["id"] for s in listed["data"]] == sim.session_ids()[1::-1]
+            assert (await c.get("/sessions", params={"page": "x"})).status_code == 400
+            session, thread = sim.all_threads()[0]
+            r = await c.get(f"/sessions/{session}/threads/{thread}/stream?after_id=")
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+            threads = sim.all_threads()
+            events = [e for s, t in threads for e in sim.thread_log(s, t)]
+            items = [i for s, t in threads for i in sim.thread_items(s, t)]
+    assert 300 <= len(events) <= 400
+    assert 0 < len(items) - len(events) < len(events) // 10
+    not_utf8 = [e for e in events if e.decode("utf-8", "replace").encode() != e]
+    assert 0 < len(not_utf8) < len(events) // 10
 
 
 def _check_thread(raw: list[bytes], thread_id: str) -> list[dict[str, Any]]:
