@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder
 
 from bridge.config import HttpSettings
 from bridge.errors import ConfigError
-from bridge.metrics import READY, REGISTRY
+from bridge.metrics import KAFKA_REACHABLE, READY, REGISTRY
 
 __all__ = ["HealthState", "serve_http"]
 
@@ -31,17 +31,44 @@ log = structlog.get_logger(__name__)
 
 
 class HealthState:
-    """Readiness flags, set by the composition root; every change updates ``qoder_bridge_ready``.
+    """Readiness checks, each set by the part of the bridge that knows; every change updates
+    ``qoder_bridge_ready`` (and ``qoder_bridge_kafka_reachable``).
 
-    Ready = the producer is connected, the API accepted the token, and the bridge is not
-    draining. A new state is not ready until both connections are reported.
+    ============================  ========================================  ==================
+    check                         true when                                 set by
+    ============================  ========================================  ==================
+    ``producer_connected``        the producer has started (and not been    the publisher
+                                  torn down after a failed batch)
+    ``kafka_reachable``           the last metadata probe was answered      the Kafka watcher
+    ``api_authorized``            the API accepted the token last time      the alerts (token)
+    ``discovery_ok``              no configured session is missing (404)    the supervisor
+                                  and listing the sessions works
+    ``not_draining``              no SIGTERM yet                            the app
+    ============================  ========================================  ==================
+
+    A new state is not ready: the producer and the API start unknown (false). The Kafka and
+    discovery checks start true, meaning "nothing known to be wrong": until the watcher's and
+    the supervisor's first look, the producer and token checks already hold readiness back.
+    ``detail`` holds one line per failing check that has something to say (the cause of a
+    Kafka outage, the sessions that are missing); ``/readyz`` shows it.
     """
 
-    CHECKS = ("producer_connected", "api_authorized", "not_draining")
+    CHECKS = (
+        "producer_connected",
+        "kafka_reachable",
+        "api_authorized",
+        "discovery_ok",
+        "not_draining",
+    )
 
     def __init__(self) -> None:
         self._producer_connected = False
+        self._kafka_reachable = True
+        self._kafka_error: str | None = None
         self._api_authorized = False
+        self._discovery_ok = True
+        self._discovery_error: str | None = None
+        self._missing_sessions: dict[str, str] = {}
         self._draining = False
         self._publish()
 
@@ -55,6 +82,20 @@ class HealthState:
         self._publish()
 
     @property
+    def kafka_reachable(self) -> bool:
+        return self._kafka_reachable
+
+    @kafka_reachable.setter
+    def kafka_reachable(self, value: bool) -> None:
+        self.set_kafka_reachable(value)
+
+    def set_kafka_reachable(self, value: bool, cause: str | None = None) -> None:
+        """The watcher's verdict; ``cause`` (when unreachable) is shown by ``/readyz``."""
+        self._kafka_reachable = value
+        self._kafka_error = None if value else cause
+        self._publish()
+
+    @property
     def api_authorized(self) -> bool:
         return self._api_authorized
 
@@ -62,6 +103,36 @@ class HealthState:
     def api_authorized(self, value: bool) -> None:
         self._api_authorized = value
         self._publish()
+
+    @property
+    def discovery_ok(self) -> bool:
+        """Listing sessions works and every configured session exists."""
+        return self._discovery_ok and not self._missing_sessions
+
+    @discovery_ok.setter
+    def discovery_ok(self, value: bool) -> None:
+        self.set_discovery(value)
+
+    def set_discovery(self, value: bool, cause: str | None = None) -> None:
+        """Whether listing sessions (or looking at the configured ones) works at all."""
+        self._discovery_ok = value
+        self._discovery_error = None if value else cause
+        self._publish()
+
+    def session_missing(self, session_id: str, cause: str = "not found (HTTP 404)") -> bool:
+        """A configured session answered 404; True the first time (warn and alert then)."""
+        new = session_id not in self._missing_sessions
+        self._missing_sessions[session_id] = cause
+        self._publish()
+        return new
+
+    def session_found(self, session_id: str) -> None:
+        if self._missing_sessions.pop(session_id, None) is not None:
+            self._publish()
+
+    @property
+    def missing_sessions(self) -> tuple[str, ...]:
+        return tuple(self._missing_sessions)
 
     @property
     def draining(self) -> bool:
@@ -80,13 +151,29 @@ class HealthState:
         """Names of the checks that fail, in :attr:`CHECKS` order."""
         results = {
             "producer_connected": self._producer_connected,
+            "kafka_reachable": self._kafka_reachable,
             "api_authorized": self._api_authorized,
+            "discovery_ok": self.discovery_ok,
             "not_draining": not self._draining,
         }
         return [name for name in self.CHECKS if not results[name]]
 
+    def detail(self) -> dict[str, str]:
+        """Why the failing checks fail, where the bridge knows more than the check's name."""
+        out: dict[str, str] = {}
+        if not self._kafka_reachable and self._kafka_error:
+            out["kafka_reachable"] = self._kafka_error
+        if not self.discovery_ok:
+            reasons = [f"session {sid}: {why}" for sid, why in self._missing_sessions.items()]
+            if not self._discovery_ok and self._discovery_error:
+                reasons.insert(0, self._discovery_error)
+            if reasons:
+                out["discovery_ok"] = "; ".join(reasons)
+        return out
+
     def _publish(self) -> None:
         READY.set(1 if self.ready else 0)
+        KAFKA_REACHABLE.set(1 if self._kafka_reachable else 0)
 
 
 @dataclass(frozen=True)
@@ -209,7 +296,10 @@ def _route(method: str, path: str, headers: dict[str, str], state: HealthState) 
         return _text(HTTPStatus.OK, "ok\n")
     if path == "/readyz":
         failing = state.failing_checks()
-        body = json.dumps({"ready": not failing, "failing": failing}).encode() + b"\n"
+        answer: dict[str, object] = {"ready": not failing, "failing": failing}
+        if detail := state.detail():
+            answer["detail"] = detail
+        body = json.dumps(answer).encode() + b"\n"
         status = HTTPStatus.OK if not failing else HTTPStatus.SERVICE_UNAVAILABLE
         return _Response(status, body, "application/json")
     encoder, content_type = choose_encoder(headers.get("accept", ""))

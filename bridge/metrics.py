@@ -14,6 +14,9 @@ from collections.abc import Callable
 from typing import Literal
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -36,6 +39,7 @@ __all__ = [
     "EVENTS_RECEIVED",
     "EVENT_TYPES",
     "INFLIGHT_BYTES",
+    "KAFKA_REACHABLE",
     "OPEN_STREAMS",
     "PUBLISH_LATENCY",
     "PUMPS",
@@ -62,6 +66,11 @@ __all__ = [
 # The *_created series double every counter's series count and no dashboard of ours uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # unannotated upstream
 REGISTRY = CollectorRegistry(auto_describe=True)
+# What operators expect from any exporter: process_* (RSS, CPU, open files, start time) and
+# python_* (version, GC). prometheus_client registers these on its default registry only; ours
+# is dedicated, so they are added here (the same collector objects: they hold no state).
+for _collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+    REGISTRY.register(_collector)
 
 # The public Qoder event catalog (qoder-api.md §5), including both incremental models and the
 # stream-only delta frames. Anything else is counted as "other".
@@ -237,6 +246,11 @@ INFLIGHT_BYTES = Gauge(
     registry=REGISTRY,
 )
 READY = Gauge("qoder_bridge_ready", "1 when /readyz answers 200, else 0.", registry=REGISTRY)
+KAFKA_REACHABLE = Gauge(
+    "qoder_bridge_kafka_reachable",
+    "1 when the last Kafka metadata probe was answered, else 0.",
+    registry=REGISTRY,
+)
 BUILD_INFO = Gauge(
     "qoder_bridge_build_info", "Always 1; the version is the label.", ["version"], registry=REGISTRY
 )

@@ -36,7 +36,19 @@ METRIC_NAMES = {
     "qoder_bridge_threads_followed": "gauge",
     "qoder_bridge_inflight_bytes": "gauge",
     "qoder_bridge_ready": "gauge",
+    "qoder_bridge_kafka_reachable": "gauge",
     "qoder_bridge_build_info": "gauge",
+}
+# What any Prometheus exporter is expected to show (prometheus_client's default collectors).
+PROCESS_METRICS = {
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_cpu_seconds": "counter",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
+    "process_start_time_seconds": "gauge",
+    "python_info": "gauge",
+    "python_gc_objects_collected": "counter",
 }
 
 
@@ -99,6 +111,52 @@ async def test_readyz_names_the_failing_checks_until_everything_is_up() -> None:
         assert ready_gauge() == 0
 
 
+async def test_readyz_says_why_kafka_is_unreachable() -> None:
+    """Scenario: the Kafka watcher's probe fails. /readyz names kafka_reachable with the cause
+    in the operator's words, qoder_bridge_kafka_reachable is 0; both recover together."""
+    state = HealthState()
+    state.producer_connected = state.api_authorized = True
+    cause = "connection refused by 127.0.0.1:9092: nothing listens there"
+    async with server(state) as (client, _):
+        state.set_kafka_reachable(False, cause)
+        response = await client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json() == {
+            "ready": False,
+            "failing": ["kafka_reachable"],
+            "detail": {"kafka_reachable": cause},
+        }
+        assert metrics.REGISTRY.get_sample_value("qoder_bridge_kafka_reachable") == 0
+        state.kafka_reachable = True
+        assert (await client.get("/readyz")).json() == {"ready": True, "failing": []}
+        assert metrics.REGISTRY.get_sample_value("qoder_bridge_kafka_reachable") == 1
+
+
+async def test_a_missing_session_is_a_discovery_failure_not_a_token_one() -> None:
+    """Scenario: BRIDGE_SESSIONS names a session with a typo, which answers 404. The token is
+    fine: /readyz names discovery_ok and the session, not api_authorized."""
+    state = HealthState()
+    state.producer_connected = state.api_authorized = True
+    async with server(state) as (client, _):
+        assert state.session_missing("sess_typo") is True
+        assert state.session_missing("sess_typo") is False  # warn and alert once
+        response = await client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json() == {
+            "ready": False,
+            "failing": ["discovery_ok"],
+            "detail": {"discovery_ok": "session sess_typo: not found (HTTP 404)"},
+        }
+        assert state.missing_sessions == ("sess_typo",)
+        state.session_found("sess_typo")
+        assert (await client.get("/readyz")).status_code == 200
+
+        state.set_discovery(False, "listing sessions failed: HTTP 503")
+        body = (await client.get("/readyz")).json()
+        assert body["failing"] == ["discovery_ok"]
+        assert body["detail"] == {"discovery_ok": "listing sessions failed: HTTP 503"}
+
+
 async def test_metrics_exposes_every_documented_name() -> None:
     """/metrics is Prometheus text with the right content type and every metric the
     dashboards and alert rules use, with no per-session labels."""
@@ -112,7 +170,13 @@ async def test_metrics_exposes_every_documented_name() -> None:
         for name, kind in METRIC_NAMES.items():
             assert name in families, name
             assert families[name].type == kind, name
-        labels = {key for family in families.values() for s in family.samples for key in s.labels}
+        labels = {
+            key
+            for family in families.values()
+            if family.name.startswith("qoder_bridge_")
+            for s in family.samples
+            for key in s.labels
+        }
         assert labels <= {"type", "reason", "state", "route", "status", "outcome", "version", "le"}
         received = {s.labels["type"] for s in families["qoder_bridge_events_received"].samples}
         assert {"agent.message", "other"} <= received
@@ -123,6 +187,20 @@ async def test_metrics_exposes_every_documented_name() -> None:
         )
         assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
         assert openmetrics.text.endswith("# EOF\n")
+
+
+async def test_metrics_shows_the_process_memory_cpu_and_files() -> None:
+    """Scenario: an operator graphs the bridge's memory. /metrics has the process_* figures
+    (RSS, CPU, open files) and python_* ones, and the RSS is this process's."""
+    async with server(HealthState()) as (client, _):
+        text = (await client.get("/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name, kind in PROCESS_METRICS.items():
+        assert name in families, name
+        assert families[name].type == kind, name
+    (rss,) = families["process_resident_memory_bytes"].samples
+    assert 10 * 2**20 < rss.value < 4 * 2**30
+    assert families["process_open_fds"].samples[0].value > 0
 
 
 async def test_unknown_paths_and_methods() -> None:
