@@ -3,7 +3,11 @@
 Our own log calls use stable dotted event names (``bridge.pump.reconnecting``) with key/value
 detail. Records from stdlib logging (aiokafka, httpx, uvicorn) go through the same renderer,
 with ``event`` = the logger's name and the text under ``message``; those libraries are held at
-warning level.
+warning level, and each of their message shapes is written at most once per
+``third_party_window_s`` (30 s): a broker that is down makes aiokafka log about 30 lines a
+second, which would bury everything else. The next line of that shape after the window says how
+many were folded (``suppressed``). The bridge's own lines (``bridge.*``) are never folded: the
+Kafka watcher says ``bridge.kafka.unreachable`` once, with the cause.
 
 Redaction is a last line of defence, not the mechanism: tokens are :class:`~bridge.secrets.Secret`
 values and are never passed to a logger in clear. Still, every line is scrubbed of the value of
@@ -16,7 +20,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -25,7 +30,13 @@ from structlog.typing import Processor
 from bridge.config import LogSettings
 from bridge.secrets import MASK, Secret, live_secret_values
 
-__all__ = ["THIRD_PARTY_LOGGERS", "configure_logging", "redact_event", "scrub_text"]
+__all__ = [
+    "THIRD_PARTY_LOGGERS",
+    "ThirdPartyRateLimit",
+    "configure_logging",
+    "redact_event",
+    "scrub_text",
+]
 
 # Libraries whose stdlib logging is routed through structlog, at warning level at least.
 THIRD_PARTY_LOGGERS = ("aiokafka", "kafka", "httpx", "httpcore", "uvicorn", "asyncio")
@@ -116,12 +127,60 @@ def _scrub_rendered(_logger: Any, _method: str, rendered: Any) -> Any:
 
 
 def _name_foreign_event(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
-    """For a stdlib record: ``event`` = the logger's (dotted) name, the text in ``message``."""
+    """For a stdlib record: ``event`` = the logger's (dotted) name, the text in ``message``,
+    and how many lines of the same shape were folded into this one."""
     record = event_dict.get("_record")
     if isinstance(record, logging.LogRecord):
         event_dict["message"] = event_dict.get("event")
         event_dict["event"] = record.name
+        suppressed = getattr(record, _SUPPRESSED_ATTR, 0)
+        if suppressed:
+            event_dict["suppressed"] = suppressed
     return event_dict
+
+
+_SUPPRESSED_ATTR = "bridge_suppressed"
+_DIGITS = re.compile(r"\d+")
+
+
+class ThirdPartyRateLimit(logging.Filter):
+    """At most one record per logger, level and message shape every ``window_s``; the next one
+    after a window carries the number folded meanwhile (``bridge_suppressed``). The bridge's
+    own records (``bridge.*``) always pass.
+
+    The shape is the format string when the record has arguments (aiokafka's usual style),
+    else the text with its numbers blanked (ports, ids, sizes in f-strings).
+    """
+
+    MAX_SHAPES = 512
+
+    def __init__(
+        self, window_s: float = 30.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self._window_s = window_s
+        self._clock = clock
+        #: shape -> [window start, records folded in this window]
+        self._shapes: dict[tuple[str, int, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "bridge" or record.name.startswith("bridge."):
+            return True
+        template = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+        shape = template if record.args else _DIGITS.sub("#", template)
+        key = (record.name, record.levelno, shape[:200])
+        now = self._clock()
+        state = self._shapes.get(key)
+        if state is not None and now - state[0] < self._window_s:
+            state[1] += 1
+            return False
+        if state is not None and state[1]:
+            setattr(record, _SUPPRESSED_ATTR, int(state[1]))
+        self._shapes.pop(key, None)
+        self._shapes[key] = [now, 0]
+        if len(self._shapes) > self.MAX_SHAPES:
+            del self._shapes[next(iter(self._shapes))]  # the least recently written shape
+        return True
 
 
 def _json_default(obj: object) -> str:
@@ -132,8 +191,17 @@ class _BridgeHandler(logging.StreamHandler[TextIO]):
     """Marks the handler we installed, so configuring again replaces it."""
 
 
-def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) -> None:
-    """Configure structlog and stdlib logging once for the process (safe to call again)."""
+def configure_logging(
+    settings: LogSettings,
+    *,
+    stream: TextIO | None = None,
+    third_party_window_s: float = 30.0,
+) -> None:
+    """Configure structlog and stdlib logging once for the process (safe to call again).
+
+    Third-party records are folded per shape over ``third_party_window_s`` (see
+    :class:`ThirdPartyRateLimit`).
+    """
     level = logging.getLevelNamesMapping()[settings.level.upper()]
     stream = stream if stream is not None else sys.stderr
 
@@ -177,6 +245,7 @@ def configure_logging(settings: LogSettings, *, stream: TextIO | None = None) ->
     )
     handler = _BridgeHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(ThirdPartyRateLimit(third_party_window_s))
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _BridgeHandler)]:

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from bridge.config import LogSettings
-from bridge.logs import configure_logging, scrub_text
+from bridge.logs import ThirdPartyRateLimit, configure_logging, scrub_text
 from bridge.secrets import Secret
 
 TOKEN = "pt-logs-test-token-9f8e7d6c5b4a"
@@ -136,3 +136,63 @@ def test_scrub_text_masks_token_shapes() -> None:
     assert scrub_text("bridge.token.reloaded token_file=/var/run/token") == (
         "bridge.token.reloaded token_file=/var/run/token"
     )
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_burst_of_aiokafka_errors_is_folded_into_a_few_lines() -> None:
+    """Scenario: the broker is down and aiokafka logs the same two errors 1,000 times each
+    (about 30 a second in real life). The log gets one line per message shape, not 2,000,
+    and the bridge's own warnings are never folded."""
+    stream = configured()
+    kafka_log = logging.getLogger("aiokafka")
+    for n in range(1000):
+        kafka_log.error("Unable connect to node with id %s: %s", 1, f"[Errno 111] try {n}")
+        kafka_log.error(
+            f"Unable to update metadata from [{n % 3}]"
+        )  # an f-string, as aiokafka does
+    for _ in range(3):
+        structlog.get_logger("bridge.kafka").warning("bridge.kafka.unreachable")
+    records = lines(stream)
+    assert [r["event"] for r in records] == ["aiokafka", "aiokafka"] + [
+        "bridge.kafka.unreachable"
+    ] * 3
+    assert records[0]["message"] == "Unable connect to node with id 1: [Errno 111] try 0"
+
+
+def test_folded_lines_are_counted_on_the_next_line_after_the_window() -> None:
+    """After the window, the next line of that shape says how many were folded meanwhile."""
+    now = [0.0]
+    limiter = ThirdPartyRateLimit(30.0, clock=lambda: now[0])
+
+    def record(msg: str, *args: object, name: str = "aiokafka") -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, args, None)
+
+    passed = []
+    for second in range(100):  # 100 s of 30 lines a second
+        now[0] = float(second)
+        for n in range(30):
+            rec = record("Unable connect to node with id %s: %s", 1, n)
+            if limiter.filter(rec):
+                passed.append((second, getattr(rec, "bridge_suppressed", 0)))
+    assert passed == [(0, 0), (30, 899), (60, 899), (90, 899)]
+    assert limiter.filter(record("something else"))
+    assert all(limiter.filter(record("x", name="bridge.publisher")) for _ in range(5))
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_the_folded_count_reaches_the_json_line() -> None:
+    """``suppressed`` is a field of the JSON line that follows a folded burst."""
+    stream = io.StringIO()
+    configure_logging(LogSettings(format="json"), stream=stream, third_party_window_s=0.0)
+    handler = logging.getLogger().handlers[-1]
+    now = [0.0]
+    handler.filters[:] = [ThirdPartyRateLimit(30.0, clock=lambda: now[0])]
+    kafka_log = logging.getLogger("aiokafka")
+    for _ in range(5):
+        kafka_log.error("Unable to update metadata from %s", [1])
+    now[0] = 31.0
+    kafka_log.error("Unable to update metadata from %s", [1])
+    records = lines(stream)
+    assert len(records) == 2
+    assert "suppressed" not in records[0]
+    assert records[1]["suppressed"] == 4
