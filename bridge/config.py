@@ -7,6 +7,12 @@ lower-cased, the flags are the names without the ``BRIDGE_`` prefix in kebab cas
 :func:`config_table_markdown`. An empty value (``FOO=``) counts as unset, except where an empty
 value means something (``BRIDGE_ALERTS_TOPIC=`` disables alerts).
 
+One family of settings is open-ended: ``KAFKA_PRODUCER_<PROPERTY>`` passes a Kafka producer
+property (``KAFKA_PRODUCER_CLIENT_ID`` -> ``client.id``) to the producer, the way Kafka Connect's
+``producer.override.*`` does; on the command line ``--kafka-producer client.id=x``, in the file
+a ``[kafka_producer]`` table with Kafka's names. Only the properties in
+:data:`PRODUCER_PROPERTIES` are accepted; the ones the bridge decides are refused by name.
+
 Nothing else in the bridge reads ``os.environ``. Errors name the setting, where the value came
 from and what is accepted; secret values are never quoted.
 """
@@ -30,6 +36,10 @@ from bridge.secrets import Secret
 
 __all__ = [
     "ENV_VARS",
+    "PRODUCER_CONFIG_TABLE",
+    "PRODUCER_ENV_PREFIX",
+    "PRODUCER_FLAG",
+    "PRODUCER_PROPERTIES",
     "ApiSettings",
     "DeliverySettings",
     "EnvVar",
@@ -41,6 +51,8 @@ __all__ = [
     "config_table_markdown",
     "env_token",
     "load_settings",
+    "producer_env_name",
+    "require_token",
 ]
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -88,10 +100,20 @@ class KafkaSettings:
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     topic_partitions: int = 6
+    alerts_topic_partitions: int = 1
+    checkpoint_topic_partitions: int = 1
+    dlq_topic_partitions: int = 1
     replication_factor: int = 1
+    # Topic configs (retention.ms, min.insync.replicas, ...) for topics the bridge creates.
+    topic_config: tuple[tuple[str, str], ...] = ()
+    alerts_topic_config: tuple[tuple[str, str], ...] = ()
+    checkpoint_topic_config: tuple[tuple[str, str], ...] = ()
+    dlq_topic_config: tuple[tuple[str, str], ...] = ()
     compression: str | None = "gzip"
     max_request_bytes: int = 1048576
     linger_ms: int = 5
+    # KAFKA_PRODUCER_*: Kafka producer property -> typed value, see PRODUCER_PROPERTIES.
+    producer_overrides: tuple[tuple[str, str | int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +142,7 @@ class ShutdownSettings:
 class LogSettings:
     format: Literal["json", "console"] = "json"
     level: str = "info"
+    summary_interval_s: float = 60.0  # 0 = no periodic bridge.summary line
 
 
 @dataclass(frozen=True)
@@ -283,6 +306,121 @@ def _bootstrap(raw: str) -> str:
     return ",".join(servers)
 
 
+def _seconds_or_off(raw: str) -> float:
+    expected = "a number of seconds >= 0 (0 turns it off)"
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _Invalid(expected) from None
+    if not math.isfinite(value) or value < 0:
+        raise _Invalid(expected)
+    return value
+
+
+_CONFIG_NAME = re.compile(r"[a-z][a-z0-9]*(?:[._-][a-z0-9]+)*")
+
+
+def _topic_config(raw: str) -> tuple[tuple[str, str], ...]:
+    """``retention.ms=604800000,min.insync.replicas=2``. A part without ``=`` continues the
+    previous value, so list-valued configs read naturally: ``cleanup.policy=compact,delete``."""
+    expected = (
+        "a comma-separated list of Kafka topic configs, name=value, such as "
+        "retention.ms=604800000,min.insync.replicas=2"
+    )
+    pairs: list[list[str]] = []
+    for piece in raw.split(","):
+        part = piece.strip()
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        if sep:
+            name = name.strip()
+            if not _CONFIG_NAME.fullmatch(name) or not value.strip():
+                raise _Invalid(expected + f"; {part[:60]!r} is not one")
+            pairs.append([name, value.strip()])
+        elif pairs:
+            pairs[-1][1] += "," + part
+        else:
+            raise _Invalid(expected + f"; {part[:60]!r} has no '='")
+    seen: dict[str, str] = {}
+    for name, value in pairs:
+        if name in seen and seen[name] != value:
+            raise _Invalid(expected + f"; {name} is given twice")
+        seen[name] = value
+    return tuple(seen.items())
+
+
+# -- Kafka producer pass-through (KAFKA_PRODUCER_<PROPERTY>) ------------------------------------
+
+#: Kafka producer properties passed through to aiokafka's AIOKafkaProducer: name -> (keyword
+#: argument, parser). ``KAFKA_PRODUCER_REQUEST_TIMEOUT_MS`` sets ``request.timeout.ms``.
+PRODUCER_PROPERTIES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "client.id": ("client_id", _text),
+    "request.timeout.ms": ("request_timeout_ms", _int(1)),
+    "metadata.max.age.ms": ("metadata_max_age_ms", _int(0)),
+    "batch.size": ("max_batch_size", _int(1)),
+    "retry.backoff.ms": ("retry_backoff_ms", _int(0)),
+    "connections.max.idle.ms": ("connections_max_idle_ms", _int(1)),
+}
+#: Producer properties that have a setting of their own: the pass-through name is an alias of it.
+PRODUCER_PROPERTY_SETTINGS: dict[str, str] = {
+    "linger.ms": "KAFKA_LINGER_MS",
+    "compression.type": "KAFKA_COMPRESSION",
+    "max.request.size": "KAFKA_MAX_REQUEST_BYTES",
+}
+#: Producer properties the bridge decides, with the setting that does it.
+PRODUCER_PROPERTIES_RESERVED: dict[str, str] = {
+    "acks": "the bridge always uses acks=all (see BRIDGE_DELIVERY)",
+    "enable.idempotence": "the bridge always uses an idempotent producer (see BRIDGE_DELIVERY)",
+    "transactional.id": "set BRIDGE_TRANSACTIONAL_ID",
+    "transaction.timeout.ms": "set BRIDGE_TRANSACTION_TIMEOUT_MS",
+    "isolation.level": "a consumer setting; the bridge reads checkpoints read_committed",
+    "bootstrap.servers": "set KAFKA_BOOTSTRAP_SERVERS",
+    "security.protocol": "set KAFKA_SECURITY_PROTOCOL",
+    "sasl.mechanism": "set KAFKA_SASL_MECHANISM",
+    "sasl.jaas.config": "set KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD",
+    "ssl.truststore.location": "set KAFKA_SSL_CAFILE (PEM)",
+    "ssl.keystore.location": "set KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE (PEM)",
+    "key.serializer": "the bridge writes bytes",
+    "value.serializer": "the bridge writes bytes",
+    "partitioner.class": "the bridge keys records by session/thread (Kafka's murmur2)",
+}
+#: Java client properties the Python client (aiokafka) has no equivalent for.
+_PRODUCER_JAVA_ONLY = frozenset(
+    {
+        "buffer.memory",
+        "max.in.flight.requests.per.connection",
+        "delivery.timeout.ms",
+        "retries",
+        "max.block.ms",
+        "send.buffer.bytes",
+        "receive.buffer.bytes",
+        "reconnect.backoff.ms",
+        "reconnect.backoff.max.ms",
+        "interceptor.classes",
+        "metric.reporters",
+        "client.dns.lookup",
+        "partitioner.ignore.keys",
+        "partitioner.adaptive.partitioning.enable",
+        "compression.gzip.level",
+        "compression.lz4.level",
+        "compression.zstd.level",
+    }
+)
+PRODUCER_ENV_PREFIX = "KAFKA_PRODUCER_"
+PRODUCER_CONFIG_TABLE = "kafka_producer"  # [kafka_producer] in the TOML file, Kafka's names
+PRODUCER_FLAG = "--kafka-producer"
+
+
+def producer_env_name(prop: str) -> str:
+    """``request.timeout.ms`` -> ``KAFKA_PRODUCER_REQUEST_TIMEOUT_MS``."""
+    return PRODUCER_ENV_PREFIX + prop.upper().replace(".", "_").replace("-", "_")
+
+
+def _producer_property(env_name: str) -> str:
+    return env_name.removeprefix(PRODUCER_ENV_PREFIX).lower().replace("_", ".")
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 _GROUPS: dict[str, type[Any]] = {
@@ -335,7 +473,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "QODER_ACCESS_TOKEN",
         "api.token",
         "bearer token (PAT or SAT); never logged. `run` and `check` refuse to start without "
-        "it or a token file (`make run` then starts the bundled simulator instead)",
+        "it or a token file",
         _secret,
         aliases=("QODER_PAT",),
         secret=True,
@@ -450,24 +588,80 @@ ENV_VARS: tuple[EnvVar, ...] = (
         _int(1),
     ),
     EnvVar(
+        "BRIDGE_ALERTS_TOPIC_PARTITIONS",
+        "kafka.alerts_topic_partitions",
+        "partitions of the alerts topic when the bridge creates it",
+        _int(1),
+    ),
+    EnvVar(
+        "BRIDGE_CHECKPOINT_TOPIC_PARTITIONS",
+        "kafka.checkpoint_topic_partitions",
+        "partitions of the checkpoint topic when the bridge creates it",
+        _int(1),
+    ),
+    EnvVar(
+        "BRIDGE_DLQ_TOPIC_PARTITIONS",
+        "kafka.dlq_topic_partitions",
+        "partitions of the DLQ topic when the bridge creates it",
+        _int(1),
+    ),
+    EnvVar(
         "BRIDGE_REPLICATION_FACTOR",
         "kafka.replication_factor",
         "replication factor of the topics the bridge creates",
         _int(1),
     ),
     EnvVar(
+        "BRIDGE_TOPIC_CONFIG",
+        "kafka.topic_config",
+        "topic configs of the events topic when the bridge creates it, `name=value,...` "
+        "(e.g. `retention.ms=604800000,min.insync.replicas=2`)",
+        _topic_config,
+        default_text="empty",
+    ),
+    EnvVar(
+        "BRIDGE_ALERTS_TOPIC_CONFIG",
+        "kafka.alerts_topic_config",
+        "topic configs of the alerts topic when the bridge creates it",
+        _topic_config,
+        default_text="empty",
+    ),
+    EnvVar(
+        "BRIDGE_CHECKPOINT_TOPIC_CONFIG",
+        "kafka.checkpoint_topic_config",
+        "topic configs of the checkpoint topic, over `cleanup.policy=compact,"
+        "min.compaction.lag.ms=60000` (compact must stay)",
+        _topic_config,
+        default_text="empty",
+    ),
+    EnvVar(
+        "BRIDGE_DLQ_TOPIC_CONFIG",
+        "kafka.dlq_topic_config",
+        "topic configs of the DLQ topic when the bridge creates it",
+        _topic_config,
+        default_text="empty",
+    ),
+    EnvVar(
         "KAFKA_COMPRESSION",
         "kafka.compression",
         "producer compression: " + ", ".join(COMPRESSIONS),
         _compression,
+        aliases=("KAFKA_PRODUCER_COMPRESSION_TYPE",),
     ),
     EnvVar(
         "KAFKA_MAX_REQUEST_BYTES",
         "kafka.max_request_bytes",
         "largest produce request; bigger events go to the DLQ",
         _int(1024),
+        aliases=("KAFKA_PRODUCER_MAX_REQUEST_SIZE",),
     ),
-    EnvVar("KAFKA_LINGER_MS", "kafka.linger_ms", "producer linger before sending", _int(0)),
+    EnvVar(
+        "KAFKA_LINGER_MS",
+        "kafka.linger_ms",
+        "producer linger before sending",
+        _int(0),
+        aliases=("KAFKA_PRODUCER_LINGER_MS",),
+    ),
     EnvVar(
         "BRIDGE_DELIVERY",
         "delivery.mode",
@@ -531,10 +725,27 @@ ENV_VARS: tuple[EnvVar, ...] = (
         default_text="`json` (`console` when stderr is a TTY)",
     ),
     EnvVar("BRIDGE_LOG_LEVEL", "log.level", ", ".join(LOG_LEVELS), _log_level),
+    EnvVar(
+        "BRIDGE_LOG_SUMMARY_INTERVAL_S",
+        "log.summary_interval_s",
+        "seconds between `bridge.summary` progress lines (threads, events, lag) at info; 0 = none",
+        _seconds_or_off,
+    ),
 )
 
 _BY_NAME: dict[str, EnvVar] = {v.name: v for v in ENV_VARS}
 _BY_NAME.update({alias: v for v in ENV_VARS for alias in v.aliases})
+
+
+PRODUCER_TABLE_ROW = (
+    f"| `{PRODUCER_ENV_PREFIX}<PROPERTY>` | `{PRODUCER_FLAG} property=value` | none | any of "
+    "these Kafka producer properties, passed to the producer over the bridge's defaults: "
+    + ", ".join(f"`{p}`" for p in PRODUCER_PROPERTIES)
+    + " (e.g. `KAFKA_PRODUCER_CLIENT_ID`, `KAFKA_PRODUCER_REQUEST_TIMEOUT_MS`); "
+    + ", ".join(f"`{p}`" for p in PRODUCER_PROPERTY_SETTINGS)
+    + " are aliases of their own settings; in the config file also a `[kafka_producer]` table "
+    "with Kafka's names |"
+)
 
 
 def config_table_markdown() -> str:
@@ -546,6 +757,8 @@ def config_table_markdown() -> str:
         if var.default_text is None and default != "none":
             default = f"`{default}`"
         lines.append(f"| {name} | `{var.flag}` | {default} | {var.meaning} |")
+        if var.name == "KAFKA_LINGER_MS":
+            lines.append(PRODUCER_TABLE_ROW)
     return "\n".join(lines) + "\n"
 
 
@@ -557,6 +770,34 @@ class _Raw:
     value: str
     origin: str  # for messages: "--http-port", "the environment", "config.toml"
     as_name: str  # the name it was given under (an alias, or the canonical name)
+
+
+_TABLE_KEYS = frozenset(
+    {v.config_key for v in ENV_VARS if v.parse is _topic_config} | {PRODUCER_CONFIG_TABLE}
+)
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"retention": {"ms": 1}}``, TOML's reading of ``retention.ms = 1``, back to
+    ``{"retention.ms": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _toml_scalar(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    return None
 
 
 def _read_config_file(path: Path) -> dict[str, str]:
@@ -575,20 +816,30 @@ def _read_config_file(path: Path) -> dict[str, str]:
     errors: list[str] = []
     out: dict[str, str] = {}
     for key, value in data.items():
-        if key not in known:
+        producer_key = key.startswith(PRODUCER_ENV_PREFIX.lower())
+        if key not in known and key not in _TABLE_KEYS and not producer_key:
             errors.append(
                 f"{path}: unknown key {key!r}{_did_you_mean(key, known)}; keys are the "
                 "environment variable names in lower case, such as 'bridge_topic'"
             )
             continue
-        if isinstance(value, bool):
-            out[key] = "true" if value else "false"
-        elif isinstance(value, (int, float, str)):
-            out[key] = str(value)
-        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-            out[key] = ",".join(value)
-        else:
+        if key in _TABLE_KEYS and isinstance(value, dict):
+            items = _flatten(value)
+            bad = [k for k, v in items.items() if _toml_scalar(v) is None]
+            if bad:
+                errors.append(f"{path}: [{key}] {bad[0]!r} must be a string, a number or a boolean")
+                continue
+            if key == PRODUCER_CONFIG_TABLE:
+                for prop, item in items.items():
+                    out[producer_env_name(prop).lower()] = str(_toml_scalar(item))
+            else:
+                out[key] = ",".join(f"{k}={_toml_scalar(v)}" for k, v in items.items())
+            continue
+        text = _toml_scalar(value)
+        if text is None:
             errors.append(f"{path}: key {key!r} must be a string, a number, a boolean or a list")
+        else:
+            out[key] = text
     if errors:
         raise ConfigError("\n".join(errors))
     return out
@@ -611,7 +862,7 @@ def _lookup(
     """The highest-precedence value for ``var``, or None when it is unset everywhere."""
     names = (var.name, *var.aliases)
     sources: list[tuple[str, Callable[[str], str | None], Callable[[str], str]]] = [
-        ("flag", overrides.get, lambda n: _BY_NAME[n].flag if n == var.name else n),
+        ("flag", overrides.get, lambda n: _flag_origin(n, var)),
         ("env", env.get, lambda _n: "the environment"),
         ("file", lambda n: file_values.get(n.lower()), lambda n: f"{config_file}, {n.lower()}"),
     ]
@@ -632,6 +883,14 @@ def _lookup(
     return None
 
 
+def _flag_origin(name: str, var: EnvVar) -> str:
+    if name == var.name:
+        return var.flag
+    if name.startswith(PRODUCER_ENV_PREFIX):
+        return f"{PRODUCER_FLAG} {_producer_property(name)}"
+    return name
+
+
 def load_settings(
     env: Mapping[str, str],
     config_file: Path | None = None,
@@ -646,7 +905,7 @@ def load_settings(
     """
     overrides = dict(overrides or {})
     for name in overrides:
-        if name not in _BY_NAME:
+        if name not in _BY_NAME and not name.startswith(PRODUCER_ENV_PREFIX):
             raise ConfigError(f"unknown setting {name!r}")
     file_values = _read_config_file(config_file) if config_file is not None else {}
 
@@ -680,6 +939,10 @@ def load_settings(
         group, attr = var.field.split(".")
         groups[group][attr] = value
 
+    groups["kafka"]["producer_overrides"] = _producer_overrides(
+        overrides, env, file_values, config_file, errors
+    )
+
     if "BRIDGE_LOG_FORMAT" not in explicit:
         isatty = sys.stderr.isatty() if stderr_isatty is None else stderr_isatty
         groups["log"]["format"] = "console" if isatty else "json"
@@ -691,6 +954,67 @@ def load_settings(
             raise ConfigError(errors[0])
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
     return Settings(**{name: cls(**groups[name]) for name, cls in _GROUPS.items()})
+
+
+def _producer_overrides(
+    overrides: Mapping[str, str],
+    env: Mapping[str, str],
+    file_values: Mapping[str, str],
+    config_file: Path | None,
+    errors: list[str],
+) -> tuple[tuple[str, str | int], ...]:
+    """``KAFKA_PRODUCER_<PROPERTY>`` from the flags, the environment and the file, validated.
+
+    The properties with a setting of their own (linger.ms, ...) are aliases in ENV_VARS.
+    """
+    prefix = PRODUCER_ENV_PREFIX
+    names = {n for n in overrides if n.startswith(prefix)}
+    names |= {n for n, v in env.items() if n.startswith(prefix) and v.strip()}
+    names |= {k.upper() for k in file_values if k.startswith(prefix.lower())}
+    names -= set(_BY_NAME)
+    found: list[tuple[str, str | int]] = []
+    supported = ", ".join(PRODUCER_PROPERTIES)
+    for name in sorted(names):
+        prop = _producer_property(name)
+        if name in overrides:
+            raw, origin = overrides[name], f"{PRODUCER_FLAG} {prop}"
+        elif env.get(name, "").strip():
+            raw, origin = env[name], "the environment"
+        else:
+            raw, origin = file_values[name.lower()], f"{config_file}, {name.lower()}"
+        if prop in PRODUCER_PROPERTIES_RESERVED:
+            errors.append(
+                f"{name}: {prop} is not for the operator to override: "
+                f"{PRODUCER_PROPERTIES_RESERVED[prop]} (from {origin})"
+            )
+            continue
+        if prop in _PRODUCER_JAVA_ONLY:
+            errors.append(
+                f"{name}: {prop} is a Java client property; the bridge's Kafka client (aiokafka) "
+                f"has no equivalent. Supported: {supported} (from {origin})"
+            )
+            continue
+        if prop not in PRODUCER_PROPERTIES:
+            hint = ""
+            if raw.startswith("tcp://") or name.endswith(("_SERVICE_HOST", "_SERVICE_PORT")):
+                hint = (
+                    "; this looks like a Kubernetes service link variable of a Service named "
+                    "kafka-producer: rename it or set enableServiceLinks: false"
+                )
+            known = set(PRODUCER_PROPERTIES) | set(PRODUCER_PROPERTY_SETTINGS)
+            errors.append(
+                f"{name}: unknown Kafka producer property {prop!r}{_did_you_mean(prop, known)}; "
+                f"supported: {supported} (from {origin}){hint}"
+            )
+            continue
+        _kwarg, parse = PRODUCER_PROPERTIES[prop]
+        try:
+            found.append((prop, parse(raw)))
+        except _Invalid as exc:
+            errors.append(
+                f"{name}: expected {exc.expected}, got {raw.strip()[:80]!r} (from {origin})"
+            )
+    return tuple(found)
 
 
 def _validate_together(groups: dict[str, dict[str, Any]], errors: list[str]) -> None:
@@ -720,6 +1044,25 @@ def _validate_together(groups: dict[str, dict[str, Any]], errors: list[str]) -> 
         if topic in seen:
             errors.append(f"{name} and {seen[topic]} are both {topic!r}; each needs its own topic")
         seen[topic] = name
+
+    policy = dict(kafka.checkpoint_topic_config).get("cleanup.policy")
+    if policy is not None and "compact" not in [p.strip() for p in policy.split(",")]:
+        errors.append(
+            f"BRIDGE_CHECKPOINT_TOPIC_CONFIG: cleanup.policy must include compact (the topic "
+            f"keeps the last checkpoint of every thread), got {policy!r}"
+        )
+    for name, configs in (
+        ("BRIDGE_TOPIC_CONFIG", kafka.topic_config),
+        ("BRIDGE_ALERTS_TOPIC_CONFIG", kafka.alerts_topic_config),
+        ("BRIDGE_CHECKPOINT_TOPIC_CONFIG", kafka.checkpoint_topic_config),
+        ("BRIDGE_DLQ_TOPIC_CONFIG", kafka.dlq_topic_config),
+    ):
+        isr = dict(configs).get("min.insync.replicas")
+        if isr is not None and isr.isdigit() and int(isr) > kafka.replication_factor:
+            errors.append(
+                f"{name}: min.insync.replicas={isr} is more than BRIDGE_REPLICATION_FACTOR="
+                f"{kafka.replication_factor}: every write with acks=all would be refused"
+            )
 
     protocol = kafka.security_protocol
     sasl_set = [
@@ -781,6 +1124,16 @@ def _validate_together(groups: dict[str, dict[str, Any]], errors: list[str]) -> 
         errors.append(
             f"BRIDGE_TRANSACTION_TIMEOUT_MS: expected a value > BRIDGE_COMMIT_INTERVAL_MS "
             f"({delivery.commit_interval_ms}), got {delivery.transaction_timeout_ms}"
+        )
+
+
+def require_token(api: ApiSettings) -> None:
+    """``run`` and ``check`` refuse to start without a token: the same ConfigError (exit 2)."""
+    if api.uses_simulator:
+        # Never fall back to fake data silently: a pod with a missing secret must not start.
+        raise ConfigError(
+            "QODER_ACCESS_TOKEN: no token; set QODER_ACCESS_TOKEN (alias QODER_PAT) or "
+            "QODER_ACCESS_TOKEN_FILE"
         )
 
 

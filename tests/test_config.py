@@ -306,6 +306,8 @@ def test_env_vars_table_covers_every_field_exactly_once() -> None:
         "log": LogSettings,
     }
     fields = {f"{g}.{f.name}" for g, cls in groups.items() for f in dataclasses.fields(cls)}
+    # The one open-ended family, KAFKA_PRODUCER_<PROPERTY>, has a row of its own.
+    fields.remove("kafka.producer_overrides")
     assert sorted(v.field for v in ENV_VARS) == sorted(fields)
     assert len({v.flag for v in ENV_VARS}) == len(ENV_VARS)
     assert len({v.config_key for v in ENV_VARS}) == len(ENV_VARS)
@@ -327,3 +329,143 @@ def test_env_token_reads_either_name() -> None:
     assert env_token({}) is None
     assert env_token({"QODER_PAT": f" {TOKEN} "}) == Secret(TOKEN)
     assert env_token({"QODER_ACCESS_TOKEN": TOKEN, "QODER_PAT": "other"}) == Secret(TOKEN)
+
+
+def test_producer_properties_pass_through_from_env_flag_and_file(tmp_path: Path) -> None:
+    """KAFKA_PRODUCER_<PROPERTY> in the environment, ``--kafka-producer property=value``
+    (overrides) and a ``[kafka_producer]`` table with Kafka's dotted names: typed, with the
+    usual precedence (flag, environment, file)."""
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        "kafka_producer_retry_backoff_ms = 300\n"
+        "[kafka_producer]\n"
+        'client.id = "from-file"\n'
+        '"request.timeout.ms" = 20000\n'
+        "metadata.max.age.ms = 60000\n"
+    )
+    settings = load(
+        {"KAFKA_PRODUCER_CLIENT_ID": "from-env", "KAFKA_PRODUCER_BATCH_SIZE": "32768"},
+        config_file=config,
+        overrides={"KAFKA_PRODUCER_REQUEST_TIMEOUT_MS": "9000"},
+    )
+    assert dict(settings.kafka.producer_overrides) == {
+        "client.id": "from-env",
+        "request.timeout.ms": 9000,
+        "metadata.max.age.ms": 60000,
+        "batch.size": 32768,
+        "retry.backoff.ms": 300,
+    }
+    flat = tmp_path / "flat.toml"
+    flat.write_text('kafka_producer_client_id = "flat"\n')
+    assert load(config_file=flat).kafka.producer_overrides == (("client.id", "flat"),)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KAFKA_PRODUCER_ACKS": "1"}, "KAFKA_PRODUCER_ACKS: acks is not for the operator"),
+        (
+            {"KAFKA_PRODUCER_ENABLE_IDEMPOTENCE": "false"},
+            "KAFKA_PRODUCER_ENABLE_IDEMPOTENCE: enable.idempotence is not for the operator",
+        ),
+        (
+            {"KAFKA_PRODUCER_TRANSACTIONAL_ID": "x"},
+            "KAFKA_PRODUCER_TRANSACTIONAL_ID: transactional.id is not for the operator to "
+            "override: set BRIDGE_TRANSACTIONAL_ID",
+        ),
+        (
+            {"KAFKA_PRODUCER_TRANSACTION_TIMEOUT_MS": "1000"},
+            "set BRIDGE_TRANSACTION_TIMEOUT_MS",
+        ),
+        ({"KAFKA_PRODUCER_ISOLATION_LEVEL": "read_committed"}, "a consumer setting"),
+        (
+            {"KAFKA_PRODUCER_BUFFER_MEMORY": "1"},
+            "KAFKA_PRODUCER_BUFFER_MEMORY: buffer.memory is a Java client property",
+        ),
+        (
+            {"KAFKA_PRODUCER_CLIENT_IDD": "x"},
+            "unknown Kafka producer property 'client.idd' (did you mean 'client.id'?)",
+        ),
+        ({"KAFKA_PRODUCER_REQUEST_TIMEOUT_MS": "soon"}, "expected an integer >= 1, got 'soon'"),
+        (
+            {"KAFKA_PRODUCER_LINGER_MS": "9", "KAFKA_LINGER_MS": "8"},
+            "both KAFKA_LINGER_MS and KAFKA_PRODUCER_LINGER_MS are set",
+        ),
+        (
+            {"KAFKA_PRODUCER_SERVICE_HOST": "10.0.0.7"},
+            "Kubernetes service link variable",
+        ),
+    ],
+)
+def test_producer_properties_the_bridge_controls_or_cannot_use_are_refused(
+    env: dict[str, str], message: str
+) -> None:
+    """The properties that would break a delivery guarantee, Java-only ones and typos fail
+    start-up, naming the variable."""
+    assert message in config_error(env)
+
+
+def test_producer_property_flag_names_its_origin() -> None:
+    assert "(from --kafka-producer batch.size)" in config_error(
+        overrides={"KAFKA_PRODUCER_BATCH_SIZE": "big"}
+    )
+
+
+def test_topic_settings_per_topic() -> None:
+    """BRIDGE_TOPIC_PARTITIONS is the events topic's only (the README said so); each topic has
+    its own partitions and ``name=value`` configs, list values included."""
+    default = load().kafka
+    assert (default.topic_partitions, default.alerts_topic_partitions) == (6, 1)
+    assert (default.checkpoint_topic_partitions, default.dlq_topic_partitions) == (1, 1)
+    kafka = load(
+        {
+            "BRIDGE_TOPIC_PARTITIONS": "12",
+            "BRIDGE_ALERTS_TOPIC_PARTITIONS": "3",
+            "BRIDGE_TOPIC_CONFIG": " retention.ms=604800000 , cleanup.policy=compact,delete",
+            "BRIDGE_DLQ_TOPIC_CONFIG": "retention.ms=-1",
+        }
+    ).kafka
+    assert (kafka.topic_partitions, kafka.alerts_topic_partitions) == (12, 3)
+    assert kafka.dlq_topic_partitions == 1
+    assert kafka.topic_config == (
+        ("retention.ms", "604800000"),
+        ("cleanup.policy", "compact,delete"),
+    )
+    assert kafka.dlq_topic_config == (("retention.ms", "-1"),)
+
+
+def test_topic_configs_from_a_toml_table(tmp_path: Path) -> None:
+    config = tmp_path / "bridge.toml"
+    config.write_text("[bridge_topic_config]\nretention.ms = 604800000\nmin.insync.replicas = 1\n")
+    assert load(config_file=config).kafka.topic_config == (
+        ("retention.ms", "604800000"),
+        ("min.insync.replicas", "1"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BRIDGE_TOPIC_CONFIG": "retention"}, "BRIDGE_TOPIC_CONFIG: expected a comma-separated"),
+        ({"BRIDGE_TOPIC_CONFIG": "Retention.MS=1"}, "'Retention.MS=1' is not one"),
+        ({"BRIDGE_TOPIC_CONFIG": "retention.ms=1,retention.ms=2"}, "retention.ms is given twice"),
+        ({"BRIDGE_DLQ_TOPIC_PARTITIONS": "0"}, "BRIDGE_DLQ_TOPIC_PARTITIONS: expected an integer"),
+        (
+            {"BRIDGE_CHECKPOINT_TOPIC_CONFIG": "cleanup.policy=delete"},
+            "BRIDGE_CHECKPOINT_TOPIC_CONFIG: cleanup.policy must include compact",
+        ),
+        (
+            {"BRIDGE_ALERTS_TOPIC_CONFIG": "min.insync.replicas=2"},
+            "BRIDGE_ALERTS_TOPIC_CONFIG: min.insync.replicas=2 is more than "
+            "BRIDGE_REPLICATION_FACTOR=1",
+        ),
+    ],
+)
+def test_bad_topic_settings_name_the_setting(env: dict[str, str], message: str) -> None:
+    assert message in config_error(env)
+
+
+def test_summary_interval_can_be_turned_off() -> None:
+    assert load().log.summary_interval_s == 60.0
+    assert load({"BRIDGE_LOG_SUMMARY_INTERVAL_S": "0"}).log.summary_interval_s == 0.0
+    assert "seconds >= 0" in config_error({"BRIDGE_LOG_SUMMARY_INTERVAL_S": "-1"})
