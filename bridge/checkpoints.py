@@ -18,11 +18,19 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    InvalidConfigurationError,
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
+    KafkaError,
+    PolicyViolationError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
 
 from bridge.config import KafkaSettings
-from bridge.errors import SinkUnavailable
-from bridge.kafka_conn import kafka_client_kwargs
+from bridge.errors import ConfigError, SinkUnavailable
+from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs
 
 log = structlog.get_logger("bridge.checkpoints")
 
@@ -35,22 +43,75 @@ class Checkpoint:
     recent_ids: tuple[str, ...] = ()
 
 
-async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
-    """Create the bridge's topics when they are missing; the checkpoint topic is compacted."""
-    wanted = {
-        kafka.topic: {},
-        kafka.dlq_topic: {},
-        kafka.checkpoint_topic: {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
-    }
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """A topic the bridge creates when it is missing, and the settings that shape it."""
+
+    name: str
+    partitions: int
+    configs: dict[str, str]
+    partitions_setting: str
+    config_setting: str
+
+
+#: The checkpoint topic keeps one record per thread; the operator's configs go over these.
+CHECKPOINT_TOPIC_CONFIGS = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+
+
+def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
+    """The bridge's topics with their partitions and configs (``BRIDGE_*_TOPIC_PARTITIONS``,
+    ``BRIDGE_*_TOPIC_CONFIG``)."""
+    specs = [
+        TopicSpec(
+            kafka.topic,
+            kafka.topic_partitions,
+            dict(kafka.topic_config),
+            "BRIDGE_TOPIC_PARTITIONS",
+            "BRIDGE_TOPIC_CONFIG",
+        ),
+        TopicSpec(
+            kafka.dlq_topic,
+            kafka.dlq_topic_partitions,
+            dict(kafka.dlq_topic_config),
+            "BRIDGE_DLQ_TOPIC_PARTITIONS",
+            "BRIDGE_DLQ_TOPIC_CONFIG",
+        ),
+        TopicSpec(
+            kafka.checkpoint_topic,
+            kafka.checkpoint_topic_partitions,
+            {**CHECKPOINT_TOPIC_CONFIGS, **dict(kafka.checkpoint_topic_config)},
+            "BRIDGE_CHECKPOINT_TOPIC_PARTITIONS",
+            "BRIDGE_CHECKPOINT_TOPIC_CONFIG",
+        ),
+    ]
     if kafka.alerts_topic:
-        wanted[kafka.alerts_topic] = {}
+        specs.append(
+            TopicSpec(
+                kafka.alerts_topic,
+                kafka.alerts_topic_partitions,
+                dict(kafka.alerts_topic_config),
+                "BRIDGE_ALERTS_TOPIC_PARTITIONS",
+                "BRIDGE_ALERTS_TOPIC_CONFIG",
+            )
+        )
+    return specs
+
+
+async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
+    """Create the bridge's topics when they are missing, with their partitions and configs.
+
+    Topics that exist are left as they are. Raises ConfigError, naming the setting, when the
+    broker refuses a topic for its partitions, replication factor or configs (retrying would
+    not help), and SinkUnavailable when Kafka cannot be reached.
+    """
     try:
         with anyio.fail_after(timeout_s):
             async with _admin(kafka) as admin:
-                await _create_missing(admin, kafka, wanted)
+                await _create_missing(admin, kafka, topic_specs(kafka))
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
-            f"cannot create topics on {kafka.bootstrap_servers}: {exc!r}"
+            f"cannot create topics on {kafka.bootstrap_servers}: "
+            f"{describe_kafka_error(exc, kafka.bootstrap_servers)}"
         ) from exc
 
 
@@ -65,28 +126,51 @@ async def _admin(kafka: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
             await admin.close()
 
 
+# Broker answers to CreateTopics that no retry can fix, and the setting to blame.
+_BAD_PARTITIONS = InvalidPartitionsError.errno  # 37
+_BAD_REPLICATION = InvalidReplicationFactorError.errno  # 38
+_BAD_CONFIG = (InvalidConfigurationError.errno, PolicyViolationError.errno)  # 40, 44
+
+
 async def _create_missing(
-    admin: AIOKafkaAdminClient, kafka: KafkaSettings, wanted: dict[str, dict[str, str]]
+    admin: AIOKafkaAdminClient, kafka: KafkaSettings, specs: list[TopicSpec]
 ) -> None:
     existing = set(await admin.list_topics())
-    missing = [
-        NewTopic(
-            name,
-            num_partitions=kafka.topic_partitions,
-            replication_factor=kafka.replication_factor,
-            topic_configs=configs,
-        )
-        for name, configs in wanted.items()
-        if name not in existing
-    ]
-    if missing:
-        response = await admin.create_topics(missing)
-        for topic, code, *message in response.topic_errors:
-            # 36 TOPIC_ALREADY_EXISTS: another instance won the race, which is fine.
-            if code not in (0, TopicAlreadyExistsError.errno):
-                detail = message[-1] if message else ""
-                raise SinkUnavailable(f"cannot create topic {topic!r}: {code} {detail}")
-        log.info("bridge.topics.created", topics=[t.name for t in missing])
+    missing = [spec for spec in specs if spec.name not in existing]
+    if not missing:
+        return
+    response = await admin.create_topics(
+        [
+            NewTopic(
+                spec.name,
+                num_partitions=spec.partitions,
+                replication_factor=kafka.replication_factor,
+                topic_configs=spec.configs,
+            )
+            for spec in missing
+        ]
+    )
+    by_name = {spec.name: spec for spec in missing}
+    for topic, code, *message in response.topic_errors:
+        # 36 TOPIC_ALREADY_EXISTS: another instance won the race, which is fine.
+        if code in (0, TopicAlreadyExistsError.errno):
+            continue
+        detail = (message[-1] if message else "") or f"error {code}"
+        spec = by_name.get(topic)
+        if spec is not None and code == _BAD_PARTITIONS:
+            raise ConfigError(f"{spec.partitions_setting}: the broker refused {topic!r}: {detail}")
+        if spec is not None and code == _BAD_REPLICATION:
+            raise ConfigError(f"BRIDGE_REPLICATION_FACTOR: the broker refused {topic!r}: {detail}")
+        if spec is not None and code in _BAD_CONFIG:
+            raise ConfigError(
+                f"{spec.config_setting}: the broker refused the configs of {topic!r}: {detail}"
+            )
+        raise SinkUnavailable(f"cannot create topic {topic!r}: {code} {detail}")
+    log.info(
+        "bridge.topics.created",
+        topics=[spec.name for spec in missing],
+        partitions=[spec.partitions for spec in missing],
+    )
 
 
 def _parse(value: bytes | None) -> Checkpoint | None:

@@ -1,12 +1,16 @@
-"""Checkpoints as a restarted bridge reads them: the real broker, read_committed, to the end."""
+"""Checkpoints as a restarted bridge reads them (the real broker, read_committed, to the end),
+and the topics the bridge creates, as the broker describes them."""
 
 from __future__ import annotations
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge.checkpoints import Checkpoint, ensure_topics, load_checkpoints
-from bridge.config import KafkaSettings
+from bridge.config import KafkaSettings, load_settings
+from bridge.errors import ConfigError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -49,3 +53,97 @@ async def test_restart_believes_only_committed_checkpoints_last_one_wins(
         "s/a": Checkpoint("evt_a3", None),
         "s/b": Checkpoint("evt_b3", None),
     }
+
+
+async def topic_configs(bootstrap: str, topic: str, names: list[str]) -> dict[str, str]:
+    """The topic's configs as the broker reports them (describe_configs)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, dict.fromkeys(names))]
+        )
+    finally:
+        await admin.close()
+    ((_code, _msg, _type, _name, entries),) = response.resources
+    return {entry[0]: entry[1] for entry in entries}
+
+
+async def partitions(bootstrap: str, topic: str) -> int:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return len(described["partitions"])
+
+
+async def test_topics_are_created_with_their_own_partitions_and_configs(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: an operator sets partitions and retention per topic, the way Kafka Connect
+    users set topic.creation.*. The broker reports exactly those on the topics the bridge
+    created; BRIDGE_TOPIC_PARTITIONS shapes the events topic only, and the checkpoint topic
+    stays compacted under the operator's configs."""
+    settings = load_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "BRIDGE_TOPIC": kafka_topics.events,
+            "BRIDGE_ALERTS_TOPIC": kafka_topics.alerts,
+            "BRIDGE_CHECKPOINT_TOPIC": kafka_topics.checkpoints,
+            "BRIDGE_DLQ_TOPIC": kafka_topics.dlq,
+            "BRIDGE_TOPIC_PARTITIONS": "4",
+            "BRIDGE_DLQ_TOPIC_PARTITIONS": "2",
+            "BRIDGE_TOPIC_CONFIG": "retention.ms=604800000,min.insync.replicas=1",
+            "BRIDGE_ALERTS_TOPIC_CONFIG": "retention.ms=86400000,cleanup.policy=compact,delete",
+            "BRIDGE_CHECKPOINT_TOPIC_CONFIG": "min.compaction.lag.ms=1000,segment.ms=3600000",
+            "BRIDGE_DLQ_TOPIC_CONFIG": "max.message.bytes=2097152",
+        }
+    )
+    await ensure_topics(settings.kafka)
+    bootstrap = kafka_bootstrap
+    assert await partitions(bootstrap, kafka_topics.events) == 4
+    assert await partitions(bootstrap, kafka_topics.dlq) == 2
+    assert await partitions(bootstrap, kafka_topics.alerts) == 1
+    assert await partitions(bootstrap, kafka_topics.checkpoints) == 1
+    events = await topic_configs(
+        bootstrap, kafka_topics.events, ["retention.ms", "min.insync.replicas"]
+    )
+    assert events == {"retention.ms": "604800000", "min.insync.replicas": "1"}
+    alerts = await topic_configs(bootstrap, kafka_topics.alerts, ["retention.ms", "cleanup.policy"])
+    assert alerts == {"retention.ms": "86400000", "cleanup.policy": "compact,delete"}
+    checkpoints = await topic_configs(
+        bootstrap,
+        kafka_topics.checkpoints,
+        ["cleanup.policy", "min.compaction.lag.ms", "segment.ms"],
+    )
+    assert checkpoints == {
+        "cleanup.policy": "compact",
+        "min.compaction.lag.ms": "1000",
+        "segment.ms": "3600000",
+    }
+    dlq = await topic_configs(bootstrap, kafka_topics.dlq, ["max.message.bytes"])
+    assert dlq == {"max.message.bytes": "2097152"}
+
+    # Existing topics are left as they are: a second start changes nothing and says nothing.
+    await ensure_topics(settings.kafka)
+    assert await partitions(bootstrap, kafka_topics.events) == 4
+
+
+async def test_a_topic_config_the_broker_refuses_is_a_config_error(kafka_bootstrap, kafka_topics):
+    """Scenario: a typo in a topic config name. The bridge stops with a configuration error
+    (exit 2) naming the setting and the broker's words, instead of retrying forever."""
+    settings = load_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "BRIDGE_TOPIC": kafka_topics.events,
+            "BRIDGE_ALERTS_TOPIC": "",
+            "BRIDGE_CHECKPOINT_TOPIC": kafka_topics.checkpoints,
+            "BRIDGE_DLQ_TOPIC": kafka_topics.dlq,
+            "BRIDGE_DLQ_TOPIC_CONFIG": "retention.msec=1000",
+        }
+    )
+    with pytest.raises(ConfigError, match=r"^BRIDGE_DLQ_TOPIC_CONFIG: the broker refused") as info:
+        await ensure_topics(settings.kafka)
+    assert "retention.msec" in str(info.value)
