@@ -19,7 +19,16 @@ from typing import Any
 import anyio
 
 from bridge import __version__
-from bridge.config import ENV_VARS, Settings, env_token, load_settings
+from bridge.config import (
+    ENV_VARS,
+    PRODUCER_FLAG,
+    PRODUCER_PROPERTIES,
+    Settings,
+    env_token,
+    load_settings,
+    producer_env_name,
+    require_token,
+)
 from bridge.errors import ConfigError
 from bridge.kafka_conn import kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging, scrub_text
@@ -29,13 +38,19 @@ __all__ = ["EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 PROG = "qoder-bridge"
+DEFAULT_SCENARIO = "demo"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console entry point; returns the process exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # argparse reports a subcommand's unknown flag with the top-level usage; the
+            # subcommand's own usage is the one that helps.
+            command = parser.commands.get(getattr(args, "command", None) or "", parser)
+            command.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help, --version, or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
@@ -51,8 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """Keeps its subcommands' parsers, to report a usage error with the right usage."""
+
+    commands: dict[str, argparse.ArgumentParser]
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(
         prog=PROG,
         description="Republishes Qoder Cloud Agents thread events to Apache Kafka.",
         allow_abbrev=False,
@@ -81,18 +102,46 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         help="serve the Qoder API simulator",
         description="Serve the Qoder API simulator (needs the 'simulator' extra).",
+        formatter_class=_SimulateHelp,
     )
     simulate.add_argument("--host", default="127.0.0.1", help="address (default: %(default)s)")
     simulate.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
     simulate.add_argument(
-        "--scenario", default="demo", help="built-in scenario name or a scenario file"
+        "--scenario",
+        default=DEFAULT_SCENARIO,
+        metavar="NAME|FILE",
+        help=_SCENARIO_HELP,  # the names are filled in when help is shown
     )
     simulate.add_argument(
         "--token",
         default=None,
         help="the bearer token the simulator accepts (default: QODER_ACCESS_TOKEN or QODER_PAT)",
     )
+    parser.commands = {"run": run, "check": check, "simulate": simulate}
     return parser
+
+
+_SCENARIO_HELP = (
+    "a built-in scenario: {names}; or a JSON/TOML scenario file such as "
+    "deploy/simulator/example.toml (default: {default}, the lively one `make run` plays; "
+    "'default' is a small quiet one)"
+)
+
+
+class _SimulateHelp(argparse.HelpFormatter):
+    """Lists the built-in scenarios only when help is shown: importing the simulator costs
+    memory and needs the 'simulator' extra, which ``run`` and ``check`` must not pay for."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text == _SCENARIO_HELP:
+            try:
+                named: Any = importlib.import_module("bridge.simulator.named")
+                names = ", ".join(named.NAMED)
+            except ModuleNotFoundError:
+                names = "(install the 'simulator' extra to list them)"
+            return text.format(names=names, default=DEFAULT_SCENARIO).replace("%", "%%")
+        return text
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,13 +159,29 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         note = f"env {var.name}; default {default}"
         if var.secret:
             note += "; visible to local users in the process list, prefer the environment"
+        flag_options: dict[str, Any] = {"metavar": "VALUE"}
+        if var.default in {"false", "true"}:
+            # `--publish-deltas` alone means true; `--publish-deltas false` still works.
+            flag_options = {"metavar": "BOOL", "nargs": "?", "const": "true"}
         group.add_argument(
             var.flag,
             dest=var.name,
-            metavar="VALUE",
             default=None,
             help=f"{var.meaning.replace('`', '')} ({note})".replace("%", "%%"),
+            **flag_options,
         )
+    group.add_argument(
+        PRODUCER_FLAG,
+        dest="producer_properties",
+        metavar="PROPERTY=VALUE",
+        action="append",
+        default=[],
+        help=(
+            "a Kafka producer property, repeatable (env KAFKA_PRODUCER_<PROPERTY>): "
+            + ", ".join(PRODUCER_PROPERTIES)
+            + "; also linger.ms, compression.type, max.request.size"
+        ),
+    )
 
 
 def _port(text: str) -> int:
@@ -133,6 +198,11 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         var.name: value for var in ENV_VARS if (value := getattr(args, var.name)) is not None
     }
+    for item in args.producer_properties:
+        prop, sep, value = item.partition("=")
+        if not sep or not prop.strip():
+            raise ConfigError(f"{PRODUCER_FLAG}: expected PROPERTY=VALUE, got {item[:80]!r}")
+        overrides[producer_env_name(prop.strip())] = value
     return load_settings(os.environ, config_file=args.config, overrides=overrides)
 
 
@@ -150,12 +220,7 @@ def _preflight(settings: Settings) -> None:
     compression codec): judged here, so a mistake exits 2 before the daemon starts."""
     kafka_client_kwargs(settings.kafka)
     producer_tuning_kwargs(settings.kafka)
-    if settings.api.uses_simulator:
-        # Never fall back to fake data silently: a pod with a missing secret must not start.
-        raise ConfigError(
-            "QODER_ACCESS_TOKEN: no token; set QODER_ACCESS_TOKEN (alias QODER_PAT) or "
-            "QODER_ACCESS_TOKEN_FILE (`make run` starts the bundled simulator when none is set)"
-        )
+    require_token(settings.api)
     TokenProvider.from_settings(settings.api)
 
 
@@ -163,6 +228,7 @@ def _check(args: argparse.Namespace) -> int:
     from bridge.check import run_check  # noqa: PLC0415 -- aiokafka is only needed here
 
     settings = _settings(args)
+    _preflight(settings)  # the same configuration verdict as `run`, exit 2 included
     configure_logging(settings.log)
     return anyio.run(run_check, settings, backend="asyncio")
 
