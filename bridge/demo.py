@@ -1,10 +1,13 @@
 """``make run``: a local broker, the Qoder API simulator and the bridge, with events shown live.
 
 With no ``QODER_ACCESS_TOKEN`` (or ``QODER_PAT``/``QODER_ACCESS_TOKEN_FILE``) the source is the
-built-in simulator playing the lively ``demo`` scenario; with one, the real API. The sink is the
-local broker started by ``deploy/local/kafka/kafka.sh`` unless ``KAFKA_BOOTSTRAP_SERVERS`` is
-set. A read_committed consumer prints every event as it lands in Kafka. Ctrl-C drains the
-bridge (SIGTERM), then stops the simulator and the broker this command started.
+built-in simulator playing the lively ``demo`` scenario; with one, the real API. The sink is
+``KAFKA_BOOTSTRAP_SERVERS`` when set, else the local broker on ``127.0.0.1:$KAFKA_PORT`` (9092):
+one already running there is used and left running; otherwise ``deploy/local/kafka/kafka.sh``
+starts one, and only then is it stopped on exit. A read_committed consumer prints the events of
+this run as they land in Kafka (what the topic held before is skipped, and the count said).
+Ctrl-C drains the bridge (SIGTERM), then stops the simulator and the broker this command
+started, nothing else.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from bridge.config import KafkaSettings
+from bridge.kafka_watch import KafkaProbe, KafkaUnreachable
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = ROOT / "deploy" / "local" / "kafka" / "kafka.sh"
@@ -67,29 +74,119 @@ def _line(key: str, value: bytes, tty: bool) -> str:
     return text
 
 
-async def _show(bootstrap: str, topic: str) -> None:
+async def _partitions(bootstrap: str, topic: str) -> list[int]:
+    """The topic's partitions; empty while it does not exist."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        await admin.start()
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await admin.close()
+    if described.get("error_code", 0) != 0:
+        return []
+    return sorted(p["partition"] for p in described.get("partitions", []))
+
+
+async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Where the topic ends now (read_committed), by partition: this run's events come after.
+    Empty when the topic does not exist yet, or Kafka does not answer within a few seconds."""
     consumer = AIOKafkaConsumer(
-        topic,
+        bootstrap_servers=bootstrap, isolation_level="read_committed", group_id=None
+    )
+    with anyio.move_on_after(15):
+        try:
+            partitions = await _partitions(bootstrap, topic)
+            if not partitions:
+                return {}
+            await consumer.start()
+            tps = [TopicPartition(topic, p) for p in partitions]
+            ends = await consumer.end_offsets(tps)
+            return {tp.partition: offset for tp, offset in ends.items()}
+        except Exception:  # any failure: show the topic from its beginning instead
+            return {}
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await consumer.stop()
+    return {}
+
+
+async def _show(bootstrap: str, topic: str, start: dict[int, int]) -> None:
+    """Print every event after ``start`` (partition -> offset) as it lands, read_committed."""
+    consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         isolation_level="read_committed",
-        auto_offset_reset="earliest",
         group_id=None,
         enable_auto_commit=False,
     )
     tty = sys.stdout.isatty()
     count = 0
+    partitions: list[int] = []
     while True:
-        try:
-            await consumer.start()
-            break
-        except Exception:
-            await anyio.sleep(1)
+        with contextlib.suppress(Exception):  # Kafka, or the topic, is not there yet
+            partitions = await _partitions(bootstrap, topic)
+            if partitions:
+                await consumer.start()
+                break
+        await anyio.sleep(1)
     try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        for tp in tps:
+            consumer.seek(tp, start.get(tp.partition, 0))
         async for record in consumer:
             count += 1
             print(f"{count:>6}  " + _line(record.key.decode(), record.value, tty), flush=True)
     finally:
         await consumer.stop()
+
+
+def _answers_kafka(bootstrap: str) -> bool:
+    """A Kafka broker (any, not only one kafka.sh started) answers on ``bootstrap``."""
+
+    async def probe() -> bool:
+        kafka_probe = KafkaProbe(
+            KafkaSettings(bootstrap_servers=bootstrap), timeout_s=2.0, follow_brokers=False
+        )
+        try:
+            await kafka_probe.check()
+        except KafkaUnreachable:
+            return False
+        finally:
+            kafka_probe.close()
+        return True
+
+    return anyio.run(probe, backend="asyncio")
+
+
+def _local_kafka(env: dict[str, str]) -> tuple[str, bool]:
+    """The local broker's bootstrap address, and whether this command started it (and so must
+    stop it). A broker that already runs there, whoever started it, is used and left alone."""
+    port = env.get("KAFKA_PORT", "9092")
+    bootstrap = f"127.0.0.1:{port}"
+    kafka_env = {**env, "KAFKA_PORT": port}
+    status = subprocess.run(
+        [str(KAFKA_SH), "status"], env=kafka_env, capture_output=True, check=False
+    )
+    if status.returncode == 0:
+        print(f"kafka:  already running on {bootstrap} (kafka.sh); left running on exit")
+        return bootstrap, False
+    if _answers_kafka(bootstrap):
+        print(f"kafka:  a broker already answers on {bootstrap}; left running on exit")
+        return bootstrap, False
+    start = subprocess.run(
+        [str(KAFKA_SH), "start"], env=kafka_env, capture_output=True, text=True, check=False
+    )
+    sys.stderr.write(start.stderr)
+    if start.returncode != 0:
+        raise SystemExit(start.returncode)
+    # Someone else may have started it between `status` and `start`: then it is theirs.
+    ours = "already running" not in start.stderr
+    if ours:
+        print(f"kafka:  started on {bootstrap}; stopped on exit")
+    else:
+        print(f"kafka:  already running on {bootstrap}; left running on exit")
+    return bootstrap, ours
 
 
 def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -123,12 +220,11 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
-            port = int(env.get("KAFKA_PORT", "9092"))
-            subprocess.run(
-                [str(KAFKA_SH), "start"], check=True, env={**env, "KAFKA_PORT": str(port)}
-            )
-            started_kafka = True
-            env["KAFKA_BOOTSTRAP_SERVERS"] = f"127.0.0.1:{port}"
+            env["KAFKA_BOOTSTRAP_SERVERS"], started_kafka = _local_kafka(env)
+        bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
+        topic = env.get("BRIDGE_TOPIC", "qoder.events")
+        # Before the bridge starts: everything after these offsets is this run's.
+        start = anyio.run(_end_offsets, bootstrap, topic, backend="asyncio")
         has_token = any(
             env.get(k) for k in ("QODER_ACCESS_TOKEN", "QODER_PAT", "QODER_ACCESS_TOKEN_FILE")
         )
@@ -148,13 +244,20 @@ def main() -> int:
         env.setdefault("BRIDGE_TRANSACTIONAL_ID", "qoder-kafka-bridge-demo")
         bridge_log_path = RUN_DIR / "bridge.log"
         procs.append(_spawn([*cmd, "run"], env, bridge_log_path))
-        topic = env.get("BRIDGE_TOPIC", "qoder.events")
-        print(f"sink:   Kafka {env['KAFKA_BOOTSTRAP_SERVERS']}, topic {topic}")
+        print(f"sink:   Kafka {bootstrap}, topic {topic}")
         http = f"http://127.0.0.1:{env['BRIDGE_HTTP_PORT']}"
         print(f"bridge: logs {bridge_log_path}, {http}/metrics and /readyz")
-        print("events as they land in Kafka (read_committed); Ctrl-C stops everything\n")
+        earlier = sum(start.values())
+        if earlier:
+            print(
+                f"events of this run as they land in Kafka (read_committed); the {earlier} "
+                f"earlier records of {topic} are not shown (README: reading the topics)"
+            )
+        else:
+            print("events as they land in Kafka (read_committed)")
+        print("Ctrl-C stops everything this command started\n")
         with contextlib.suppress(KeyboardInterrupt):
-            anyio.run(_show, env["KAFKA_BOOTSTRAP_SERVERS"], topic)
+            anyio.run(_show, bootstrap, topic, start, backend="asyncio")
         return 0
     finally:
         # Stopping what we started matters more than telling about it: the terminal or the
@@ -164,7 +267,9 @@ def main() -> int:
         for proc in reversed(procs):
             _stop(proc, 30)
         if started_kafka:
-            subprocess.run([str(KAFKA_SH), "stop"], check=False, env=env, capture_output=True)
+            _say("stopping the Kafka broker this command started…")
+            kafka_env = {**env, "KAFKA_PORT": os.environ.get("KAFKA_PORT", "9092")}
+            subprocess.run([str(KAFKA_SH), "stop"], check=False, env=kafka_env, capture_output=True)
         _say("stopped.")
 
 

@@ -4,6 +4,10 @@
 #
 #   kafka.sh fetch          jars -> .cache/kafka/<version>/libs (no network once cached)
 #   kafka.sh start          format (first time) + start in the background; prints the bootstrap
+#                           address on stdout, and on stderr either "started ..." or "already
+#                           running ..." (a broker kafka.sh started earlier on this port and data
+#                           dir: left as it is). Callers that stop only what they started (make
+#                           run) run `status` first, or look for "already running".
 #   kafka.sh stop           SIGTERM, wait, SIGKILL after KAFKA_STOP_TIMEOUT_S
 #   kafka.sh status         exit 0 if running and answering, 1 if not answering, 3 if stopped
 #   kafka.sh logs [-f]      tail the broker log
@@ -478,11 +482,14 @@ cmd_start() {
 	find_java
 	local pid
 	if pid=$(running_pid); then
-		say "already running on $host:$port (pid $pid, data $data_dir)"
+		say "already running on $host:$port (pid $pid, data $data_dir), not started by this command; 'kafka.sh stop' stops it"
 		printf '%s:%s\n' "$host" "$port"
 		return 0
 	fi
-	port_in_use "$port" && die "port $host:$port is already in use by another process (set KAFKA_PORT)"
+	if port_in_use "$port"; then
+		kafka_answers "$port" && die "a Kafka broker that kafka.sh did not start (or with another KAFKA_DATA_DIR) already answers on $host:$port: use it (KAFKA_BOOTSTRAP_SERVERS=$host:$port) or set KAFKA_PORT"
+		die "port $host:$port is already in use by another process (set KAFKA_PORT)"
+	fi
 	check_secure_config
 	cmd_fetch
 	local cport
@@ -525,7 +532,7 @@ cmd_start() {
 	done
 	starting_pid=""
 	trap - EXIT INT TERM
-	say "Kafka $version running on $host:$port (pid $(<"$(pid_file)"), log $(log_file))"
+	say "started Kafka $version on $host:$port (pid $(<"$(pid_file)"), log $(log_file))"
 	[[ -z $sasl_ssl_port ]] || say "SASL_SSL listener on $host:$sasl_ssl_port"
 	[[ -z $ssl_port ]] || say "SSL listener on $host:$ssl_port"
 	printf '%s:%s\n' "$host" "$port"
