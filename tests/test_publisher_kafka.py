@@ -1,0 +1,147 @@
+"""The publisher against a real broker where Kafka's answers are the hard part: commits whose
+outcome is unknown, records a topic refuses, topics the bridge may not write."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
+
+from bridge.config import Settings
+from bridge.cursor import ThreadCursor
+from bridge.errors import SinkForbidden
+from bridge.health import HealthState
+from bridge.publisher import Outgoing, Publisher
+from bridge.records import ThreadRef, dead_letter_record
+from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec
+from tests.bridge_harness import deliver_scenario, read_json
+from tests.kafka_broker import create_topics, read_topic
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+_SCENARIO = Scenario(
+    name="steady",
+    seed=41,
+    heartbeat_interval_s=0.5,
+    sessions=(SessionSpec(ThreadSpec(events=80, rate=40), (ThreadSpec(events=60, rate=40),) * 3),),
+)
+
+
+@pytest.fixture
+def unknown_commits(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Every third commit answers nothing (a timeout): alternately after it really committed
+    (its reply lost) and before EndTxn was ever sent (the transaction stays open)."""
+    original = AIOKafkaProducer.commit_transaction
+    calls: list[str] = []
+
+    async def commit(self: AIOKafkaProducer) -> None:
+        calls.append("commit")
+        n = len(calls)
+        if n % 3:
+            return await original(self)
+        if n % 6 == 3:
+            await original(self)
+            calls[-1] = "committed, reply lost"
+        else:
+            calls[-1] = "never sent"
+        raise KafkaTimeoutError("EndTxn did not answer")
+
+    monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", commit)
+    yield calls
+
+
+async def test_commits_with_an_unknown_outcome_neither_lose_nor_duplicate(
+    kafka_bootstrap, kafka_topics, unknown_commits
+):
+    """Scenario (8.9): commits time out, some after the broker committed (the reply was lost),
+    some before EndTxn left. The bridge learns each outcome before it rewinds anything: a
+    read_committed consumer sees every event exactly once."""
+    _records, delivery = await deliver_scenario(_SCENARIO, kafka_bootstrap, kafka_topics)
+    assert "committed, reply lost" in unknown_commits and "never sent" in unknown_commits
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+
+
+async def test_records_larger_than_the_topic_takes_go_to_the_dlq_and_nothing_stalls(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario (8.12): the events topic exists with max.message.bytes=20000 (below what the
+    bridge may send); some tool results are 60 KB. Those are dead-lettered with their id and
+    an alert; every other event reaches the topic once, in order, and nothing stalls."""
+    await create_topics(
+        kafka_bootstrap,
+        [kafka_topics.events],
+        partitions=3,
+        configs={"max.message.bytes": "20000"},
+    )
+    scenario = Scenario(
+        name="big-results",
+        seed=42,
+        heartbeat_interval_s=0.5,
+        sessions=(SessionSpec(ThreadSpec(events=60, rate=40), (ThreadSpec(events=40, rate=40),)),),
+        faults=Faults(huge_rate=0.3, huge_bytes=60_000),
+    )
+    records, delivery = await deliver_scenario(scenario, kafka_bootstrap, kafka_topics)
+    dead = [json.loads(r.value) for r in await read_topic(kafka_bootstrap, kafka_topics.dlq)]
+    dead_ids = {d["event_id"] for d in dead}
+    assert dead and {d["reason"] for d in dead} == {"too_large"}
+    # The DLQ topic takes them whole: the dead letter holds the event's exact bytes.
+    assert all(not d["truncated"] and d["size_bytes"] > 60_000 for d in dead)
+    published = {json.loads(r.value)["id"] for r in records}
+    assert not dead_ids & published
+    # Every event is either in the topic or dead-lettered, once; nothing else is missing.
+    assert delivery.lost == len(dead_ids), delivery.summary()
+    assert (delivery.duplicated, delivery.misordered) == (0, 0), delivery.summary()
+    alerts = await read_json(kafka_bootstrap, kafka_topics.alerts)
+    assert len([a for a in alerts if a["type"] == "bridge.dead_letter"]) == len(dead_ids)
+
+
+async def test_a_topic_the_bridge_may_not_write_is_fatal_with_its_name():
+    """Scenario (8.12): the broker refuses a topic by ACL. Retrying can never succeed: the
+    batch fails with a fatal error that names the cause, instead of aborting forever."""
+    publisher = Publisher(Settings(), HealthState())
+    cursor = ThreadCursor(ThreadRef("sess_1", "sthr_1"))
+    record = dead_letter_record(
+        "qoder.alerts",
+        cursor.thread,
+        "not_json",
+        b"x",
+        event_id=None,
+        event_type=None,
+        limit_bytes=1000,
+    )
+    item = Outgoing(cursor, cursor.epoch, [record], event_id="evt_1")
+    await publisher._budget.acquire(item.size)
+
+    class Refusing:
+        async def begin_transaction(self) -> None:
+            pass
+
+        async def send(self, *args: Any, **kwargs: Any) -> Any:
+            raise TopicAuthorizationFailedError("qoder.alerts")
+
+    publisher._producer = Refusing()  # type: ignore[assignment]
+    with pytest.raises(SinkForbidden, match=r"qoder\.alerts"):
+        with anyio.fail_after(5):
+            await publisher._publish_until_done([item])
+    assert publisher._budget.used == 0
+
+
+def test_a_dead_letter_fits_its_limit_whatever_the_escaping() -> None:
+    """Scenario (8.12): a frame of control characters escapes to six times its size in JSON;
+    the dead letter is cut by its encoded size, so the broker never refuses it."""
+    thread = ThreadRef("sess_1", "sthr_1")
+    data = bytes(range(32)) * 4000
+    record = dead_letter_record(
+        "dlq", thread, "not_json", data, event_id="evt_1", event_type=None, limit_bytes=20_000
+    )
+    assert record.size <= 20_000
+    doc = json.loads(record.value)
+    assert doc["truncated"] is True and doc["size_bytes"] == len(data)
+    assert data.startswith(doc["data"].encode())
