@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
+from typing import Any
 
 import anyio
 import pytest
 
+from bridge import app as app_module
 from bridge.app import Bridge
+from bridge.cursor import ThreadCursor
 from bridge.logs import configure_logging
+from bridge.publisher import Outgoing
+from bridge.records import Event, ThreadRef, event_record
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
 from tests.bridge_harness import (
     TOKEN,
@@ -18,6 +24,7 @@ from tests.bridge_harness import (
     bridge_settings,
     wait_for_delivery,
 )
+from tests.kafka_broker import read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -93,3 +100,51 @@ async def test_sigterm_before_kafka_answers_exits_0_at_once(kafka_topics, tmp_pa
     assert code == 0, bridge.log_text()[-2000:]
     assert took < 3.0, took
     assert "bridge.shutdown.before_reading" in bridge.log_text()
+
+
+async def test_a_read_that_completes_as_the_drain_begins_is_still_published(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario (8.11), the race itself: a reader whose socket read had completed when SIGTERM
+    came is not cancelled yet and hands its event on right after the drain began. The event
+    is published and checkpointed, and the bridge exits 0 (the publisher closes only once no
+    reader can submit any more)."""
+    thread = ThreadRef("sess_late", "sthr_late")
+    drain_begun = anyio.Event()
+
+    class LateReader:
+        def __init__(self, _settings: Any, _api: Any, publisher: Any, *_: Any) -> None:
+            self.publisher = publisher
+
+        async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            task_status.started()
+            with anyio.CancelScope(shield=True):  # the read already completed
+                await drain_begun.wait()
+                cursor = ThreadCursor(thread)
+                event = Event("evt_late", "agent.message", b'{"id":"evt_late"}', {})
+                record = event_record(kafka_topics.events, thread, event)
+                await self.publisher.submit(
+                    Outgoing(cursor, cursor.epoch, [record], event_id="evt_late")
+                )
+            await anyio.sleep_forever()
+
+    monkeypatch.setattr(app_module, "Supervisor", LateReader)
+    settings = bridge_settings("http://127.0.0.1:1", kafka_bootstrap, kafka_topics)
+    bridge = Bridge(settings)
+    result: list[int] = []
+
+    async def run() -> None:
+        result.append(await bridge.run())
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            while bridge._readers is None:
+                await anyio.sleep(0.01)
+            bridge.drain()
+            drain_begun.set()
+    assert result == [0]
+    records = await read_topic(kafka_bootstrap, kafka_topics.events)
+    assert [r.value for r in records] == [b'{"id":"evt_late"}']
+    checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
+    assert json.loads(checkpoints[-1].value)["last_event_id"] == "evt_late"
