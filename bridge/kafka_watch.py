@@ -76,7 +76,7 @@ class KafkaProbe:
         if conn is not None and conn.connected():
             try:
                 return await self._ask(conn)
-            except _PROBE_ERRORS:
+            except (*_PROBE_ERRORS, KafkaUnreachable):
                 pass  # a stale connection proves nothing: try fresh ones below
         self.close()
         failures: list[tuple[str, BaseException]] = []
@@ -89,13 +89,16 @@ class KafkaProbe:
                 continue
             try:
                 brokers = await self._ask(conn)
-            except _PROBE_ERRORS as exc:
+            except (*_PROBE_ERRORS, KafkaUnreachable) as exc:
                 conn.close()
                 failures.append((f"{host}:{port}", exc))
                 continue
             self._conn = conn
             return brokers
-        causes = [describe_kafka_error(exc, where) for where, exc in failures[:3]]
+        causes = [
+            str(exc) if isinstance(exc, KafkaUnreachable) else describe_kafka_error(exc, where)
+            for where, exc in failures[:3]
+        ]
         raise KafkaUnreachable(
             "; ".join(dict.fromkeys(causes)) or f"no broker in {self._bootstrap}"
         )
