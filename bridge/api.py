@@ -369,9 +369,17 @@ class QoderApi:
     ) -> AsyncIterator[list[Event | Rejected]]:
         pages = self._pages("events", path, params, item_bytes=self._max_event_bytes)
         async for items in pages:
-            yield [
-                _oversize(i) if isinstance(i, _PageTooLarge) else event_from_item(i) for i in items
-            ]
+            yield [self._event(i) for i in items]
+
+    def _event(self, item: Any) -> Event | Rejected:
+        if isinstance(item, _PageTooLarge):
+            return _oversize(item)
+        event = event_from_item(item)
+        if isinstance(event, Event) and len(event.data) > self._max_event_bytes:
+            # The page fitted, this item does not: the same rule as for a stream frame.
+            size = len(event.data)
+            return Rejected("too_large", event.data[:EXCERPT_BYTES], event.id, event.type, size)
+        return event
 
     async def latest_session_event_id(self, session_id: str) -> str | None:
         body = await self._get(

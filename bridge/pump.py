@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +106,10 @@ class Pump:
         self._drain_updated_at: str | None = None
         self._stream_scope: anyio.CancelScope | None = None
         self._epoch = cursor.epoch
+        #: The last id read and how often each id-less item followed it: an item without an
+        #: id is known by its place (after which id, which repeat) and its bytes.
+        self._anchor: str | None = None
+        self._gap: Counter[bytes] = Counter()
         self.gone = False
         self.log = structlog.get_logger("bridge.pump").bind(
             session_id=self.thread.session_id, thread_id=self.thread.thread_id
@@ -237,7 +242,12 @@ class Pump:
         finally:
             gauge.dec()
 
+    def _read_from(self, anchor: str | None) -> None:
+        self._anchor = anchor
+        self._gap.clear()
+
     async def _backfill(self) -> None:
+        self._read_from(self.cursor.submitted_id)
         async for page in self._api.thread_events(self.thread, self.cursor.submitted_id):
             for event in page:
                 await self._handle(event)
@@ -253,16 +263,19 @@ class Pump:
                         await self._handle(event)
                     elif event.id is not None and event.id == lost:
                         found = True
+                        self._read_from(lost)
             if not found:
                 await self._alerts.send(
                     "bridge.cursor_lost", "cursor_unknown_to_api", self.thread, {"cursor": lost}
                 )
+                self._read_from(None)
                 async for page in self._api.thread_events(self.thread, None):
                     for event in page:
                         await self._handle(event)
 
     async def _stream(self) -> None:
         after = self.cursor.submitted_id
+        self._read_from(after)
         started = time.monotonic()
         async with self._api.stream_thread(self.thread, after) as frames:
             metrics.OPEN_STREAMS.inc()
@@ -328,6 +341,8 @@ class Pump:
         await self._submit(Outgoing(self.cursor, self._epoch, [record], event_type=delta.type))
 
     async def _handle(self, event: Event | Rejected) -> None:
+        if event.id is not None:
+            self._read_from(event.id)
         if isinstance(event, Rejected):
             await self._dead_letter(event)
             return
@@ -371,7 +386,7 @@ class Pump:
     async def _dead_letter(self, rejected: Rejected) -> None:
         """DLQ and alert, once: an item with an id moves the cursor past it; one without is
         remembered by its digest (in the checkpoint too), so no pass repeats it."""
-        key = rejected.dedupe_key
+        key = rejected.id or self._place_key(rejected.data)
         if self.cursor.seen(key):
             return
         metrics.DLQ_RECORDS.labels(reason=rejected.reason).inc()
@@ -406,6 +421,12 @@ class Pump:
         await self._submit(
             Outgoing(self.cursor, self._epoch, records, event_id=rejected.id, dedupe_key=key)
         )
+
+    def _place_key(self, data: bytes) -> str:
+        repeat = self._gap[data]
+        self._gap[data] += 1
+        place = f"{self._anchor or ''}\0{repeat}\0".encode()
+        return "sha256:" + hashlib.sha256(place + data).hexdigest()[:32]
 
     async def _submit(self, item: Outgoing) -> None:
         await self._publisher.submit(item)

@@ -6,7 +6,6 @@ Every record is built here and nowhere else, so the wire format in the README ha
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,11 +78,6 @@ class Rejected:
     id: str | None
     type: str | None
     size: int
-
-    @property
-    def dedupe_key(self) -> str:
-        """Its id, or for an item without one a digest, so that it is dead-lettered once."""
-        return self.id or "sha256:" + hashlib.sha256(self.data).hexdigest()[:32]
 
 
 #: What a reason means, for the dead letter's ``dlq_message`` header.

@@ -186,8 +186,47 @@ def compare(records: list[Any], logs: Mapping[str, list[bytes]]) -> Delivery:
     return result
 
 
-def simulator_logs(sim: Any) -> dict[str, list[bytes]]:
-    return {f"{s}/{t}": list(sim.thread_log(s, t)) for s, t in sim.all_threads()}
+def simulator_logs(sim: Any, *, max_event_bytes: int | None = None) -> dict[str, list[bytes]]:
+    """Every thread's events as served; with ``max_event_bytes``, only those the bridge
+    publishes as events (valid UTF-8, not larger than that): the rest are dead letters."""
+    logs = {f"{s}/{t}": list(sim.thread_log(s, t)) for s, t in sim.all_threads()}
+    if max_event_bytes is None:
+        return logs
+    return {k: [e for e in v if _publishable(e, max_event_bytes)] for k, v in logs.items()}
+
+
+def _publishable(raw: bytes, max_event_bytes: int) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(raw) <= max_event_bytes
+
+
+def expected_dead_letters(sim: Any, max_event_bytes: int) -> Counter[tuple[str, str]]:
+    """(key, reason) of every item the bridge must dead-letter exactly once."""
+    expected: Counter[tuple[str, str]] = Counter()
+    for s, t in sim.all_threads():
+        key = f"{s}/{t}"
+        events = set(sim.thread_log(s, t))
+        for raw in sim.thread_items(s, t):
+            if raw not in events:
+                parsed = json.loads(raw)
+                reason = "missing_id" if isinstance(parsed, dict) else "not_object"
+                expected[key, reason] += 1
+            elif not _publishable(raw, max_event_bytes):
+                try:
+                    raw.decode("utf-8")
+                    expected[key, "too_large"] += 1
+                except UnicodeDecodeError:
+                    expected[key, "invalid_utf8"] += 1
+    return expected
+
+
+async def dead_letters(bootstrap: str, topic: str) -> Counter[tuple[str, str]]:
+    return Counter(
+        (r.key.decode(), json.loads(r.value)["reason"]) for r in await read_topic(bootstrap, topic)
+    )
 
 
 async def wait_for_delivery(
@@ -197,17 +236,18 @@ async def wait_for_delivery(
     *,
     timeout_s: float,
     isolation_level: str = "read_committed",
+    max_event_bytes: int | None = None,
 ) -> tuple[list[Any], Delivery]:
     """Poll the topic until nothing is missing (or the time is up); returns the last look."""
     with anyio.move_on_after(timeout_s):
         while True:
             records = await read_topic(bootstrap, topic, isolation_level=isolation_level)
-            delivery = compare(records, simulator_logs(sim))
+            delivery = compare(records, simulator_logs(sim, max_event_bytes=max_event_bytes))
             if delivery.lost == 0 and delivery.expected > 0:
                 return records, delivery
             await anyio.sleep(0.5)
     records = await read_topic(bootstrap, topic, isolation_level=isolation_level)
-    return records, compare(records, simulator_logs(sim))
+    return records, compare(records, simulator_logs(sim, max_event_bytes=max_event_bytes))
 
 
 async def deliver_scenario(
