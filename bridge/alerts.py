@@ -27,8 +27,6 @@ class BridgeAlerts:
         self._health = health
         self._token_rejected = False
         self._rejected_at = float("-inf")
-        #: The API answered a discovery look (a listing, or a configured session's first GET).
-        self.discovery_ok = False
 
     async def send(
         self,
@@ -60,7 +58,18 @@ class BridgeAlerts:
         await self.send("bridge.token_rejected", "authentication_error", detail={"error": message})
 
     def discovered(self) -> None:
-        self.discovery_ok = True
+        """The API answered a discovery look (a listing, or a configured session's GET)."""
+        self._health.set_discovery(True)
+
+    def discovery_failed(self, cause: str) -> None:
+        self._health.set_discovery(False, cause)
+
+    def session_missing(self, session_id: str) -> None:
+        """A session to follow answered 404: readiness names it under discovery_ok."""
+        self._health.session_missing(session_id)
+
+    def session_found(self, session_id: str) -> None:
+        self._health.session_found(session_id)
 
     def token_accepted(self, started_at: float) -> None:
         """A request that *started* at ``started_at`` succeeded. One that was already under

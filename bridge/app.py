@@ -32,8 +32,10 @@ from bridge.checkpoints import Checkpoint, ensure_topics, load_checkpoints
 from bridge.config import Settings
 from bridge.errors import ConfigError, ProducerFenced, SinkForbidden, SinkUnavailable
 from bridge.health import HealthState, serve_http
+from bridge.kafka_watch import watch_kafka
 from bridge.publisher import Publisher
 from bridge.secrets import TokenProvider
+from bridge.summary import log_summary
 from bridge.supervisor import Supervisor
 
 log = structlog.get_logger("bridge.app")
@@ -139,6 +141,9 @@ class Bridge:
                 self._outer = tg.cancel_scope
                 port = self.http_port = await tg.start(serve_http, settings.http, self.health)
                 tg.start_soon(self._signals)
+                tg.start_soon(watch_kafka, settings.kafka, self.health)
+                tg.start_soon(log_summary, settings.log.summary_interval_s)
+                self.health.set_discovery(False, "no session listing or lookup has answered yet")
                 log.info(
                     "bridge.started",
                     version=__version__,

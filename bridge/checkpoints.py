@@ -281,7 +281,8 @@ async def transaction_committed(
                 if await consumer.position(partition) > offset:
                     return False  # read past it without seeing it: aborted
     except (KafkaError, TimeoutError) as exc:
-        raise SinkUnavailable(f"cannot learn a transaction's outcome: {exc!r}") from exc
+        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
+        raise SinkUnavailable(f"cannot learn a transaction's outcome: {cause}") from exc
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await consumer.stop()
@@ -304,7 +305,8 @@ async def topic_record_limits(kafka: KafkaSettings, *, timeout_s: float = 30) ->
                     ]
                 )
     except (KafkaError, TimeoutError) as exc:
-        raise SinkUnavailable(f"cannot read the topics' settings: {exc!r}") from exc
+        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
+        raise SinkUnavailable(f"cannot read the topics' settings: {cause}") from exc
     for response in responses:
         for _code, _message, _type, name, entries in response.resources:
             for entry in entries:

@@ -52,7 +52,7 @@ from bridge.errors import (
     TransactionAborted,
 )
 from bridge.health import HealthState
-from bridge.kafka_conn import kafka_client_kwargs, producer_tuning_kwargs
+from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
 from bridge.records import Record, ThreadRef, checkpoint_record, dead_letter_record
 
 log = structlog.get_logger("bridge.publisher")
@@ -145,7 +145,7 @@ def _seconds_since(timestamp: str | None) -> float | None:
     return time.time() - moment.timestamp()
 
 
-def _translate(exc: BaseException) -> SinkError:
+def _translate(exc: BaseException, bootstrap: str) -> SinkError:
     if isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
         return ProducerFenced(f"another bridge took over our transactional.id: {exc!r}")
     if isinstance(exc, TransactionalIdAuthorizationFailed):
@@ -153,8 +153,8 @@ def _translate(exc: BaseException) -> SinkError:
     if isinstance(exc, TopicAuthorizationFailedError):
         return SinkForbidden(f"Kafka does not allow this bridge to write to a topic: {exc}")
     if isinstance(exc, KafkaTimeoutError | TimeoutError):
-        return SinkUnavailable(f"Kafka did not acknowledge in time: {exc!r}")
-    return TransactionAborted(f"the batch failed: {exc!r}")
+        return SinkUnavailable(describe_kafka_error(exc, bootstrap))
+    return TransactionAborted(f"the batch failed: {describe_kafka_error(exc, bootstrap)}")
 
 
 class PublisherClosed(Exception):
@@ -247,7 +247,7 @@ class Publisher:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await producer.stop()
             if isinstance(exc, KafkaError | TimeoutError):
-                raise _translate(exc) from exc
+                raise _translate(exc, self._kafka.bootstrap_servers) from exc
             raise
         self._producer = producer
         self._health.producer_connected = True
@@ -446,7 +446,7 @@ class Publisher:
         except (KafkaError, TimeoutError) as exc:
             if committing and not isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
                 raise CommitOutcomeUnknown(f"the commit did not answer: {exc!r}", marker) from exc
-            raise _translate(exc) from exc
+            raise _translate(exc, self._kafka.bootstrap_servers) from exc
 
     async def _send_all(self, producer: AIOKafkaProducer, records: list[Record]) -> list[Any]:
         """Send, then wait for every acknowledgement; records refused for their size are named."""

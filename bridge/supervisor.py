@@ -127,6 +127,7 @@ class Supervisor:
             except AuthRejected as exc:
                 await self._alerts.token_rejected(str(exc))
             except ApiError as exc:
+                self._alerts.discovery_failed(f"listing sessions failed: {exc}")
                 delay = backoff.next_delay(getattr(exc, "retry_after_s", None) or 0.0)
                 log.warning(
                     "bridge.supervisor.list_sessions_failed",
@@ -155,6 +156,8 @@ class Supervisor:
                     self._alerts.token_accepted(started)
                     over = True
                     if session_id not in self._seen:
+                        if session_id in self._settings.api.sessions:
+                            self._alerts.session_missing(session_id)
                         slog.warning("bridge.session.not_found", error=str(exc))
                         await self._alerts.send(
                             "bridge.session_not_found",
@@ -196,6 +199,7 @@ class Supervisor:
         """Start, drain or catch up the session's threads; True when the session is over."""
         session = await self._api.get_session(session_id)
         self._seen.add(session_id)
+        self._alerts.session_found(session_id)
         over = _session_over(session)
         threads = await self._api.list_threads(session_id)
         for thread in threads:

@@ -3,9 +3,11 @@ against a real broker: what a user checks is what reached the topics, counted.""
 
 from __future__ import annotations
 
+import json
 import time
 
 import anyio
+import httpx
 import pytest
 
 from bridge import metrics
@@ -145,8 +147,9 @@ async def test_restarts_while_threads_are_quiet_never_republish_replayed_events(
 
 async def test_a_failed_first_listing_is_retried_within_seconds(kafka_bootstrap, kafka_topics):
     """Scenario (8.15): the API answers 503 for the first 2 s after the bridge starts, with a
-    15 s poll interval. Discovery retries with backoff: the first event is in Kafka within a
-    few seconds of the API coming back, not a poll interval later."""
+    15 s poll interval. Readiness says discovery has not succeeded; discovery retries with
+    backoff, so the first event is in Kafka within a few seconds of the API coming back, not
+    a poll interval later."""
     scenario = Scenario(
         name="late-api",
         seed=25,
@@ -160,13 +163,51 @@ async def test_a_failed_first_listing_is_retried_within_seconds(kafka_bootstrap,
         settings = bridge_settings(
             sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_POLL_INTERVAL_S="15"
         )
-        async with running_bridge(settings):
+        async with running_bridge(settings) as bridge:
+            await anyio.sleep(1.0)
+            during = bridge.health.failing_checks()
             with anyio.fail_after(30):
                 while not await read_topic(kafka_bootstrap, kafka_topics.events):
                     await anyio.sleep(0.2)
             first_after_s = time.monotonic() - back_at
+            after = bridge.health.failing_checks()
             _records, delivery = await wait_for_delivery(
                 kafka_bootstrap, kafka_topics.events, sim, timeout_s=20
             )
     assert _clean(delivery) == (0, 0, 0), delivery.summary()
     assert first_after_s < 8.0, first_after_s
+    assert "discovery_ok" in during and "discovery_ok" not in after
+
+
+async def test_a_configured_session_that_does_not_exist_is_named_not_blamed_on_the_token(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario (13.3): BRIDGE_SESSIONS names one real session and one with a typo. The real
+    one is delivered; the typo gets a warning and one `bridge.session_not_found` alert naming
+    it; /readyz fails on discovery_ok, naming the session, and never on api_authorized."""
+    scenario = Scenario(
+        name="typo", seed=26, instant=True, sessions=(SessionSpec(ThreadSpec(events=10, rate=0)),)
+    )
+    typo = "sess_0000000000000000000000000000typo"
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        await sim.wait_idle()
+        real = sim.session_ids()[0]
+        settings = bridge_settings(
+            sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_SESSIONS=f"{real},{typo}"
+        )
+        async with running_bridge(settings) as bridge:
+            _records, delivery = await wait_for_delivery(
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=30
+            )
+            with anyio.fail_after(20):
+                while "discovery_ok" not in bridge.health.failing_checks():
+                    await anyio.sleep(0.1)
+            async with httpx.AsyncClient() as client:
+                ready = await client.get(f"http://127.0.0.1:{bridge.http_port}/readyz")
+    assert _clean(delivery) == (0, 0, 0), delivery.summary()
+    assert ready.status_code == 503
+    assert ready.json()["failing"] == ["discovery_ok"]
+    assert typo in json.dumps(ready.json()["detail"])
+    alerts = await read_json(kafka_bootstrap, kafka_topics.alerts)
+    missing = [a for a in alerts if a["type"] == "bridge.session_not_found"]
+    assert len(missing) == 1 and missing[0]["detail"]["session_id"] == typo
