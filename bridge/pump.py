@@ -151,13 +151,17 @@ class Pump:
                     # updated_at as of that request, not of a later one.
                     final = not self._follow
                     mark = self._drain_updated_at
-                    with self._state(PumpState.BACKFILLING):
-                        await self._backfill()
-                    self._alerts.token_accepted(attempt_started)
-                    if final and not self._follow and self._drain_updated_at == mark:
-                        break
-                    if not self._follow:
-                        continue  # drained again meanwhile: one more, complete pass
+                    if final or self.cursor.submitted_id is None:
+                        # The list is read only where the stream cannot start at the cursor
+                        # (there is none yet) and for a drain's final pass; a thread with a
+                        # cursor resumes its stream directly: one request, not two.
+                        with self._state(PumpState.BACKFILLING):
+                            await self._backfill()
+                        self._alerts.token_accepted(attempt_started)
+                        if final and not self._follow and self._drain_updated_at == mark:
+                            break
+                        if not self._follow:
+                            continue  # drained again meanwhile: one more, complete pass
                     # A drain must never wait for a stream slot: it cancels this scope.
                     with anyio.CancelScope() as scope:
                         self._stream_scope = scope
@@ -276,8 +280,9 @@ class Pump:
     async def _stream(self) -> None:
         after = self.cursor.submitted_id
         self._read_from(after)
-        started = time.monotonic()
+        started, started_at = time.monotonic(), anyio.current_time()
         async with self._api.stream_thread(self.thread, after) as frames:
+            self._alerts.token_accepted(started_at)
             metrics.OPEN_STREAMS.inc()
             try:
                 with self._state(PumpState.STREAMING):

@@ -58,11 +58,21 @@ class FakeApi:
         self.stream_opened.set()
 
         async def frames() -> AsyncIterator[Frame]:
-            for frame in self.frames:
+            # Scripted frames, or else the log after the cursor, as a server resumes it.
+            for frame in self.frames or self._resumed(after_id):
                 yield frame
             await anyio.sleep_forever()
 
         yield frames()
+
+    def _resumed(self, after_id: str | None) -> list[Frame]:
+        ids = [e.get("id") if isinstance(e, dict) else None for e in self.log]
+        start = ids.index(after_id) + 1 if after_id in ids else len(ids)
+        return [
+            Frame(str(e.get("type")), json.dumps(e, separators=(",", ":")).encode(), e.get("id"))
+            for e in self.log[start:]
+            if isinstance(e, dict)
+        ]
 
     async def get_thread(self, thread: ThreadRef) -> dict[str, Any]:
         raise NotFound("gone")
