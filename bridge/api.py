@@ -332,9 +332,14 @@ class QoderApi:
             last_id if isinstance(last_id, str) and last_id else None,
         )
 
-    async def list_sessions(self, *, include_archived: bool = True) -> list[dict[str, Any]]:
-        """Every session; archived ones too by default: one may have run since we last looked."""
-        params = {"include_archived": "true"} if include_archived else {}
+    async def list_sessions(
+        self, *, include_archived: bool = True, statuses: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """Every session (archived ones too by default: one may have run since we last
+        looked), or only those in ``statuses``."""
+        params: dict[str, Any] = {"include_archived": "true"} if include_archived else {}
+        if statuses:
+            params["statuses"] = list(statuses)
         pages = self._pages("sessions", "/sessions", params)
         return [s async for page in pages for s in page if isinstance(s, dict)]
 

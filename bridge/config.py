@@ -72,6 +72,7 @@ class ApiSettings:
     max_streams: int = 2000
     max_requests_per_s: float = 50.0
     poll_interval_s: float = 15.0
+    full_scan_interval_s: float = 600.0
     stall_timeout_s: float = 45.0
     request_timeout_s: float = 30.0
     backoff_initial_s: float = 0.5
@@ -502,6 +503,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "BRIDGE_POLL_INTERVAL_S",
         "api.poll_interval_s",
         "seconds between safety-net re-lists of sessions and threads",
+        _seconds,
+    ),
+    EnvVar(
+        "BRIDGE_FULL_SCAN_INTERVAL_S",
+        "api.full_scan_interval_s",
+        "how often the whole session history (archived too) is listed; running sessions are "
+        "listed every poll",
         _seconds,
     ),
     EnvVar(

@@ -38,6 +38,7 @@ __all__ = [
     "EVENTS_PUBLISHED",
     "EVENTS_RECEIVED",
     "EVENT_TYPES",
+    "FULL_SCANS",
     "INFLIGHT_BYTES",
     "KAFKA_REACHABLE",
     "OPEN_STREAMS",
@@ -239,6 +240,11 @@ TOKEN_REJECTED = Gauge(
 )
 THREADS_FOLLOWED = Gauge(
     "qoder_bridge_threads_followed", "Threads the bridge is following.", registry=REGISTRY
+)
+FULL_SCANS = Counter(
+    "qoder_bridge_full_scans",
+    "Listings of the whole session history (archived too); running ones are listed each poll.",
+    registry=REGISTRY,
 )
 INFLIGHT_BYTES = Gauge(
     "qoder_bridge_inflight_bytes",

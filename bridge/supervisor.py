@@ -9,7 +9,7 @@ pump reads what is left through the list and stops. A thread that ran while nobo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from bridge.api import QoderApi
 from bridge.checkpoints import Checkpoint
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
-from bridge.errors import ApiError, AuthRejected, BadCursor, NotFound
+from bridge.errors import ApiError, ApiRequestRejected, AuthRejected, BadCursor, NotFound
 from bridge.publisher import Publisher
 from bridge.pump import Backoff, Pump, PumpLimits
 from bridge.records import ThreadRef
@@ -31,6 +31,8 @@ from bridge.records import ThreadRef
 log = structlog.get_logger("bridge.supervisor")
 
 ACTIVE_THREAD_STATUSES = frozenset({"running", "rescheduling", "blocked"})
+#: Session statuses with work going on (G1/G2 said "processing").
+LIVE_SESSION_STATUSES = ("running", "rescheduling", "processing")
 HINT_EVENT_PREFIXES = ("session.thread_", "session.status_", "session.deleted", "terminated")
 COALESCE_S = 0.05
 
@@ -54,6 +56,26 @@ def _session_over(session: Mapping[str, Any]) -> bool:
     return session.get("status") in {"terminated", "deleted"} or bool(session.get("archived_at"))
 
 
+def _session_live(session: Mapping[str, Any]) -> bool:
+    return session.get("status") in LIVE_SESSION_STATUSES and not _session_over(session)
+
+
+def _updated_at(item: Mapping[str, Any]) -> str | None:
+    value = item.get("updated_at")
+    return value if isinstance(value, str) else None
+
+
+def _settled_from(checkpoints: Mapping[str, Checkpoint]) -> dict[str, str]:
+    """Per session, the newest ``updated_at`` its threads were drained at."""
+    settled: dict[str, str] = {}
+    for key, checkpoint in checkpoints.items():
+        drained = checkpoint.drained_updated_at
+        session_id = key.partition("/")[0]
+        if drained is not None and _newer(drained, settled.get(session_id)):
+            settled[session_id] = drained
+    return settled
+
+
 class Supervisor:
     def __init__(
         self,
@@ -61,7 +83,7 @@ class Supervisor:
         api: QoderApi,
         publisher: Publisher,
         alerts: BridgeAlerts,
-        checkpoints: Mapping[str, Checkpoint],
+        checkpoints: MutableMapping[str, Checkpoint],
     ) -> None:
         self._settings = settings
         self._api = api
@@ -73,7 +95,14 @@ class Supervisor:
         self._pumps: dict[ThreadRef, Pump] = {}
         self._active: dict[ThreadRef, bool] = {}
         self._watched: set[str] = set()
+        #: Configured sessions that are over: never looked at again.
         self._finished: set[str] = set()
+        #: Per session, its ``updated_at`` when we last saw it settled (nothing running, every
+        #: thread drained); from the checkpoints at start. A session listed with the same value
+        #: costs nothing: no watcher, no request.
+        self._settled: dict[str, str] = _settled_from(checkpoints)
+        #: Whether the server takes ``statuses`` on the session list (learnt on a 400).
+        self._statuses_filter = True
         #: Sessions the API has shown us at least once (a later 404 means deleted, not a typo).
         self._seen: set[str] = set()
         self._triggers: dict[str, anyio.Event] = {}
@@ -104,26 +133,32 @@ class Supervisor:
         self._tg.start_soon(self._watch_session, session_id, name=f"session {session_id}")
 
     async def _discover(self) -> None:
-        """Follow every session the token can list, re-listed so that new ones are picked up.
+        """Follow the sessions with work going on; the rest of the history costs nothing.
 
-        Archived sessions are listed too: one may have run, and been archived, since the last
-        look. A failed listing is retried with the streams' backoff, not a whole poll later.
+        Every poll lists only running sessions (the ``statuses`` filter; a server that refuses
+        it gets the full list, filtered here). The full history, archived sessions included,
+        is listed at start and every ``full_scan_interval_s``: a session that changed since it
+        last settled (it ran while nobody looked) gets one look, the others none. A failed
+        listing is retried with the streams' backoff, not a whole poll later.
         """
         api = self._settings.api
         backoff = Backoff(api.backoff_initial_s, api.backoff_max_s)
+        full_due = anyio.current_time()
         while True:
             started = anyio.current_time()
             delay = api.poll_interval_s
+            full = started >= full_due
             try:
-                for session in await self._api.list_sessions(include_archived=True):
+                for session in await self._list(full=full):
                     session_id = session.get("id")
-                    # A session that is over still gets one look: it may have run while the
-                    # bridge was not looking. The watcher catches its threads up, then drops it.
-                    if isinstance(session_id, str):
+                    if isinstance(session_id, str) and self._worth_a_look(session_id, session):
                         self._watch(session_id)
                 self._alerts.token_accepted(started)
                 self._alerts.discovered()
                 backoff.reset()
+                if full:
+                    full_due = started + api.full_scan_interval_s
+                    metrics.FULL_SCANS.inc()
             except AuthRejected as exc:
                 await self._alerts.token_rejected(str(exc))
             except ApiError as exc:
@@ -136,25 +171,56 @@ class Supervisor:
                 )
             await anyio.sleep(delay)
 
+    async def _list(self, *, full: bool) -> list[dict[str, Any]]:
+        if full:
+            return await self._api.list_sessions(include_archived=True)
+        if self._statuses_filter:
+            try:
+                sessions = await self._api.list_sessions(
+                    include_archived=False, statuses=LIVE_SESSION_STATUSES[:2]
+                )
+            except ApiRequestRejected as exc:
+                # Forward-style validation refuses what it does not know: list everything.
+                log.info("bridge.supervisor.statuses_filter_refused", error=str(exc))
+                self._statuses_filter = False
+            else:
+                return [s for s in sessions if _session_live(s)]
+        return await self._api.list_sessions(include_archived=False)
+
+    def _worth_a_look(self, session_id: str, session: Mapping[str, Any]) -> bool:
+        if _session_live(session):
+            return True
+        settled = self._settled.get(session_id)
+        updated = _updated_at(session)
+        return settled is None or updated is None or _newer(updated, settled)
+
     async def _watch_session(self, session_id: str) -> None:
+        """Look at a session until it has settled: nothing running, every thread drained.
+
+        Its event stream (the hints) is open only while it runs. A settled session is let go:
+        the running-session listing brings it back when it runs again.
+        """
         slog = log.bind(session_id=session_id)
         slog.info("bridge.session.following")
+        configured = bool(self._settings.api.sessions)
+        hints: anyio.CancelScope | None = None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._hints, session_id)
             backoff = Backoff(
                 self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s
             )
             while True:
                 started = anyio.current_time()
+                live = True  # until the API says otherwise
                 try:
-                    over = await self._reconcile(session_id)
+                    session = await self._reconcile(session_id)
+                    over, live = _session_over(session), _session_live(session)
                     self._alerts.token_accepted(started)
                     self._alerts.discovered()
                     backoff.reset()
                 except NotFound as exc:
                     # A 404 is an answer: the token is good, the session is not there.
                     self._alerts.token_accepted(started)
-                    over = True
+                    session, over, live = {}, True, False
                     if session_id not in self._seen:
                         if session_id in self._settings.api.sessions:
                             self._alerts.session_missing(session_id)
@@ -168,18 +234,35 @@ class Supervisor:
                     await self._drain_session(session_id)
                 except AuthRejected as exc:
                     await self._alerts.token_rejected(str(exc))
-                    over = False
+                    session, over = {}, False
                 except ApiError as exc:
                     slog.warning("bridge.session.reconcile_failed", error=str(exc))
                     await anyio.sleep(backoff.next_delay())
                     continue
-                if over and not self._session_pumps(session_id):
-                    slog.info("bridge.session.finished")
-                    self._finished.add(session_id)
+                if live and hints is None:
+                    hints = await tg.start(self._hints_scope, session_id)
+                elif not live and hints is not None:
+                    hints.cancel()
+                    hints = None
+                settled = not live and not self._session_pumps(session_id)
+                if settled and (over or not configured):
+                    slog.info("bridge.session.settled", over=over)
+                    if configured:
+                        self._finished.add(session_id)
+                    elif (updated := _updated_at(session)) is not None:
+                        self._settled[session_id] = updated
                     self._watched.discard(session_id)
+                    self._triggers.pop(session_id, None)
                     tg.cancel_scope.cancel()
                     return
                 await self._wait_trigger(session_id)
+
+    async def _hints_scope(
+        self, session_id: str, *, task_status: anyio.abc.TaskStatus[anyio.CancelScope]
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            await self._hints(session_id)
 
     async def _wait_trigger(self, session_id: str) -> None:
         with anyio.move_on_after(self._settings.api.poll_interval_s):
@@ -195,8 +278,8 @@ class Supervisor:
     def _session_pumps(self, session_id: str) -> list[Pump]:
         return [p for ref, p in self._pumps.items() if ref.session_id == session_id]
 
-    async def _reconcile(self, session_id: str) -> bool:
-        """Start, drain or catch up the session's threads; True when the session is over."""
+    async def _reconcile(self, session_id: str) -> dict[str, Any]:
+        """Start, drain or catch up the session's threads; the session as the API gave it."""
         session = await self._api.get_session(session_id)
         self._seen.add(session_id)
         self._alerts.session_found(session_id)
@@ -208,12 +291,15 @@ class Supervisor:
                 continue
             ref = ThreadRef(session_id, thread_id)
             active = not over and thread.get("status") in ACTIVE_THREAD_STATUSES
-            updated_at = (
-                thread.get("updated_at") if isinstance(thread.get("updated_at"), str) else None
-            )
+            updated_at = _updated_at(thread)
+            pump = self._pumps.get(ref)
+            if not active and pump is None and ref not in self._cursors:
+                checkpoint = self._checkpoints.get(ref.key)
+                drained = checkpoint.drained_updated_at if checkpoint else None
+                if not _newer(updated_at, drained):
+                    continue  # settled and drained: no state held for it
             self._active[ref] = active
             cursor = self._cursor(ref)
-            pump = self._pumps.get(ref)
             if active:
                 if pump is None:
                     self._start(cursor, follow=True)
@@ -224,7 +310,7 @@ class Supervisor:
             elif _newer(updated_at, cursor.pending_drained_updated_at or cursor.drained_updated_at):
                 self._start(cursor, follow=False).drain(updated_at)
         metrics.THREADS_FOLLOWED.set(len(self._pumps))
-        return over
+        return session
 
     async def _drain_session(self, session_id: str) -> None:
         for ref, pump in list(self._pumps.items()):
@@ -269,12 +355,27 @@ class Supervisor:
             pump.log.exception("bridge.pump.crashed")
             await self._alerts.send("bridge.pump_crashed", "internal_error", ref)
             await anyio.sleep(self._settings.api.backoff_max_s)
+        else:
+            if not self._active.get(ref) or pump.gone:
+                self._forget(pump.cursor)
         finally:
             if self._pumps.get(ref) is pump:
                 del self._pumps[ref]
             metrics.THREADS_FOLLOWED.set(len(self._pumps))
         if self._active.get(ref) and not pump.gone:
             self._trigger(ref.session_id)  # it runs again: look now
+
+    def _forget(self, cursor: ThreadCursor) -> None:
+        """A drained thread leaves memory; what it needs if it runs again is its checkpoint,
+        kept here as Kafka has it (the drain waited for the commit)."""
+        ref = cursor.thread
+        if self._cursors.get(ref) is not cursor:
+            return
+        del self._cursors[ref]
+        self._active.pop(ref, None)
+        self._checkpoints[ref.key] = Checkpoint(
+            cursor.committed_id, cursor.drained_updated_at, tuple(cursor.committed_recent)
+        )
 
     async def _hints(self, session_id: str) -> None:
         """React to the session stream's thread lifecycle events within a second."""

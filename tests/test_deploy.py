@@ -42,6 +42,8 @@ POD_NAME = "qkb-qoder-kafka-bridge-0"
 
 # The metric names the dashboard and rules may use (bridge/metrics.py implements them).
 METRICS = {
+    "qoder_bridge_full_scans_total": "counter",
+    "qoder_bridge_kafka_reachable": "gauge",
     "qoder_bridge_events_received_total": "counter",
     "qoder_bridge_events_published_total": "counter",
     "qoder_bridge_publish_latency_seconds": "histogram",
@@ -60,11 +62,13 @@ METRICS = {
     "qoder_bridge_ready": "gauge",
     "qoder_bridge_build_info": "gauge",
 }
+#: Series of prometheus_client's standard collectors that the dashboard may show too.
+STANDARD_SERIES = {"process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"}
 SERIES_NAMES = {
     name + suffix
     for name, kind in METRICS.items()
     for suffix in (("_bucket", "_sum", "_count") if kind == "histogram" else ("",))
-}
+} | STANDARD_SERIES
 
 
 def unavailable(reason: str) -> None:
@@ -595,7 +599,7 @@ def test_prometheus_rule_is_the_rules_file(helm: Path, tmp_path: Path) -> None:
 
 
 def metric_names(text: str) -> set[str]:
-    return set(re.findall(r"\bqoder_bridge_[a-z0-9_]+", text))
+    return set(re.findall(r"\b(?:qoder_bridge|process|python)_[a-z0-9_]+", text))
 
 
 def rule_exprs() -> dict[str, str]:
@@ -807,4 +811,7 @@ def test_known_metrics_match_the_bridge_registry() -> None:
     for family in metrics.REGISTRY.collect():
         name = family.name + "_total" if family.type == "counter" else family.name
         exported[name] = family.type
-    assert exported == METRICS
+    ours = {name: kind for name, kind in exported.items() if name.startswith("qoder_bridge_")}
+    assert ours == METRICS
+    # The standard process and Python collectors ride along on the same registry.
+    assert {"process_resident_memory_bytes", "process_open_fds", "python_info"} <= set(exported)

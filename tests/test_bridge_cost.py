@@ -1,0 +1,72 @@
+"""Cost follows live work, not history (issue 9): requests, connections and state held depend on
+what runs now, not on how many sessions the account has finished."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from bridge import metrics
+from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
+from tests.bridge_harness import TOKEN, bridge_settings, running_bridge, wait_for_delivery
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+
+def _requests() -> float:
+    return sum(
+        sample.value
+        for family in metrics.API_REQUESTS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def _account(history: int) -> Scenario:
+    running = SessionSpec(ThreadSpec(events=70, rate=3), (ThreadSpec(events=70, rate=3),))
+    return Scenario(
+        name=f"account-{history}",
+        seed=61,
+        heartbeat_interval_s=0.5,
+        sessions=(running, running, *(SessionSpec(ThreadSpec(events=3, rate=0)),) * history),
+    )
+
+
+async def _steady_cost(history: int, bootstrap: str, topics: object) -> tuple[float, int, int]:
+    """Requests per second and open connections once the history is caught up, and how many
+    historical threads' events reached the topic."""
+    async with running_simulator(_account(history), token=TOKEN) as sim:
+        settings = bridge_settings(sim.base_url, bootstrap, topics)
+        async with running_bridge(settings):
+            # Catch-up: every historical thread read once (the running ones are still going).
+            with anyio.fail_after(90):
+                while True:
+                    _records, delivery = await wait_for_delivery(
+                        bootstrap,
+                        topics.events,
+                        sim,
+                        timeout_s=1,  # type: ignore[attr-defined]
+                    )
+                    if len(delivery.by_key) >= history + 4:
+                        break
+            await anyio.sleep(3.0)  # settle: catch-up pumps end, watchers of history let go
+            before, started = _requests(), anyio.current_time()
+            await anyio.sleep(6.0)
+            rate = (_requests() - before) / (anyio.current_time() - started)
+            open_streams = sim.open_streams
+    return rate, open_streams, len(delivery.by_key)
+
+
+async def test_steady_requests_and_connections_do_not_grow_with_history(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: an account with 2 running sessions (4 threads writing 3 events/s) and 300
+    finished sessions. After catch-up, with a 1 s poll: the bridge makes a few requests per
+    second (the running-session listing and the running sessions' looks), and holds one
+    connection per running thread and running session, whatever the history. With a watcher
+    per historical session (before) this measured 210 requests/s and 306 open streams."""
+    rate, open_streams, threads = await _steady_cost(300, kafka_bootstrap, kafka_topics)
+    print(f"\n300 finished sessions: {rate:.1f} requests/s, {open_streams} open streams")
+    assert threads >= 304
+    assert rate <= 8.0, rate
+    assert open_streams <= 4 + 2 + 2, open_streams
