@@ -31,6 +31,7 @@ from bridge.errors import (
     BadCursor,
     ListCursorStuck,
     NotFound,
+    StreamRefused,
     StreamStalled,
 )
 from bridge.records import Event, Rejected, ThreadRef, canonical_json
@@ -458,7 +459,7 @@ class QoderApi:
                 ) from exc
             except httpx.HTTPError as exc:
                 metrics.API_REQUESTS.labels(route=route, status="error").inc()
-                raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+                raise StreamRefused(f"GET {path}: {type(exc).__name__}: {exc}") from exc
             try:
                 metrics.API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
                 if response.status_code >= 400:
@@ -469,7 +470,12 @@ class QoderApi:
                         self.stream_query = False
                         log.info("bridge.api.stream_query_refused", path=path)
                         continue
-                    _raise_for_status(response, had_cursor=after_id is not None)
+                    try:
+                        _raise_for_status(response, had_cursor=after_id is not None)
+                    except ApiUnavailable as exc:
+                        raise StreamRefused(
+                            str(exc), status=exc.status, retry_after_s=exc.retry_after_s
+                        ) from exc
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     raise _WrongRoute(path)
                 frames = decode_frames(response.aiter_bytes(), self._max_event_bytes)

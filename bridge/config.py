@@ -73,6 +73,7 @@ class ApiSettings:
     max_requests_per_s: float = 50.0
     poll_interval_s: float = 15.0
     full_scan_interval_s: float = 600.0
+    list_poll_interval_s: float = 5.0
     stall_timeout_s: float = 45.0
     request_timeout_s: float = 30.0
     backoff_initial_s: float = 0.5
@@ -510,6 +511,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "api.full_scan_interval_s",
         "how often the whole session history (archived too) is listed; running sessions are "
         "listed every poll",
+        _seconds,
+    ),
+    EnvVar(
+        "BRIDGE_LIST_POLL_INTERVAL_S",
+        "api.list_poll_interval_s",
+        "a running thread without a stream (BRIDGE_MAX_STREAMS reached, or the API refusing "
+        "more connections) is read through the JSON list this often",
         _seconds,
     ),
     EnvVar(

@@ -7,7 +7,8 @@ Third-party exceptions (httpx, httpx-sse, aiokafka) are translated into these at
     ├── ConfigError                  bad configuration or usage (exit code 2)
     ├── ApiError                     the Qoder API said no, or could not be reached
     │   ├── ApiUnavailable           retriable: connect/read errors, 429, 5xx (retry_after_s)
-    │   │   └── StreamStalled        retriable: no bytes for longer than the stall timeout
+    │   │   ├── StreamStalled        retriable: no bytes for longer than the stall timeout
+    │   │   └── StreamRefused        retriable: a stream open refused (429/5xx/reset): a cap?
     │   ├── AuthRejected             retriable (slowly): 401/403, the token is bad or revoked
     │   ├── NotFound                 404: the session or thread is gone
     │   ├── BadCursor                400 on after_id / Last-Event-ID: fall back to backfill
@@ -54,6 +55,11 @@ class ApiUnavailable(ApiError):
 
 class StreamStalled(ApiUnavailable):
     """The stream sent no bytes (not even a heartbeat) for longer than the stall timeout."""
+
+
+class StreamRefused(ApiUnavailable):
+    """A stream could not be opened (429, 5xx, a reset before any answer): the gateway's
+    per-client connection cap looks like this."""
 
 
 class AuthRejected(ApiError):

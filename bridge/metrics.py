@@ -41,6 +41,7 @@ __all__ = [
     "FULL_SCANS",
     "INFLIGHT_BYTES",
     "KAFKA_REACHABLE",
+    "LIST_POLLS",
     "OPEN_STREAMS",
     "PUBLISH_LATENCY",
     "PUMPS",
@@ -49,6 +50,8 @@ __all__ = [
     "RECONNECTS",
     "RECONNECT_REASONS",
     "REGISTRY",
+    "STREAMS_WAITING",
+    "STREAM_LIMIT",
     "THREADS_FOLLOWED",
     "TOKEN_REJECTED",
     "TRANSACTIONS",
@@ -137,10 +140,11 @@ RECONNECT_REASONS: tuple[ReconnectReason, ...] = (
     "not_found",
     "other",
 )
-PumpState = Literal["backfilling", "streaming", "backoff", "auth_wait", "draining"]
+PumpState = Literal["backfilling", "streaming", "list_polling", "backoff", "auth_wait", "draining"]
 PUMP_STATES: tuple[PumpState, ...] = (
     "backfilling",
     "streaming",
+    "list_polling",
     "backoff",
     "auth_wait",
     "draining",
@@ -191,6 +195,22 @@ END_TO_END_LAG = Histogram(
 )
 OPEN_STREAMS = Gauge(
     "qoder_bridge_open_streams", "Thread event streams currently open.", registry=REGISTRY
+)
+STREAM_LIMIT = Gauge(
+    "qoder_bridge_stream_limit",
+    "Most thread streams the bridge opens now: BRIDGE_MAX_STREAMS, or less where the API "
+    "refused connections beyond a count.",
+    registry=REGISTRY,
+)
+LIST_POLLS = Counter(
+    "qoder_bridge_list_polls",
+    "Passes through the JSON list for running threads that have no stream slot.",
+    registry=REGISTRY,
+)
+STREAMS_WAITING = Gauge(
+    "qoder_bridge_streams_waiting",
+    "Running threads without a stream slot, read through the JSON list in rotation.",
+    registry=REGISTRY,
 )
 RECONNECTS = Counter(
     "qoder_bridge_reconnects_total",

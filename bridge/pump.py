@@ -34,6 +34,7 @@ from bridge.errors import (
     BadCursor,
     ListCursorStuck,
     NotFound,
+    StreamRefused,
     StreamStalled,
 )
 from bridge.publisher import Outgoing, Publisher, PublisherClosed
@@ -46,6 +47,7 @@ from bridge.records import (
     dead_letter_record,
     event_record,
 )
+from bridge.slots import StreamSlots
 from bridge.sse import Frame
 
 #: A stream that stayed up this long resets the backoff.
@@ -55,6 +57,7 @@ HEALTHY_AFTER_S = 30.0
 class PumpState(Enum):
     BACKFILLING = "backfilling"
     STREAMING = "streaming"
+    LIST_POLLING = "list_polling"
     BACKOFF = "backoff"
     AUTH_WAIT = "auth_wait"
     DRAINING = "draining"
@@ -77,7 +80,9 @@ class Backoff:
 
 @dataclass(frozen=True, slots=True)
 class PumpLimits:
-    streams: anyio.CapacityLimiter
+    streams: StreamSlots
+    #: A thread without a stream slot is read through the list this often.
+    list_poll_interval_s: float = 5.0
 
 
 class Pump:
@@ -166,13 +171,23 @@ class Pump:
                     with anyio.CancelScope() as scope:
                         self._stream_scope = scope
                         try:
-                            async with self._limits.streams:
-                                await self._stream()
+                            if await self._stream_slot():
+                                try:
+                                    await self._stream()
+                                finally:
+                                    self._limits.streams.release()
+                            else:
+                                await self._list_pass()
                         finally:
                             self._stream_scope = None
                 continue  # a rewind or a stream that ended: backfill again, then stream
             except StreamStalled:
                 reason, delay = "stall", self._backoff.next_delay()
+            except StreamRefused as exc:
+                reason = _unavailable_reason(exc)
+                delay = self._backoff.next_delay(exc.retry_after_s or 0.0)
+                if self._limits.streams.refused():
+                    self.log.info("bridge.pump.stream_cap", limit=self._limits.streams.limit)
             except ApiUnavailable as exc:
                 reason = _unavailable_reason(exc)
                 delay = self._backoff.next_delay(exc.retry_after_s or 0.0)
@@ -245,6 +260,30 @@ class Pump:
             yield
         finally:
             gauge.dec()
+
+    async def _stream_slot(self) -> bool:
+        """A stream slot, or False after ``list_poll_interval_s`` without one (capped)."""
+        with anyio.move_on_after(self._limits.list_poll_interval_s):
+            await self._limits.streams.acquire()
+            return True
+        return False
+
+    async def _list_pass(self) -> None:
+        """No stream for this thread now: one pass through the list, then back in the queue
+        for a slot (the longest waiting gets the next one)."""
+        slots = self._limits.streams
+        if not slots.alerted:
+            slots.alerted = True
+            self.log.warning("bridge.pump.streams_capped", limit=slots.limit, max=slots.max)
+            await self._alerts.send(
+                "bridge.streams_capped",
+                "connection_cap" if slots.limit < slots.max else "max_streams",
+                self.thread,
+                {"stream_limit": slots.limit, "max_streams": slots.max},
+            )
+        with self._state(PumpState.LIST_POLLING):
+            await self._backfill()
+        metrics.LIST_POLLS.inc()
 
     def _read_from(self, anchor: str | None) -> None:
         self._anchor = anchor

@@ -27,6 +27,7 @@ from bridge.errors import ApiError, ApiRequestRejected, AuthRejected, BadCursor,
 from bridge.publisher import Publisher
 from bridge.pump import Backoff, Pump, PumpLimits
 from bridge.records import ThreadRef
+from bridge.slots import StreamSlots
 
 log = structlog.get_logger("bridge.supervisor")
 
@@ -90,7 +91,9 @@ class Supervisor:
         self._publisher = publisher
         self._alerts = alerts
         self._checkpoints = checkpoints
-        self._limits = PumpLimits(anyio.CapacityLimiter(settings.api.max_streams))
+        self._limits = PumpLimits(
+            StreamSlots(settings.api.max_streams), settings.api.list_poll_interval_s
+        )
         self._cursors: dict[ThreadRef, ThreadCursor] = {}
         self._pumps: dict[ThreadRef, Pump] = {}
         self._active: dict[ThreadRef, bool] = {}

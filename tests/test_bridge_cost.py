@@ -3,12 +3,23 @@ what runs now, not on how many sessions the account has finished."""
 
 from __future__ import annotations
 
+import json
+import re
+from datetime import datetime
+from typing import Any
+
 import anyio
 import pytest
 
 from bridge import metrics
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
-from tests.bridge_harness import TOKEN, bridge_settings, running_bridge, wait_for_delivery
+from tests.bridge_harness import (
+    TOKEN,
+    bridge_settings,
+    read_json,
+    running_bridge,
+    wait_for_delivery,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -70,3 +81,56 @@ async def test_steady_requests_and_connections_do_not_grow_with_history(
     assert threads >= 304
     assert rate <= 8.0, rate
     assert open_streams <= 4 + 2 + 2, open_streams
+
+
+def _lags(records: list[Any]) -> list[float]:
+    """Seconds from each event's processed_at to its append to the topic."""
+    lags = []
+    for record in records:
+        processed = json.loads(record.value).get("processed_at")
+        if isinstance(processed, str):
+            moment = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", processed))
+            lags.append(record.timestamp / 1000 - moment.timestamp())
+    return sorted(lags)
+
+
+@pytest.mark.parametrize(
+    ("knob", "env"),
+    [
+        pytest.param({"connection_cap": 4}, {}, id="api-connection-cap"),
+        pytest.param({}, {"BRIDGE_MAX_STREAMS": "2"}, id="max-streams"),
+    ],
+)
+async def test_threads_beyond_the_stream_cap_keep_flowing_through_the_list(
+    kafka_bootstrap, kafka_topics, knob, env
+):
+    """Scenario (9.4): 8 running threads (2 sessions) and either a gateway that resets every
+    stream beyond 4 per client (the 2 session streams count too) or BRIDGE_MAX_STREAMS=2.
+    Every event of every thread is delivered exactly once, in order; the threads without a
+    stream are read through the list in rotation; one `bridge.streams_capped` alert."""
+    session = SessionSpec(ThreadSpec(events=40, rate=5), (ThreadSpec(events=40, rate=5),) * 3)
+    scenario = Scenario(
+        name="capped", seed=62, heartbeat_interval_s=0.5, sessions=(session, session), **knob
+    )
+    polls = metrics.LIST_POLLS._value.get()
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        settings = bridge_settings(
+            sim.base_url, kafka_bootstrap, kafka_topics, BRIDGE_LIST_POLL_INTERVAL_S="1", **env
+        )
+        async with running_bridge(settings):
+            with anyio.fail_after(90):
+                await sim.wait_idle()
+            records, delivery = await wait_for_delivery(
+                kafka_bootstrap, kafka_topics.events, sim, timeout_s=60
+            )
+        refused = len(sim.cap_refusals)
+    lags = _lags(records)
+    p50, p99 = lags[len(lags) // 2], lags[int(len(lags) * 0.99)]
+    print(f"\ncapped {knob or env}: {delivery.summary()} refused={refused} lag p50={p50:.2f}s")
+    print(f"  p99={p99:.2f}s list passes={metrics.LIST_POLLS._value.get() - polls}")
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+    assert metrics.LIST_POLLS._value.get() > polls
+    alerts = await read_json(kafka_bootstrap, kafka_topics.alerts)
+    assert sum(a["type"] == "bridge.streams_capped" for a in alerts) == 1

@@ -43,6 +43,9 @@ POD_NAME = "qkb-qoder-kafka-bridge-0"
 # The metric names the dashboard and rules may use (bridge/metrics.py implements them).
 METRICS = {
     "qoder_bridge_full_scans_total": "counter",
+    "qoder_bridge_list_polls_total": "counter",
+    "qoder_bridge_stream_limit": "gauge",
+    "qoder_bridge_streams_waiting": "gauge",
     "qoder_bridge_kafka_reachable": "gauge",
     "qoder_bridge_events_received_total": "counter",
     "qoder_bridge_events_published_total": "counter",
@@ -622,6 +625,7 @@ def test_rules_cover_the_failure_modes_with_real_metrics() -> None:
         "QoderBridgeNoEventsPublished",
         "QoderBridgeEndToEndLagHigh",
         "QoderBridgeTokenRejected",
+        "QoderBridgeStreamsCapped",
         "QoderBridgeReconnectStorm",
         "QoderBridgeDLQGrowing",
         "QoderBridgeTransactionsAborting",
@@ -696,6 +700,11 @@ def alert_cases() -> list[dict[str, Any]]:
             [series("qoder_bridge_token_rejected", "0 0 1x10")],
             silent("QoderBridgeTokenRejected", "2m"),
             fires("QoderBridgeTokenRejected", "6m", "critical"),
+        ),
+        case(
+            [series("qoder_bridge_streams_waiting", "0 3x30")],
+            silent("QoderBridgeStreamsCapped", "10m"),
+            fires("QoderBridgeStreamsCapped", "20m", "warning"),
         ),
         # 10 threads, 20 reconnects a minute (2 per thread), then 5 a minute.
         case(

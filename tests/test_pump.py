@@ -17,6 +17,7 @@ from bridge.cursor import ThreadCursor
 from bridge.errors import NotFound
 from bridge.pump import Pump, PumpLimits
 from bridge.records import Event, Rejected, ThreadRef
+from bridge.slots import StreamSlots
 from bridge.sse import Frame
 
 pytestmark = pytest.mark.anyio
@@ -118,7 +119,7 @@ def _pump(api: FakeApi, publisher: FakePublisher, cursor: ThreadCursor | None = 
         publisher,
         FakeAlerts(),
         Settings(),  # type: ignore[arg-type]
-        PumpLimits(anyio.CapacityLimiter(10)),
+        PumpLimits(StreamSlots(10)),
     )
 
 
@@ -262,7 +263,7 @@ async def test_a_drain_does_not_wait_for_a_stream_slot():
     its thread stops running. The drain must reach it: it reads the last events and ends."""
     api, publisher = FakeApi(), FakePublisher()
     api.log = [_event(n) for n in range(2)]
-    slots = anyio.CapacityLimiter(1)
+    slots = StreamSlots(1)
     pump = Pump(ThreadCursor(THREAD), api, publisher, FakeAlerts(), Settings(), PumpLimits(slots))
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -299,7 +300,7 @@ async def test_frames_without_their_own_id_never_move_the_cursor_even_when_publi
         publisher,
         FakeAlerts(),
         Settings(delivery=DeliverySettings(publish_deltas=True)),
-        PumpLimits(anyio.CapacityLimiter(10)),
+        PumpLimits(StreamSlots(10)),
     )
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
