@@ -13,13 +13,17 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# The metadata first, then the code: hatchling reads README.md (the long description) and
-# bridge/__init__.py (the version), nothing else.
+# The dependencies first, from the lock: every version pinned and every download checked
+# against its sha256 (deploy/lock/runtime.txt, the base dependencies at the versions `make test`
+# tested). Only the base dependencies: the `simulator` extra (uvicorn, httptools) is for tests
+# and demos and never ships. Wheels only (every dependency has manylinux ones): no compiler.
+COPY deploy/lock/runtime.txt /wheels/runtime.txt
+RUN pip wheel --wheel-dir /wheels --only-binary=:all: --require-hashes --no-deps -r /wheels/runtime.txt
+# Then the project itself, without dependencies (the lock has them): hatchling reads README.md
+# (the long description) and bridge/__init__.py (the version), nothing else.
 COPY pyproject.toml README.md ./
 COPY bridge ./bridge
-# Only the base dependencies: the `simulator` extra (uvicorn, httptools) is for tests and demos
-# and never ships. Every dependency has manylinux wheels, so this stage needs no compiler either.
-RUN pip wheel --wheel-dir /wheels --prefer-binary .
+RUN pip wheel --wheel-dir /wheels --no-deps .
 
 FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
 ARG VERSION=0.0.0+unknown
@@ -36,11 +40,16 @@ RUN groupadd --system --gid 10001 bridge \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp \
         --shell /usr/sbin/nologin bridge
 
-# The wheels are bind-mounted, not copied: they never become a layer of this image.
+# The wheels are bind-mounted, not copied: they never become a layer of this image. The locked
+# dependencies (hashes checked again), then the bridge on top with nothing left to resolve, and
+# `pip check` proves the lock covers every requirement of the installed bridge.
 # pip byte-compiles here, as root, so the read-only root filesystem never needs a .pyc write.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels \
-        --disable-pip-version-check --root-user-action=ignore /wheels/qoder_kafka_bridge-*.whl
+    pip install --no-cache-dir --no-index --find-links=/wheels --require-hashes --no-deps \
+        --disable-pip-version-check --root-user-action=ignore -r /wheels/runtime.txt \
+    && pip install --no-cache-dir --no-index --no-deps \
+        --disable-pip-version-check --root-user-action=ignore /wheels/qoder_kafka_bridge-*.whl \
+    && pip check --disable-pip-version-check
 
 # Read-only root filesystem: the only writable place is /tmp (an emptyDir or --tmpfs), so HOME
 # points there and Python never tries to write bytecode next to the code.

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests import deploy_tools
 
@@ -218,33 +220,69 @@ def test_dockerignore_sends_only_what_the_build_copies() -> None:
 
 # -- the image's install steps, in a fresh virtualenv ---------------------------------------
 
+LOCK = ROOT / "deploy" / "lock" / "runtime.txt"
+
+
+def dockerfile_install(stage: list[tuple[str, str]], python: Path, wheels: Path) -> None:
+    """Run a stage's COPY into /wheels and its pip RUN lines here, as the Dockerfile has them:
+    /wheels is ``wheels``, ``pip`` is ``python -m pip``, bind mounts are already in place.
+    Other RUN lines (the user and group) are not this machine's business."""
+    for instruction, args in stage:
+        if instruction == "COPY" and shlex.split(args)[-1].startswith("/wheels/"):
+            source, target = shlex.split(args)
+            (wheels / target.removeprefix("/wheels/")).write_bytes((ROOT / source).read_bytes())
+        elif instruction == "RUN" and re.match(r"(--mount=\S+\s+)*pip ", args):
+            command = re.sub(r"--mount=\S+\s+", "", args).replace("/wheels", str(wheels))
+            command = re.sub(r"(^|&&\s*)pip ", rf"\g<1>{shlex.quote(str(python))} -m pip ", command)
+            result = run(["bash", "-euc", command], cwd=ROOT, timeout=300)
+            assert result.returncode == 0, (
+                f"RUN {args}\n" + result.stdout[-3000:] + result.stderr[-3000:]
+            )
+
 
 @pytest.fixture(scope="session")
-def project_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Dockerfile's first stage, for the project itself: `pip wheel --no-deps .`."""
-    out = tmp_path_factory.mktemp("wheel")
-    result = run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", out, ROOT],
-        timeout=180,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (wheel,) = out.glob("qoder_kafka_bridge-*.whl")
-    return wheel
+def image_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Dockerfile's first stage, run here: the locked dependencies as wheels, hashes
+    checked (deploy/lock/runtime.txt), and the project's own wheel."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    _, build, _ = dockerfile_stages()
+    dockerfile_install(build, Path(sys.executable), wheels)
+    return wheels
 
 
 @pytest.fixture(scope="session")
-def image_venv(project_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The final stage's install in a fresh virtualenv: the wheel plus its base dependencies
-    from the registry (the Dockerfile gets them as wheels from its first stage)."""
+def image_venv(image_wheels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The final stage's install, run here in a fresh virtualenv from the first stage's wheels:
+    no index, every hash checked again, the bridge on top, ``pip check``."""
     root = tmp_path_factory.mktemp("image-venv")
     venv.create(root, with_pip=True, symlinks=True)
-    result = run(
-        [root / "bin" / "python", "-m", "pip", "install", "--disable-pip-version-check", "-q",
-         project_wheel],
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _, _, runtime = dockerfile_stages()
+    dockerfile_install(runtime, root / "bin" / "python", image_wheels)
     return root
+
+
+def test_image_installs_the_locked_dependencies_only(image_wheels: Path) -> None:
+    """The first stage downloads exactly deploy/lock/runtime.txt (hash-checked, no resolution)
+    and the final stage installs from those wheels with the hashes checked again: the image
+    runs the versions `make test` ran, and a tampered download fails the build."""
+    _, build, runtime = dockerfile_stages()
+    build_runs = [a for i, a in build if i == "RUN"]
+    (locked,) = [r for r in build_runs if "-r /wheels/runtime.txt" in r]
+    for flag in ("--require-hashes", "--no-deps", "--only-binary=:all:"):
+        assert flag in locked, flag
+    (own,) = [r for r in build_runs if r is not locked]
+    assert "--no-deps" in own and own.endswith(" ."), "the project's wheel adds no dependency"
+    (install,) = [a for i, a in runtime if i == "RUN" and "pip install" in a]
+    assert "--require-hashes" in install and "-r /wheels/runtime.txt" in install
+    assert "pip check" in install
+    pinned = set()
+    for line in LOCK.read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            requirement = Requirement(line.rstrip(" \\"))
+            if requirement.marker is None or requirement.marker.evaluate():
+                pinned.add(canonicalize_name(requirement.name))
+    built = {canonicalize_name(w.name.split("-")[0]) for w in image_wheels.glob("*.whl")}
+    assert built == pinned | {"qoder-kafka-bridge"}
 
 
 def image_env(tmp_path: Path, **extra: str) -> dict[str, str]:
