@@ -7,11 +7,13 @@ after an outage is spread out instead of fired at once.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import re
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -48,24 +50,78 @@ _HAS_MORE = re.compile(rb'"has_more"\s*:\s*(true|false)')
 _NEXT_PAGE = re.compile(rb'"next_page"\s*:\s*"([^"\\]+)"')
 
 
+#: Set by a pump that reads history (a catch-up or a drain's final pass): its requests wait
+#: while requests for live threads are waiting, so a cold start serves live threads first.
+BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("background", default=False)
+
+
 class RateLimiter:
-    """Token bucket shared by every request: at most ``rate`` per second, bursts of ``burst``."""
+    """Token bucket shared by every request: at most ``rate`` per second, bursts of ``burst``.
+
+    With :meth:`run` going (the composition root starts it), waiters are served by one
+    dispatcher, first come first served, requests for live threads before background ones.
+    Without it, slots are handed out first come first served, ignoring priority.
+    """
 
     def __init__(self, rate: float, burst: int | None = None) -> None:
         self._interval = 1.0 / rate
         self._burst = burst if burst is not None else max(1, math.ceil(rate))
         self._next = 0.0
         self._lock = anyio.Lock()
+        self._queues: tuple[deque[anyio.Event], deque[anyio.Event]] = (deque(), deque())
+        self._wake = anyio.Event()
+        self._dispatching = False
 
     async def acquire(self) -> None:
+        if not self._dispatching:
+            await self._reserve()
+            return
+        granted = anyio.Event()
+        queue = self._queues[BACKGROUND.get()]
+        queue.append(granted)
+        self._wake.set()
+        try:
+            await granted.wait()
+        except BaseException:
+            if not granted.is_set():
+                queue.remove(granted)
+            raise
+
+    async def _reserve(self) -> None:
         async with self._lock:
-            now = anyio.current_time()
-            # Allow up to `burst` requests of credit, never more.
-            self._next = max(self._next, now - self._burst * self._interval)
-            wait = self._next - now
-            self._next += self._interval
+            wait = self._slot()
         if wait > 0:
             await anyio.sleep(wait)
+
+    def _slot(self) -> float:
+        now = anyio.current_time()
+        # Allow up to `burst` requests of credit, never more.
+        self._next = max(self._next, now - self._burst * self._interval)
+        wait = self._next - now
+        self._next += self._interval
+        return wait
+
+    async def run(self) -> None:
+        """Hand out slots to the waiters: live first, then background, each in order."""
+        self._dispatching = True
+        try:
+            while True:
+                live, background = self._queues
+                if not live and not background:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                wait = self._slot()
+                if wait > 0:
+                    await anyio.sleep(wait)
+                queue = live if live else background
+                if queue:
+                    queue.popleft().set()
+        finally:
+            self._dispatching = False
+            for queue in self._queues:
+                while queue:
+                    queue.popleft().set()  # nobody will hand these out any more
 
 
 @dataclass(frozen=True, slots=True)

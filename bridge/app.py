@@ -127,12 +127,13 @@ class Bridge:
                 await stack.enter_async_context(_client(2 * STREAMS_PER_POOL, tls))
                 for _ in range(shards)
             ]
+            limiter = RateLimiter(settings.api.max_requests_per_s)
             api = QoderApi(
                 client,
                 stream_clients,
                 settings.api.url,
                 lambda: tokens.current().reveal(),
-                RateLimiter(settings.api.max_requests_per_s),
+                limiter,
                 stall_timeout_s=settings.api.stall_timeout_s,
                 request_timeout_s=settings.api.request_timeout_s,
                 max_event_bytes=settings.api.max_event_bytes,
@@ -141,6 +142,7 @@ class Bridge:
                 self._outer = tg.cancel_scope
                 port = self.http_port = await tg.start(serve_http, settings.http, self.health)
                 tg.start_soon(self._signals)
+                tg.start_soon(limiter.run)
                 tg.start_soon(watch_kafka, settings.kafka, self.health)
                 tg.start_soon(log_summary, settings.log.summary_interval_s)
                 self.health.set_discovery(False, "no session listing or lookup has answered yet")

@@ -24,7 +24,7 @@ import structlog
 
 from bridge import metrics
 from bridge.alerts import BridgeAlerts
-from bridge.api import QoderApi
+from bridge.api import BACKGROUND, QoderApi
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import (
@@ -156,6 +156,8 @@ class Pump:
                     # updated_at as of that request, not of a later one.
                     final = not self._follow
                     mark = self._drain_updated_at
+                    # History (a catch-up, a drain's final pass) waits behind live threads.
+                    BACKGROUND.set(final)
                     if final or self.cursor.submitted_id is None:
                         # The list is read only where the stream cannot start at the cursor
                         # (there is none yet) and for a drain's final pass; a thread with a

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from bridge.api import event_from_item
+from bridge.api import BACKGROUND, RateLimiter, event_from_item
 from bridge.config import DeliverySettings, Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import NotFound
@@ -392,3 +392,31 @@ async def test_invalid_utf8_on_the_stream_is_dead_lettered_byte_for_byte():
     assert dead["reason"] == "invalid_utf8" and dead["event_id"] == "evt_0001"
     assert base64.b64decode(dead["data_base64"]) == bad
     assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002"]
+
+
+async def test_requests_for_live_threads_go_before_history_at_a_cold_start():
+    """Scenario (9.3): a cold start queues 50 catch-up reads of finished threads, then a live
+    thread asks: with a budget of 100 requests/s it is served next, not after the history."""
+    limiter = RateLimiter(100, burst=1)
+    order: list[str] = []
+
+    async def ask(name: str, background: bool) -> None:
+        BACKGROUND.set(background)
+        await limiter.acquire()
+        order.append(name)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(limiter.run)
+            await anyio.wait_all_tasks_blocked()
+            for n in range(50):
+                tg.start_soon(ask, f"history {n}", True)
+            while not order:  # the history is queued and being served
+                await anyio.sleep(0.001)
+            tg.start_soon(ask, "live", False)
+            served_before = len(order)
+            while len(order) < 51:
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert order.index("live") <= served_before + 1
+    assert [o for o in order if o != "live"] == [f"history {n}" for n in range(50)]
