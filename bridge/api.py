@@ -346,7 +346,12 @@ class QoderApi:
         cursor: dict[str, Any] = {}
         seen: set[str] = set()
         while True:
-            request = {**params, "limit": limit, **cursor}
+            # Filters go on every page; a continuation replaces the caller's cursor (page,
+            # after_id and before_id are mutually exclusive).
+            base = (
+                {k: v for k, v in params.items() if k not in _CURSOR_PARAMS} if cursor else params
+            )
+            request = {**base, "limit": limit, **cursor}
             cap = None if item_bytes is None else limit * item_bytes + _ENVELOPE_BYTES
             try:
                 body = await self._get_bytes(route, path, request, limit_bytes=cap)

@@ -17,7 +17,7 @@ import anyio
 from bridge.records import ThreadRef
 
 #: How many recent event ids a thread remembers to drop replays at a resume boundary.
-RECENT_IDS = 1024
+RECENT_IDS = 128
 #: How many of them a checkpoint carries, so that a restarted bridge still recognises the
 #: events a server replays from before the cursor (qoder-api.md 6.2 and 10: one to three).
 CHECKPOINT_RECENT_IDS = 32

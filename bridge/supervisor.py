@@ -224,9 +224,9 @@ class Supervisor:
                     # A 404 is an answer: the token is good, the session is not there.
                     self._alerts.token_accepted(started)
                     session, over, live = {}, True, False
-                    if session_id not in self._seen:
-                        if session_id in self._settings.api.sessions:
-                            self._alerts.session_missing(session_id)
+                    if session_id in self._settings.api.sessions and session_id not in self._seen:
+                        # Configured, and never seen: a typo, or a session of another account.
+                        self._alerts.session_missing(session_id)
                         slog.warning("bridge.session.not_found", error=str(exc))
                         await self._alerts.send(
                             "bridge.session_not_found",
@@ -234,6 +234,8 @@ class Supervisor:
                             None,
                             {"session_id": session_id, "error": str(exc)},
                         )
+                    else:
+                        slog.info("bridge.session.deleted", error=str(exc))
                     await self._drain_session(session_id)
                 except AuthRejected as exc:
                     await self._alerts.token_rejected(str(exc))
@@ -284,7 +286,8 @@ class Supervisor:
     async def _reconcile(self, session_id: str) -> dict[str, Any]:
         """Start, drain or catch up the session's threads; the session as the API gave it."""
         session = await self._api.get_session(session_id)
-        self._seen.add(session_id)
+        if session_id in self._settings.api.sessions:
+            self._seen.add(session_id)  # configured ones only: bounded by the configuration
         self._alerts.session_found(session_id)
         over = _session_over(session)
         threads = await self._api.list_threads(session_id)
