@@ -22,7 +22,10 @@ from bridge.health import HealthState
 from bridge.publisher import Publisher
 from bridge.pump import Pump, PumpLimits
 from bridge.records import Event, Rejected, ThreadRef
+from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
 from bridge.sse import Frame, FrameDecoder
+from bridge.supervisor import Supervisor
+from tests.bridge_harness import deliver_scenario
 
 pytestmark = pytest.mark.anyio
 
@@ -163,17 +166,12 @@ def _api(transport: httpx.AsyncBaseTransport, base: str, max_event_bytes: int) -
 # -- finding 1: a page token sent together with the caller's after_id ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 1: _pages sends page= together with after_id="
-)
 async def test_a_backfill_after_a_cursor_that_spans_pages_is_not_refused():
     """Scenario: a thread (G3/G4 server, next_page pagination) has 250 events; the bridge reads
     its list after a cursor (a drain's final pass, a catch-up after a restart). The second
     request carries both `after_id` (the caller's) and `page` (the continuation), which the
     API refuses as mutually exclusive (qoder-api.md 7): 400 -> BadCursor -> a full rescan of
-    the thread from its first event, on every multi-page backfill."""
-    from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
-
+    the thread from its first event, on every multi-page backfill. (Fixed in a54bbf8.)"""
     scenario = Scenario(
         name="review-pages",
         seed=81,
@@ -336,14 +334,14 @@ async def test_more_id_less_items_than_the_checkpoint_remembers_are_not_dead_let
 
 
 @pytest.mark.xfail(
-    strict=True, reason="review finding 4: rewind() empties _recent past 1024 in flight"
+    strict=True, reason="review finding 4: rewind() empties _recent past RECENT_IDS in flight"
 )
 async def test_a_rewind_with_many_events_in_flight_still_drops_boundary_replays():
     """Scenario: a following thread resumes its stream straight from the cursor (evt_0002,
     committed). It has a backlog: 1,197 events are read and handed on before the batch that
     holds them fails (broker hiccup) and the cursor is rewound to evt_0002. rewind() pops
     `_recent` from the newest end until it meets a committed key; with more than RECENT_IDS
-    (1024) uncommitted keys the committed ones were already evicted, so it empties it. The
+    uncommitted keys the committed ones were already evicted, so it empties it. The
     resumed stream (Last-Event-ID evt_0002) first replays evt_0001 and evt_0002, as
     qoder-api.md 6.2/10 allow: both are published a second time."""
     api = FakeApi()
@@ -443,7 +441,7 @@ def test_an_over_long_comment_line_does_not_make_the_next_event_oversize():
     strict=True,
     reason="review finding 7: place key hashes raw stream bytes vs canonical list bytes",
 )
-async def test_an_id_less_item_seen_on_the_stream_and_then_in_the_final_pass_is_dead_lettered_once():
+async def test_an_id_less_item_on_the_stream_then_in_the_final_pass_is_dead_lettered_once():
     """Scenario (issue 13): the last item a thread writes before going idle has no id. The
     stream delivers it as the server serialised it (a Go server escapes `<` as \\u003c); the
     drain's final pass then lists after the cursor and gets the same item, which the bridge
@@ -465,3 +463,77 @@ async def test_an_id_less_item_seen_on_the_stream_and_then_in_the_final_pass_is_
                 await anyio.sleep(0.01)
             pump.drain("2026-11-23T10:00:00.000Z")  # the thread went idle
     assert [d["reason"] for d in publisher.dead_letters()] == ["missing_id"]
+
+
+# -- finding 8: a checkpoint the broker refuses blocks every thread forever ---------------------
+
+
+@pytest.mark.kafka
+@pytest.mark.xfail(strict=True, reason="review finding 8: refused checkpoints retried forever")
+async def test_a_checkpoint_topic_that_refuses_the_checkpoints_is_not_a_silent_stall(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario (issue 12, 'nothing else blocks'): the operator creates the checkpoint topic
+    with BRIDGE_CHECKPOINT_TOPIC_CONFIG=max.message.bytes=1000 (checkpoints are small). A
+    checkpoint carries up to 32 recent ids (~1.5 KB), the limit is never checked for the
+    checkpoint topic, and the producer's batches are at least 16 KB (max_batch_size floor), so
+    the broker refuses the checkpoint batch. RecordsRejected only replaces refused *event*
+    records; the checkpoints come back unchanged, so the batch is retried forever, about every
+    0.4 s (the `continue` skips the delay doubling), with no fatal error: nothing is committed
+    and the SIGTERM drain misses its deadline.
+    Expected: everything delivered, or the bridge stops with an error naming the setting."""
+    scenario = Scenario(
+        name="small-checkpoints",
+        seed=83,
+        instant=True,
+        sessions=(
+            SessionSpec(ThreadSpec(events=60, rate=0), (ThreadSpec(events=60, rate=0),) * 7),
+        ),
+    )
+    _records, delivery = await deliver_scenario(
+        scenario,
+        kafka_bootstrap,
+        kafka_topics,
+        BRIDGE_CHECKPOINT_TOPIC_CONFIG="max.message.bytes=1000",
+        BRIDGE_DRAIN_TIMEOUT_S="5",
+    )
+    assert (delivery.lost, delivery.duplicated) == (0, 0), delivery.summary()
+
+
+# -- finding 9: one malformed session id takes the whole bridge down ----------------------------
+
+
+@pytest.mark.xfail(
+    strict=True, reason="review finding 9: non-ApiError from URL building kills the supervisor"
+)
+async def test_a_session_id_that_cannot_be_put_in_a_url_does_not_stop_the_bridge():
+    """Scenario (issues 6/13 for the session list): the session listing holds one session
+    whose id has a control character (JSON "\\u0001") -- or bytes that are not UTF-8, which the
+    list decoder turns into lone surrogates. Building its URL raises httpx.InvalidURL (or
+    UnicodeEncodeError), which is not an ApiError: `_watch_session` lets it out, the supervisor's
+    task group and with it the whole bridge stop (exit 1), and a restart meets the same list:
+    nothing is delivered for any session. Expected: that session is skipped with an alert."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sessions"):
+            body = {"data": [{"id": "sess_\u0001bad", "status": "running"}], "has_more": False}
+            return httpx.Response(200, json=body)
+        return httpx.Response(404, json={"type": "error", "error": {"message": "no"}})
+
+    class Alerts(FakeAlerts):
+        def discovered(self) -> None:
+            pass
+
+        def discovery_failed(self, cause: str) -> None:
+            pass
+
+        def session_found(self, session_id: str) -> None:
+            pass
+
+        def session_missing(self, session_id: str) -> None:
+            pass
+
+    api = _api(httpx.MockTransport(handler), "http://qoder.test/api/v1/cloud", 1 << 20)
+    supervisor = Supervisor(Settings(), api, HoldingPublisher(), Alerts(), {})  # type: ignore[arg-type]
+    with anyio.move_on_after(2):
+        await supervisor.run()  # raises (an ExceptionGroup) when the bad id escapes
