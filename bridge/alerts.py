@@ -64,9 +64,10 @@ class BridgeAlerts:
     def discovery_failed(self, cause: str) -> None:
         self._health.set_discovery(False, cause)
 
-    def session_missing(self, session_id: str) -> None:
-        """A session to follow answered 404: readiness names it under discovery_ok."""
-        self._health.session_missing(session_id)
+    def session_missing(self, session_id: str) -> bool:
+        """A session to follow answered 404: readiness names it under discovery_ok. True the
+        first time (warn and alert then, not on every look)."""
+        return self._health.session_missing(session_id)
 
     def session_found(self, session_id: str) -> None:
         self._health.session_found(session_id)

@@ -82,7 +82,21 @@ class Bridge:
             if self._outer is not None:
                 self._outer.cancel()
             return
-        log.info("bridge.shutdown.draining", deadline_s=deadline_s)
+        if not self.health.kafka_reachable:
+            # Nothing read can be flushed while Kafka is away: waiting out the deadline helps
+            # nobody. What was not committed is read again after the checkpoints.
+            log.warning("bridge.shutdown.kafka_unreachable", unflushed=True)
+            self.exit_code = EXIT_FATAL
+            self._nothing_read = True  # not a deadline: nothing could be flushed
+            self._readers.cancel()
+            if self._outer is not None:
+                self._outer.cancel()
+            return
+        log.info(
+            "bridge.shutdown.draining",
+            deadline_s=deadline_s,
+            hint="a second SIGTERM or Ctrl-C stops at once",
+        )
         # The readers stop first; the publisher is closed once none of them can submit any
         # more (run() does it), then flushes and commits what they handed on.
         self._readers.cancel()
@@ -96,13 +110,19 @@ class Bridge:
                 self.drain()
 
     async def _until_kafka(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
-        delay = 0.5
+        delay, failures = 0.5, 0
         while True:
             try:
                 await step()
+                if failures:
+                    log.info("bridge.kafka.available", step=what, after_failures=failures)
                 return
             except SinkUnavailable as exc:
-                log.warning("bridge.kafka.unavailable", step=what, error=str(exc), retry_in_s=delay)
+                # One warning per outage; the retries go to debug (the Kafka watcher says
+                # when it is back).
+                emit = log.warning if not failures else log.debug
+                emit("bridge.kafka.unavailable", step=what, error=str(exc), retry_in_s=delay)
+                failures += 1
             await anyio.sleep(delay)
             delay = min(delay * 2, 10.0)
 

@@ -245,7 +245,8 @@ async def load_checkpoints(
                         remaining.discard(tp)
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
-            f"cannot read checkpoints from {kafka.checkpoint_topic}: {exc!r}"
+            f"cannot read checkpoints from {kafka.checkpoint_topic}: "
+            f"{describe_kafka_error(exc, kafka.bootstrap_servers)}"
         ) from exc
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):

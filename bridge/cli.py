@@ -229,7 +229,7 @@ def _check(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     _preflight(settings)  # the same configuration verdict as `run`, exit 2 included
-    configure_logging(settings.log)
+    configure_logging(settings.log, quiet_third_party=True)
     return anyio.run(run_check, settings, backend="asyncio")
 
 

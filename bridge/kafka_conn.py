@@ -287,6 +287,12 @@ def _phrase(exc: BaseException, where: str) -> str:
         elif "WRONG_VERSION_NUMBER" in reason or "EOF" in reason:
             hint = "is it a plaintext listener? check KAFKA_SECURITY_PROTOCOL and the port"
         return f"TLS handshake with {where} failed ({reason}): {hint}"
+    if first(errors.IllegalSaslStateError) is not None:
+        return (
+            f"{where} does not speak SASL there (the handshake was refused before any "
+            "credentials were sent): a plaintext or TLS listener? check KAFKA_SECURITY_PROTOCOL "
+            "and the port"
+        )
     if (auth := first(_AUTH_ERRORS)) is not None:
         return (
             f"authentication failed at {where}: {_kafka_text(auth)}; check KAFKA_SASL_MECHANISM, "

@@ -196,11 +196,13 @@ def configure_logging(
     *,
     stream: TextIO | None = None,
     third_party_window_s: float = 30.0,
+    quiet_third_party: bool = False,
 ) -> None:
     """Configure structlog and stdlib logging once for the process (safe to call again).
 
     Third-party records are folded per shape over ``third_party_window_s`` (see
-    :class:`ThirdPartyRateLimit`).
+    :class:`ThirdPartyRateLimit`); with ``quiet_third_party`` (``check``, whose verdict lines
+    say the cause in words) they are not written at all.
     """
     level = logging.getLevelNamesMapping()[settings.level.upper()]
     stream = stream if stream is not None else sys.stderr
@@ -246,6 +248,8 @@ def configure_logging(
     handler = _BridgeHandler(stream)
     handler.setFormatter(formatter)
     handler.addFilter(ThirdPartyRateLimit(third_party_window_s))
+    if quiet_third_party:
+        handler.addFilter(_own_records_only)
 
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _BridgeHandler)]:
@@ -255,6 +259,10 @@ def configure_logging(
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
+
+
+def _own_records_only(record: logging.LogRecord) -> bool:
+    return not record.name.startswith(THIRD_PARTY_LOGGERS)
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -159,8 +159,14 @@ API_ROUTES: tuple[ApiRoute, ...] = (
     "stream",
     "session_events",
 )
-DlqReason = Literal["not_json", "too_large", "invalid"]
-DLQ_REASONS: tuple[DlqReason, ...] = ("not_json", "too_large", "invalid")
+DlqReason = Literal["not_json", "not_object", "missing_id", "invalid_utf8", "too_large"]
+DLQ_REASONS: tuple[DlqReason, ...] = (
+    "not_json",
+    "not_object",
+    "missing_id",
+    "invalid_utf8",
+    "too_large",
+)
 TransactionOutcome = Literal["committed", "aborted"]
 TRANSACTION_OUTCOMES: tuple[TransactionOutcome, ...] = ("committed", "aborted")
 

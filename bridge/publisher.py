@@ -147,9 +147,12 @@ def _seconds_since(timestamp: str | None) -> float | None:
 
 def _translate(exc: BaseException, bootstrap: str) -> SinkError:
     if isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
-        return ProducerFenced(f"another bridge took over our transactional.id: {exc!r}")
+        return ProducerFenced(
+            "another bridge started with our transactional.id and fenced this one: "
+            f"{type(exc).__name__}"
+        )
     if isinstance(exc, TransactionalIdAuthorizationFailed):
-        return ProducerFenced(f"not authorised to use the transactional.id: {exc!r}")
+        return ProducerFenced(f"not authorised to use the transactional.id: {exc}")
     if isinstance(exc, TopicAuthorizationFailedError):
         return SinkForbidden(f"Kafka does not allow this bridge to write to a topic: {exc}")
     if isinstance(exc, KafkaTimeoutError | TimeoutError):
@@ -257,20 +260,23 @@ class Publisher:
         producer, self._producer = self._producer, None
         self._health.producer_connected = False
         if producer is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            # A broker that is away cannot take the close: do not wait for it.
+            timeout_s = 10 if self._health.kafka_reachable else 1
+            with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
                 await producer.stop()
 
     async def _connect(self) -> None:
         """Start a producer, retrying until Kafka answers (the pumps wait meanwhile)."""
-        delay = 0.5
+        delay, failures = 0.5, 0
         while True:
             try:
                 await self._start_producer()
                 return
-            except SinkUnavailable as exc:
-                log.warning("bridge.publisher.connect_failed", error=str(exc), retry_in_s=delay)
-            except TransactionAborted as exc:
-                log.warning("bridge.publisher.connect_failed", error=str(exc), retry_in_s=delay)
+            except (SinkUnavailable, TransactionAborted) as exc:
+                # One warning per outage; the retries go to debug.
+                emit = log.warning if not failures else log.debug
+                emit("bridge.publisher.connect_failed", error=str(exc), retry_in_s=delay)
+                failures += 1
             await anyio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -445,7 +451,8 @@ class Publisher:
                     await self._send_all(producer, checkpoints)
         except (KafkaError, TimeoutError) as exc:
             if committing and not isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
-                raise CommitOutcomeUnknown(f"the commit did not answer: {exc!r}", marker) from exc
+                cause = describe_kafka_error(exc, self._kafka.bootstrap_servers)
+                raise CommitOutcomeUnknown(f"the commit did not answer: {cause}", marker) from exc
             raise _translate(exc, self._kafka.bootstrap_servers) from exc
 
     async def _send_all(self, producer: AIOKafkaProducer, records: list[Record]) -> list[Any]:

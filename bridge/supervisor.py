@@ -223,17 +223,20 @@ class Supervisor:
                 except NotFound as exc:
                     # A 404 is an answer: the token is good, the session is not there.
                     self._alerts.token_accepted(started)
+                    self._alerts.discovered()
                     session, over, live = {}, True, False
                     if session_id in self._settings.api.sessions and session_id not in self._seen:
-                        # Configured, and never seen: a typo, or a session of another account.
-                        self._alerts.session_missing(session_id)
-                        slog.warning("bridge.session.not_found", error=str(exc))
-                        await self._alerts.send(
-                            "bridge.session_not_found",
-                            "not_found",
-                            None,
-                            {"session_id": session_id, "error": str(exc)},
-                        )
+                        # Configured and never seen: a typo, or another account's session. The
+                        # bridge stays up, not ready, naming it; it looks again every poll.
+                        over = False
+                        if self._alerts.session_missing(session_id):
+                            slog.warning("bridge.session.not_found", error=str(exc))
+                            await self._alerts.send(
+                                "bridge.session_not_found",
+                                "not_found",
+                                None,
+                                {"session_id": session_id, "error": str(exc)},
+                            )
                     else:
                         slog.info("bridge.session.deleted", error=str(exc))
                     await self._drain_session(session_id)

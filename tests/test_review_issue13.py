@@ -1,7 +1,6 @@
 """Adversarial review of issue 13 (Kafka down, start-up SIGTERM, session typos, messages in the
-operator's words, README truth). Each test is one finding, marked xfail(strict) until fixed:
-when a fix lands the test passes, the strict xfail turns that into a failure, and the marker
-goes."""
+operator's words, README truth). Each test is one finding of the review: it failed on the code
+it was written against, and pins the fix."""
 
 from __future__ import annotations
 
@@ -59,11 +58,6 @@ def _settings(**extra: str) -> Any:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 1: load_checkpoints formats the error with {exc!r}: "
-    "KafkaConnectionError(\"Unable to bootstrap from [('127.0.0.1', 1, <AddressFamily...>)]\")",
-)
 async def test_checkpoint_load_failure_is_in_the_operators_words() -> None:
     """Scenario: Kafka answers for the topics, then goes away before the checkpoints are read
     (or a restart finds it down at that step). The `bridge.kafka.unavailable step=checkpoints`
@@ -82,12 +76,6 @@ async def test_checkpoint_load_failure_is_in_the_operators_words() -> None:
 
 @pytest.mark.anyio
 @pytest.mark.kafka
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 2: SASL_PLAINTEXT against a PLAINTEXT listener reads 'authentication "
-    "failed ... IllegalSaslStateError: <AIOKafkaConnection host=... port=...>; check "
-    "KAFKA_SASL_MECHANISM, USERNAME and PASSWORD': a repr, and the wrong settings blamed",
-)
 async def test_sasl_against_a_plaintext_listener_names_the_protocol_not_the_password(
     kafka_bootstrap: str,
 ) -> None:
@@ -114,11 +102,6 @@ async def test_sasl_against_a_plaintext_listener_names_the_protocol_not_the_pass
 # -- finding 3: `check` prints aiokafka's own lines next to its verdict ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: `check` against a refused port also prints aiokafka's error line "
-    "'Unable connect to \"127.0.0.1:1\": [Errno 111] Connect call failed (\\'127.0.0.1\\', 1)'",
-)
 def test_check_says_each_kafka_failure_once_in_words(tmp_path: Path) -> None:
     """Scenario: a new user runs `qoder-bridge check` with a wrong Kafka port. They get the
     FAIL line in words, and nothing else about Kafka in Python's words."""
@@ -148,13 +131,6 @@ def test_check_says_each_kafka_failure_once_in_words(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.kafka
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 4: with only non-existent sessions in BRIDGE_SESSIONS the supervisor "
-    "marks them finished and the bridge stops at once with exit 0 (`bridge.stopped "
-    "exit_code=0`, the README's clean stop): /readyz never shows the reason; Kubernetes "
-    "restarts it in a loop, one alert per restart",
-)
 async def test_a_bridge_whose_only_session_is_a_typo_stays_up_and_says_why(
     kafka_bootstrap: str, kafka_topics: Any
 ) -> None:
@@ -195,12 +171,6 @@ async def test_a_bridge_whose_only_session_is_a_typo_stays_up_and_says_why(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 5: Bridge._until_kafka logs `bridge.kafka.unavailable` (warning) on "
-    "every retry, every 10 s for as long as Kafka is down, next to the watcher's one "
-    "`bridge.kafka.unreachable`",
-)
 async def test_a_long_kafka_outage_at_start_up_is_one_warning(monkeypatch: Any) -> None:
     """Scenario: Kafka is down for ~2 minutes while the bridge starts (12 retries of the topic
     step). The issue asks for one bridge warning when Kafka becomes unreachable."""
@@ -227,11 +197,6 @@ async def test_a_long_kafka_outage_at_start_up_is_one_warning(monkeypatch: Any) 
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 5: Publisher._connect logs `bridge.publisher.connect_failed` "
-    "(warning) on every retry during an outage (every 10 s)",
-)
 async def test_the_publisher_reconnecting_through_an_outage_is_one_warning(
     monkeypatch: Any,
 ) -> None:
@@ -263,12 +228,6 @@ async def test_the_publisher_reconnecting_through_an_outage_is_one_warning(
 
 @pytest.mark.anyio
 @pytest.mark.kafka
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 6: Ctrl-C at a terminal with Kafka down and events in flight waits "
-    "the whole BRIDGE_DRAIN_TIMEOUT_S plus ~10 s (shielded producer stop): 30 s, exit 1; "
-    "nothing says a second Ctrl-C stops at once",
-)
 async def test_ctrl_c_at_a_terminal_with_kafka_down_does_not_hang_for_the_drain_timeout(
     kafka_broker_factory: Any, kafka_topics: Any, tmp_path: Path
 ) -> None:
@@ -338,12 +297,6 @@ async def test_ctrl_c_at_a_terminal_with_kafka_down_does_not_hang_for_the_drain_
 # -- finding 7: README vs code on dead letters and alerts --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 7: README documents DLQ reasons not_json/too_large only (alerts "
-    "table too) and the header dlq_reason only; the code also writes not_object, missing_id, "
-    "invalid_utf8, the headers dlq_message/dlq_source/dlq_size_bytes and data_base64",
-)
 def test_readme_documents_every_dead_letter_reason_and_header() -> None:
     kafka_records = section("Kafka records")
     for reason in REJECTION_MESSAGES:
@@ -353,21 +306,10 @@ def test_readme_documents_every_dead_letter_reason_and_header() -> None:
     assert "data_base64" in kafka_records
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 7: qoder_bridge_dlq_records_total pre-declares reason='invalid', "
-    "which nothing uses, while the pumps count not_object, missing_id and invalid_utf8 "
-    "(README: 'not_json, too_large, invalid')",
-)
 def test_dlq_metric_reasons_are_the_reasons_dead_letters_carry() -> None:
     assert set(metrics.DLQ_REASONS) == set(REJECTION_MESSAGES)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 7: the alert type bridge.list_stuck (pump.py) is not in the README's "
-    "alerts table",
-)
 def test_every_bridge_alert_type_is_in_the_readme_alerts_table() -> None:
     source = "".join(p.read_text() for p in (REPO / "bridge").glob("*.py"))
     sent = set(re.findall(r'send\(\s*"(bridge\.[a-z_]+)"', source))
@@ -380,11 +322,6 @@ def test_every_bridge_alert_type_is_in_the_readme_alerts_table() -> None:
 # -- finding 8: an exit-1 path whose log line the README does not name -------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 8: a topic ACL refusal exits 1 with `bridge.fatal.forbidden`, which "
-    "the README's exit-code table does not name (it names bridge.fatal, .fenced, shutdown.*)",
-)
 def test_every_fatal_log_line_is_named_in_the_exit_code_table() -> None:
     app = (REPO / "bridge" / "app.py").read_text()
     fatal_events = set(re.findall(r'"(bridge\.fatal[a-z_.]*)"', app))
