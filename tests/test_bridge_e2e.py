@@ -7,6 +7,7 @@ import json
 import pytest
 
 from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec
+from tests.asyncapi import assert_topics_match_asyncapi
 from tests.bridge_harness import deliver_scenario
 from tests.kafka_broker import read_topic
 
@@ -70,6 +71,8 @@ async def test_every_event_once_in_order_with_key_value_and_headers(kafka_bootst
     last = {r.key.decode(): json.loads(r.value)["last_event_id"] for r in checkpoints}
     for key, values in delivery.by_key.items():
         assert last[key] == json.loads(values[-1])["id"], f"checkpoint of {key} is behind"
+    counts = await assert_topics_match_asyncapi(kafka_bootstrap, kafka_topics)
+    assert counts["alerts"] > 0, "the terminated session raises alerts: check them too"
 
 
 @pytest.mark.parametrize("heartbeat", ["comment", "event"])
@@ -99,6 +102,7 @@ async def test_heartbeats_are_never_published_and_never_move_the_cursor(
     last = {r.key.decode(): json.loads(r.value)["last_event_id"] for r in checkpoints}
     for key, values in delivery.by_key.items():
         assert last[key] == json.loads(values[-1])["id"]
+    await assert_topics_match_asyncapi(kafka_bootstrap, kafka_topics)
 
 
 @pytest.mark.parametrize("fresh_stream", ["tail", "replay"])
@@ -146,3 +150,4 @@ async def test_faults_lose_nothing_and_duplicate_nothing(
         dead = await read_topic(kafka_bootstrap, kafka_topics.dlq)
         assert dead, "non-JSON frames must reach the DLQ"
         assert {json.loads(r.value)["reason"] for r in dead} == {"not_json"}
+    await assert_topics_match_asyncapi(kafka_bootstrap, kafka_topics)
