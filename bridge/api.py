@@ -199,8 +199,8 @@ async def _read_capped(response: httpx.Response, limit_bytes: int | None) -> byt
         if limit_bytes is None or size <= limit_bytes:
             parts.append(chunk)
             continue
-        if parts:
-            head = b"".join(parts)[: EXCERPT_BYTES * 2]
+        if not head:
+            head = (b"".join(parts) + chunk)[: EXCERPT_BYTES * 2]
             parts = []
         tail = (tail + chunk)[-_ENVELOPE_BYTES:]
     if limit_bytes is not None and size > limit_bytes:
@@ -209,24 +209,99 @@ async def _read_capped(response: httpx.Response, limit_bytes: int | None) -> byt
 
 
 def _salvage(big: _PageTooLarge) -> Page:
-    """A one-item page too large to hold: where the list goes on is in its envelope's tail."""
-    last = _LAST_ID.search(big.tail)
-    more = _HAS_MORE.search(big.tail)
-    next_page = _NEXT_PAGE.search(big.tail)
+    """A one-item page too large to hold: the list goes on after that item.
+
+    The item's own id comes from the page's first bytes (keys are read by depth, so an id
+    deeper in the item, or list-like keys inside it, are never taken for it), and the list
+    goes on ``after_id`` it. Only without it do the envelope's own keys say where: at the
+    start of the page, or else the last ones of its end.
+    """
+    item_id, envelope = _scan_head(big.head)
+    if item_id is not None:
+        return Page([], None, True, item_id)
+    if envelope:
+        next_page, last_id = envelope.get("next_page"), envelope.get("last_id")
+        return Page(
+            [],
+            next_page if isinstance(next_page, str) else None,
+            envelope.get("has_more") is not False,
+            last_id if isinstance(last_id, str) else None,
+        )
+    last = _last_match(_LAST_ID, big.tail)
+    more = _last_match(_HAS_MORE, big.tail)
+    next_page_match = _last_match(_NEXT_PAGE, big.tail)
     return Page(
         [],
-        next_page.group(1).decode() if next_page else None,
-        more is None or more.group(1) == b"true",
-        last.group(1).decode() if last else None,
+        next_page_match.decode() if next_page_match else None,
+        more is None or more == b"true",
+        last.decode() if last else None,
     )
 
 
+def _last_match(pattern: re.Pattern[bytes], data: bytes) -> bytes | None:
+    found = None
+    for found_match in pattern.finditer(data):
+        found = found_match.group(1)
+    return found
+
+
 def _oversize(big: _PageTooLarge) -> Rejected:
-    last = _LAST_ID.search(big.tail)
-    event_id = last.group(1).decode() if last else None
+    item_id, _envelope = _scan_head(big.head)
+    if item_id is None:
+        item_id = _salvage(big).last_id
     start = big.head.find(b"[")
     excerpt = big.head[start + 1 if start >= 0 else 0 :][:EXCERPT_BYTES]
-    return Rejected("too_large", excerpt, event_id, None, big.size)
+    return Rejected("too_large", excerpt, item_id, None, big.size)
+
+
+def _scan_head(head: bytes) -> tuple[str | None, dict[str, Any]]:
+    """Of a list page's first bytes: the first item's own ``id`` (a key of the object at
+    ``data[0]``) and the envelope's scalar keys seen so far. A small tokenizer: strings,
+    brackets and the literals true/false, by depth."""
+    path: list[int] = []  # the open brackets
+    key: str | None = None
+    data_depth: int | None = None  # where the "data" array opened
+    envelope: dict[str, Any] = {}
+    i, n = 0, len(head)
+    while i < n:
+        c = head[i]
+        if c == 0x22:  # a string: a key, or a value
+            j = i + 1
+            while j < n and head[j] != 0x22:
+                j += 2 if head[j] == 0x5C else 1
+            if j >= n:
+                break
+            text = head[i + 1 : j].decode("utf-8", "replace")
+            i = j + 1
+            while i < n and head[i] in b" \t\r\n":
+                i += 1
+            if i < n and head[i] == 0x3A and path and path[-1] == 0x7B:
+                key, i = text, i + 1
+                continue
+            if key is not None and len(path) == 1:
+                envelope[key] = text
+            elif key == "id" and data_depth is not None and len(path) == data_depth + 1:
+                return text, envelope
+            key = None
+            continue
+        if c in (0x7B, 0x5B):  # { [
+            if c == 0x5B and len(path) == 1 and key == "data":
+                data_depth = 2
+            path.append(c)
+            key = None
+        elif c in (0x7D, 0x5D):  # } ]
+            if path:
+                path.pop()
+            if data_depth is not None and len(path) < data_depth:
+                data_depth = None
+            key = None
+        elif c in (0x74, 0x66) and key is not None and len(path) == 1:  # true / false
+            envelope[key] = c == 0x74
+            key = None
+        elif c == 0x2C:  # ,
+            key = None
+        i += 1
+    return None, envelope
 
 
 def _last_item_id(items: list[Any]) -> str | None:
@@ -455,9 +530,9 @@ class QoderApi:
         page = self._page(body)
         return str(page.items[0].get("id")) if page.items else None
 
-    def _stream_path(self, thread: ThreadRef) -> str:
+    def _stream_path(self, thread: ThreadRef, route: StreamRoute) -> str:
         base = f"/sessions/{thread.session_id}/threads/{thread.thread_id}"
-        return base + ("/events" if self.stream_route == "events" else "/stream")
+        return base + ("/events" if route == "events" else "/stream")
 
     @asynccontextmanager
     async def stream_thread(
@@ -469,16 +544,18 @@ class QoderApi:
         with JSON, or with 404 for a thread that exists, serves the ``/stream`` route instead.
         """
         async with AsyncExitStack() as stack:
-            for _ in range(2):
+            first: StreamRoute = self.stream_route
+            for route in (first, "stream" if first == "events" else "events"):
                 try:
-                    path = self._stream_path(thread)
+                    path = self._stream_path(thread, route)
                     frames = await stack.enter_async_context(self._sse("stream", path, after_id))
+                    # Learnt from this answer, not flipped: pumps that race here agree.
+                    self.stream_route = route
                     break
                 except _WrongRoute:
                     pass
                 except NotFound:
                     await self.get_thread(thread)  # raises NotFound if the thread is really gone
-                self.stream_route = "stream" if self.stream_route == "events" else "events"
             else:
                 raise ApiUnavailable(f"no stream route for {thread.key} answers with SSE")
             yield frames

@@ -41,6 +41,8 @@ class Checkpoint:
     drained_updated_at: str | None
     #: The ids handed on just before ``last_event_id``: replays from before the cursor.
     recent_ids: tuple[str, ...] = ()
+    #: Items without an id handed on after ``last_event_id`` (dead letters, known by place).
+    idless_after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,11 +185,12 @@ def _parse(value: bytes | None) -> Checkpoint | None:
     if not isinstance(doc, dict):
         return None
     last, drained = doc.get("last_event_id"), doc.get("drained_updated_at")
-    recent = doc.get("recent_ids")
+    recent, idless = doc.get("recent_ids"), doc.get("idless_after")
     return Checkpoint(
         last if isinstance(last, str) else None,
         drained if isinstance(drained, str) else None,
         tuple(i for i in recent if isinstance(i, str)) if isinstance(recent, list) else (),
+        idless if isinstance(idless, int) and idless > 0 else 0,
     )
 
 

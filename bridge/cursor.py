@@ -9,6 +9,7 @@ and the pump starts reading again from the committed position. No event is skipp
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 
@@ -23,6 +24,13 @@ RECENT_IDS = 128
 CHECKPOINT_RECENT_IDS = 32
 
 
+def place_key(anchor: str | None, ordinal: int) -> str:
+    """The dedupe key of an item without an id: its place, the ``ordinal``-th such item after
+    the event ``anchor``. Not its bytes: a stream and a list may serialise it differently."""
+    place = f"{anchor or ''}\0{ordinal}".encode()
+    return "place:" + hashlib.sha256(place).hexdigest()[:32]
+
+
 class ThreadCursor:
     def __init__(
         self,
@@ -30,6 +38,7 @@ class ThreadCursor:
         committed_id: str | None = None,
         drained_updated_at: str | None = None,
         recent_ids: Iterable[str] = (),
+        idless_after: int = 0,
     ) -> None:
         self.thread = thread
         self.committed_id = committed_id
@@ -42,11 +51,14 @@ class ThreadCursor:
         self.drains_committed = 0
         self.epoch = 0
         self._recent: OrderedDict[str, None] = OrderedDict()
-        #: The dedupe keys up to ``committed_id``, newest last: what a checkpoint carries.
-        self.committed_recent: deque[str] = deque(maxlen=CHECKPOINT_RECENT_IDS)
-        for key in [*recent_ids, *([committed_id] if committed_id else [])]:
-            self._remember(key)
-            self.committed_recent.append(key)
+        #: What a checkpoint carries besides the cursor: the ids up to it, newest last, and
+        #: how many items without an id were handed on after it (known by their place).
+        self.committed_ids: deque[str] = deque(
+            [*recent_ids, *([committed_id] if committed_id else [])],
+            maxlen=CHECKPOINT_RECENT_IDS,
+        )
+        self.committed_idless = idless_after
+        self._remember_committed()
         #: Set when the publisher commits or rewinds this thread: a draining pump waits on it.
         self.settled = anyio.Event()
         self._read_scope: anyio.CancelScope | None = None
@@ -67,6 +79,12 @@ class ThreadCursor:
             self.submitted_id = key
         return True
 
+    def _remember_committed(self) -> None:
+        for key in self.committed_ids:
+            self._remember(key)
+        for ordinal in range(self.committed_idless):
+            self._remember(place_key(self.committed_id, ordinal))
+
     def _remember(self, key: str) -> None:
         self._recent[key] = None
         self._recent.move_to_end(key)
@@ -86,10 +104,12 @@ class ThreadCursor:
             return
         if drain:
             self.drains_committed += 1
-        if key is not None:
-            self.committed_recent.append(key)
         if event_id is not None:
             self.committed_id = event_id
+            self.committed_ids.append(event_id)
+            self.committed_idless = 0
+        elif key is not None:
+            self.committed_idless += 1
         if drained is not None:
             self.drained_updated_at = drained
             if self.pending_drained_updated_at == drained:
@@ -103,12 +123,9 @@ class ThreadCursor:
     def rewind(self) -> None:
         """Forget everything after ``committed_id`` and make the reader start again from it."""
         self.epoch += 1
-        committed = set(self.committed_recent)
-        while self._recent:
-            last = next(reversed(self._recent))
-            if last == self.committed_id or last in committed:
-                break
-            self._recent.popitem(last=True)
+        # Rebuilt from what is committed, however much was in flight.
+        self._recent.clear()
+        self._remember_committed()
         self.submitted_id = self.committed_id
         self.pending_drained_updated_at = None
         if self._read_scope is not None:

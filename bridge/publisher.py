@@ -61,6 +61,8 @@ log = structlog.get_logger("bridge.publisher")
 ITEM_OVERHEAD_BYTES = 512
 #: Room for the batch and record headers around one record.
 RECORD_OVERHEAD_BYTES = 1024
+#: A checkpoint (32 recent ids and its fields) and its batch fit in this, with room to spare.
+MIN_CHECKPOINT_TOPIC_BYTES = 16 * 1024
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
@@ -234,7 +236,7 @@ class Publisher:
         if self._topic_limits:
             # A batch larger than a topic takes would take every record in it down with it.
             smallest = min(self._topic_limits.values()) - RECORD_OVERHEAD_BYTES
-            kwargs["max_batch_size"] = max(16 * 1024, min(kwargs["max_batch_size"], smallest))
+            kwargs["max_batch_size"] = max(1024, min(kwargs["max_batch_size"], smallest))
         if self._transactional:
             kwargs["transactional_id"] = self._delivery.transactional_id
             kwargs["transaction_timeout_ms"] = self._delivery.transaction_timeout_ms
@@ -242,6 +244,14 @@ class Publisher:
 
     async def _start_producer(self) -> None:
         self._topic_limits = await topic_record_limits(self._kafka)
+        topic = self._kafka.checkpoint_topic
+        limit = self._topic_limits.get(topic)
+        if limit is not None and limit < MIN_CHECKPOINT_TOPIC_BYTES:
+            raise SinkForbidden(
+                f"the checkpoint topic {topic} takes records of at most {limit} bytes "
+                f"(max.message.bytes); a checkpoint may need up to {MIN_CHECKPOINT_TOPIC_BYTES}: "
+                "raise it (BRIDGE_CHECKPOINT_TOPIC_CONFIG, or the topic's config)"
+            )
         producer = self._new_producer()
         try:
             with anyio.fail_after(60):
@@ -343,7 +353,6 @@ class Publisher:
                     log.warning("bridge.publisher.records_rejected", error=str(exc))
                     batch = [self._dead_lettered(item, exc.records) for item in live]
                     await self._restart_producer(delay)
-                    continue
                 except CommitOutcomeUnknown as exc:
                     log.warning("bridge.publisher.commit_outcome_unknown", error=str(exc))
                     await self._restart_producer(delay)  # completes or aborts that transaction
@@ -409,7 +418,7 @@ class Publisher:
                         record.value,
                         event_id=item.event_id,
                         event_type=item.event_type,
-                        limit_bytes=64 * 1024,
+                        limit_bytes=self.record_limit(self._kafka.dlq_topic),
                     )
                 )
             # else: a dead letter or a bridge alert the broker refuses even small: dropped,
@@ -441,19 +450,35 @@ class Publisher:
                 if self._transactional:
                     await producer.begin_transaction()
                     await self._send_all(producer, records)
-                    done = await self._send_all(producer, checkpoints)
+                    done = await self._send_checkpoints(producer, checkpoints)
                     if done:
                         marker = (TopicPartition(done[0].topic, done[0].partition), done[0].offset)
                     committing = True
                     await producer.commit_transaction()
                 else:
                     await self._send_all(producer, records)
-                    await self._send_all(producer, checkpoints)
+                    await self._send_checkpoints(producer, checkpoints)
         except (KafkaError, TimeoutError) as exc:
             if committing and not isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
                 cause = describe_kafka_error(exc, self._kafka.bootstrap_servers)
                 raise CommitOutcomeUnknown(f"the commit did not answer: {cause}", marker) from exc
             raise _translate(exc, self._kafka.bootstrap_servers) from exc
+
+    async def _send_checkpoints(
+        self, producer: AIOKafkaProducer, checkpoints: list[Record]
+    ) -> list[Any]:
+        try:
+            return await self._send_all(producer, checkpoints)
+        except RecordsRejected as exc:
+            # Nothing can be committed without them: an operator must raise the topic's limit.
+            largest = max(r.size for r in checkpoints)
+            topic = self._kafka.checkpoint_topic
+            limit = self._topic_limits.get(topic)
+            raise SinkForbidden(
+                f"the checkpoint topic {topic} refuses checkpoints of up to {largest} bytes "
+                f"(its max.message.bytes is {limit}): raise it (BRIDGE_CHECKPOINT_TOPIC_CONFIG "
+                "or the topic's config) to 64 KiB or more"
+            ) from exc
 
     async def _send_all(self, producer: AIOKafkaProducer, records: list[Record]) -> list[Any]:
         """Send, then wait for every acknowledgement; records refused for their size are named."""
@@ -486,29 +511,32 @@ class Publisher:
         return future
 
     def _checkpoints(self, batch: list[Outgoing]) -> list[Record]:
-        latest: dict[ThreadRef, tuple[str | None, str | None]] = {}
-        recent: dict[ThreadRef, list[str]] = {}
+        """One checkpoint per thread of the batch, as of its last item in the batch."""
+        state: dict[ThreadRef, tuple[str | None, str | None, list[str], int]] = {}
         for item in batch:
-            if item.cursor is None:
+            cursor = item.cursor
+            if cursor is None:
                 continue
-            ref = item.cursor.thread
-            if ref not in latest:
-                recent[ref] = list(item.cursor.committed_recent)
-            last_id, drained = latest.get(ref, (item.cursor.committed_id, None))
-            latest[ref] = (item.event_id or last_id, item.drained_updated_at or drained)
-            if item.dedupe_key is not None:
-                recent[ref].append(item.dedupe_key)
-        topic = self._kafka.checkpoint_topic
-        cursors = {i.cursor.thread: i.cursor for i in batch if i.cursor is not None}
-        return [
-            checkpoint_record(
-                topic,
+            ref = cursor.thread
+            last_id, drained, ids, idless = state.get(
                 ref,
-                last_id,
-                drained or cursors[ref].drained_updated_at,
-                recent[ref][-CHECKPOINT_RECENT_IDS:],
+                (
+                    cursor.committed_id,
+                    cursor.drained_updated_at,
+                    list(cursor.committed_ids),
+                    cursor.committed_idless,
+                ),
             )
-            for ref, (last_id, drained) in latest.items()
+            if item.event_id is not None:
+                last_id, idless = item.event_id, 0
+                ids.append(item.event_id)
+            elif item.dedupe_key is not None:
+                idless += 1
+            state[ref] = (last_id, item.drained_updated_at or drained, ids, idless)
+        topic = self._kafka.checkpoint_topic
+        return [
+            checkpoint_record(topic, ref, last_id, drained, ids[-CHECKPOINT_RECENT_IDS:], idless)
+            for ref, (last_id, drained, ids, idless) in state.items()
         ]
 
     def _committed(self, batch: list[Outgoing]) -> None:

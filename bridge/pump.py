@@ -13,7 +13,6 @@ import hashlib
 import json
 import random
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from bridge import metrics
 from bridge.alerts import BridgeAlerts
 from bridge.api import BACKGROUND, QoderApi
 from bridge.config import Settings
-from bridge.cursor import ThreadCursor
+from bridge.cursor import ThreadCursor, place_key
 from bridge.errors import (
     ApiError,
     ApiUnavailable,
@@ -114,7 +113,9 @@ class Pump:
         #: The last id read and how often each id-less item followed it: an item without an
         #: id is known by its place (after which id, which repeat) and its bytes.
         self._anchor: str | None = None
-        self._gap: Counter[bytes] = Counter()
+        self._gap = 0
+        #: The stream refused our cursor (400): find it through the list first.
+        self._cursor_lost = False
         self.gone = False
         self.log = structlog.get_logger("bridge.pump").bind(
             session_id=self.thread.session_id, thread_id=self.thread.thread_id
@@ -151,6 +152,10 @@ class Pump:
             delay = 0.0
             try:
                 with self._reading():
+                    if self._cursor_lost:
+                        # Inside the attempt, so a failure here backs off like any other read.
+                        await self._rescan()
+                        self._cursor_lost = False
                     # Only a backfill that began after the drain request has read everything
                     # the thread wrote before it stopped running; the mark is the thread's
                     # updated_at as of that request, not of a later one.
@@ -201,7 +206,7 @@ class Pump:
                 # Never a loop without a pause: the stream may refuse a cursor the list knows.
                 reason, delay = "bad_cursor", self._backoff.next_delay()
                 self.log.warning("bridge.pump.bad_cursor", error=str(exc))
-                await self._rescan()
+                self._cursor_lost = True
             except NotFound as exc:
                 metrics.RECONNECTS.labels(reason="not_found").inc()
                 self.log.info("bridge.pump.thread_gone", error=str(exc))
@@ -289,7 +294,7 @@ class Pump:
 
     def _read_from(self, anchor: str | None) -> None:
         self._anchor = anchor
-        self._gap.clear()
+        self._gap = 0
 
     async def _backfill(self) -> None:
         self._read_from(self.cursor.submitted_id)
@@ -301,22 +306,21 @@ class Pump:
         """The API no longer knows our cursor: find it from the start, or republish everything."""
         lost = self.cursor.submitted_id
         found = False
-        with self._reading():
+        async for page in self._api.thread_events(self.thread, None):
+            for event in page:
+                if found:
+                    await self._handle(event)
+                elif event.id is not None and event.id == lost:
+                    found = True
+                    self._read_from(lost)
+        if not found:
+            await self._alerts.send(
+                "bridge.cursor_lost", "cursor_unknown_to_api", self.thread, {"cursor": lost}
+            )
+            self._read_from(None)
             async for page in self._api.thread_events(self.thread, None):
                 for event in page:
-                    if found:
-                        await self._handle(event)
-                    elif event.id is not None and event.id == lost:
-                        found = True
-                        self._read_from(lost)
-            if not found:
-                await self._alerts.send(
-                    "bridge.cursor_lost", "cursor_unknown_to_api", self.thread, {"cursor": lost}
-                )
-                self._read_from(None)
-                async for page in self._api.thread_events(self.thread, None):
-                    for event in page:
-                        await self._handle(event)
+                    await self._handle(event)
 
     async def _stream(self) -> None:
         after = self.cursor.submitted_id
@@ -351,21 +355,23 @@ class Pump:
             return
         if kind in DELTA_FRAME_TYPES and not self._publish_deltas:
             return
+        # A delta may carry the id of the event in progress (qoder-api.md 5.3): never its own.
+        own_id = None if kind in DELTA_FRAME_TYPES else frame.id
         if frame.oversize:
-            await self._handle(Rejected("too_large", frame.data, frame.id, frame.event, frame.size))
+            await self._handle(Rejected("too_large", frame.data, own_id, frame.event, frame.size))
             return
         try:
             fields = json.loads(frame.data.decode("utf-8"))
         except UnicodeDecodeError:
             await self._handle(
-                Rejected("invalid_utf8", frame.data, frame.id, frame.event, frame.size)
+                Rejected("invalid_utf8", frame.data, own_id, frame.event, frame.size)
             )
             return
         except ValueError:
-            await self._handle(Rejected("not_json", frame.data, frame.id, frame.event, frame.size))
+            await self._handle(Rejected("not_json", frame.data, own_id, frame.event, frame.size))
             return
         if not isinstance(fields, dict):
-            await self._handle(Rejected("not_object", frame.data, frame.id, None, frame.size))
+            await self._handle(Rejected("not_object", frame.data, own_id, None, frame.size))
             return
         event_type = fields.get("type") if isinstance(fields.get("type"), str) else frame.event
         if kind in DELTA_FRAME_TYPES or event_type in DELTA_FRAME_TYPES:
@@ -432,7 +438,7 @@ class Pump:
     async def _dead_letter(self, rejected: Rejected) -> None:
         """DLQ and alert, once: an item with an id moves the cursor past it; one without is
         remembered by its digest (in the checkpoint too), so no pass repeats it."""
-        key = rejected.id or self._place_key(rejected.data)
+        key = rejected.id or self._place_key()
         if self.cursor.seen(key):
             return
         metrics.DLQ_RECORDS.labels(reason=rejected.reason).inc()
@@ -468,11 +474,9 @@ class Pump:
             Outgoing(self.cursor, self._epoch, records, event_id=rejected.id, dedupe_key=key)
         )
 
-    def _place_key(self, data: bytes) -> str:
-        repeat = self._gap[data]
-        self._gap[data] += 1
-        place = f"{self._anchor or ''}\0{repeat}\0".encode()
-        return "sha256:" + hashlib.sha256(place + data).hexdigest()[:32]
+    def _place_key(self) -> str:
+        self._gap += 1
+        return place_key(self._anchor, self._gap - 1)
 
     async def _submit(self, item: Outgoing) -> None:
         await self._publisher.submit(item)

@@ -236,6 +236,7 @@ def checkpoint_record(
     last_event_id: str | None,
     drained_updated_at: str | None,
     recent_ids: list[str] | None = None,
+    idless_after: int = 0,
 ) -> Record:
     doc = {
         "last_event_id": last_event_id,
@@ -243,6 +244,7 @@ def checkpoint_record(
         "thread_id": thread.thread_id,
         "drained_updated_at": drained_updated_at,
         "recent_ids": recent_ids or [],
+        "idless_after": idless_after,
         "written_at": _now(),
     }
     return Record(topic, thread.key.encode(), canonical_json(doc), [])

@@ -40,8 +40,10 @@ class FrameDecoder:
         self._pending: list[bytes] = []
         self._pending_len = 0
         self._skipping_line = False  # inside an over-long line: drop bytes until its end
+        self._skipping_data = False  # ... and that line is a data line (it counts as size)
         self._after_cr = False
         self._first = True
+        self._head = b""  # the first bytes, until a BOM split across chunks can be told
         self._reset()
 
     def _reset(self) -> None:
@@ -50,12 +52,17 @@ class FrameDecoder:
         self._id: str | None = None
         self._size = 0
         self._oversize = False
+        self._bad_id = False
         self._any = False
 
     def feed(self, chunk: bytes) -> list[Frame]:
         if self._first and chunk:
-            self._first = False
-            chunk = chunk.removeprefix(_BOM)
+            head = self._head + chunk
+            if len(head) < len(_BOM) and _BOM.startswith(head):
+                self._head = head
+                return []
+            self._first, self._head = False, b""
+            chunk = head.removeprefix(_BOM)
         if self._after_cr and chunk:
             # The last chunk ended in \r, already taken as a line end: \r\n is one ending.
             self._after_cr = False
@@ -77,7 +84,8 @@ class FrameDecoder:
         for line in lines:
             if self._skipping_line:
                 self._skipping_line = False  # the over-long line ends here
-                self._size += len(line)
+                if self._skipping_data:
+                    self._size += len(line)
                 continue
             frame = self._line(line)
             if frame is not None:
@@ -90,10 +98,16 @@ class FrameDecoder:
     def _bound_pending(self) -> None:
         """One line longer than any frame may be: keep its start, drop the rest as it comes."""
         if self._skipping_line:
-            self._size += self._pending_len
+            if self._skipping_data:
+                self._size += self._pending_len
         elif self._pending_len > self._max:
             head = b"".join(self._pending)[: EXCERPT_BYTES + 16]
-            self._line(head, truncated_to=self._pending_len)
+            name = head.partition(b":")[0]
+            self._skipping_data = name == b"data"
+            if name in (b"data", b"id"):
+                # A data line: the frame is oversize. An id line that long is no id: the
+                # frame goes to the dead letters without one.
+                self._line(head, truncated_to=self._pending_len)
             self._skipping_line = True
         else:
             return
@@ -128,7 +142,10 @@ class FrameDecoder:
             self._event = value.decode("utf-8", "replace")
         elif name == b"id":
             self._any = True
-            if b"\0" not in value:
+            if truncated_to is not None:
+                self._id, self._oversize = None, True
+                self._bad_id = True
+            elif b"\0" not in value and not self._bad_id:
                 self._id = value.decode("utf-8", "replace")
         return None
 

@@ -9,9 +9,10 @@ pump reads what is left through the list and stops. A thread that ran while nobo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, MutableMapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import anyio
 import anyio.abc
@@ -36,6 +37,10 @@ ACTIVE_THREAD_STATUSES = frozenset({"running", "rescheduling", "blocked"})
 LIVE_SESSION_STATUSES = ("running", "rescheduling", "processing")
 HINT_EVENT_PREFIXES = ("session.thread_", "session.status_", "session.deleted", "terminated")
 COALESCE_S = 0.05
+#: What an id must look like to be put in a URL path (sess_..., sthr_...: letters, digits, _).
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+#: Bad ids remembered (warned once each), at most this many.
+_BAD_IDS_KEPT = 1000
 
 
 def _newer(updated_at: str | None, drained: str | None) -> bool:
@@ -106,6 +111,7 @@ class Supervisor:
         self._settled: dict[str, str] = _settled_from(checkpoints)
         #: Whether the server takes ``statuses`` on the session list (learnt on a 400).
         self._statuses_filter = True
+        self._bad_ids: set[str] = set()
         #: Sessions the API has shown us at least once (a later 404 means deleted, not a typo).
         self._seen: set[str] = set()
         self._triggers: dict[str, anyio.Event] = {}
@@ -154,7 +160,7 @@ class Supervisor:
             try:
                 for session in await self._list(full=full):
                     session_id = session.get("id")
-                    if isinstance(session_id, str) and self._worth_a_look(session_id, session):
+                    if self._usable_id(session_id) and self._worth_a_look(session_id, session):
                         self._watch(session_id)
                 self._alerts.token_accepted(started)
                 self._alerts.discovered()
@@ -189,6 +195,17 @@ class Supervisor:
             else:
                 return [s for s in sessions if _session_live(s)]
         return await self._api.list_sessions(include_archived=False)
+
+    def _usable_id(self, value: object, session_id: str | None = None) -> TypeGuard[str]:
+        """An id that can go in a URL; any other is skipped, with one warning, never a crash."""
+        if isinstance(value, str) and _SAFE_ID.fullmatch(value):
+            return True
+        text = repr(value)[:120]
+        if text not in self._bad_ids and len(self._bad_ids) < _BAD_IDS_KEPT:
+            self._bad_ids.add(text)
+            what = "thread" if session_id else "session"
+            log.warning(f"bridge.supervisor.bad_{what}_id", id=text, session_id=session_id)
+        return False
 
     def _worth_a_look(self, session_id: str, session: Mapping[str, Any]) -> bool:
         if _session_live(session):
@@ -247,6 +264,14 @@ class Supervisor:
                     slog.warning("bridge.session.reconcile_failed", error=str(exc))
                     await anyio.sleep(backoff.next_delay())
                     continue
+                except Exception:
+                    # A bug never takes the other sessions down: report, wait, look again.
+                    slog.exception("bridge.session.crashed")
+                    await self._alerts.send(
+                        "bridge.session_crashed", "internal_error", None, {"session_id": session_id}
+                    )
+                    await anyio.sleep(self._settings.api.backoff_max_s)
+                    continue
                 if live and hints is None:
                     hints = await tg.start(self._hints_scope, session_id)
                 elif not live and hints is not None:
@@ -296,7 +321,7 @@ class Supervisor:
         threads = await self._api.list_threads(session_id)
         for thread in threads:
             thread_id = thread.get("id")
-            if not isinstance(thread_id, str):
+            if not self._usable_id(thread_id, session_id):
                 continue
             ref = ThreadRef(session_id, thread_id)
             active = not over and thread.get("status") in ACTIVE_THREAD_STATUSES
@@ -336,6 +361,7 @@ class Supervisor:
                 checkpoint.last_event_id if checkpoint else None,
                 checkpoint.drained_updated_at if checkpoint else None,
                 checkpoint.recent_ids if checkpoint else (),
+                checkpoint.idless_after if checkpoint else 0,
             )
             self._cursors[ref] = cursor
         return cursor
@@ -383,7 +409,10 @@ class Supervisor:
         del self._cursors[ref]
         self._active.pop(ref, None)
         self._checkpoints[ref.key] = Checkpoint(
-            cursor.committed_id, cursor.drained_updated_at, tuple(cursor.committed_recent)
+            cursor.committed_id,
+            cursor.drained_updated_at,
+            tuple(cursor.committed_ids),
+            cursor.committed_idless,
         )
 
     async def _hints(self, session_id: str) -> None:

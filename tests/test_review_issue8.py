@@ -1,6 +1,6 @@
 """Adversarial review of the issue-8 fixes: each test plays one concrete interleaving or server
-behaviour (allowed by qoder-api.md) under which the exactly-once / in-order guarantee still
-breaks. Each is marked xfail(strict) until the bridge is fixed."""
+behaviour (allowed by qoder-api.md) under which the exactly-once / in-order guarantee broke on
+the code the review read; each failed there and pins its fix."""
 
 from __future__ import annotations
 
@@ -12,20 +12,24 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
+from bridge import app as app_module
 from bridge.api import QoderApi, RateLimiter, event_from_item
 from bridge.checkpoints import _parse
 from bridge.config import DeliverySettings, Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import NotFound
 from bridge.health import HealthState
+from bridge.logs import configure_logging
 from bridge.publisher import Publisher
 from bridge.pump import Pump, PumpLimits
 from bridge.records import Event, Rejected, ThreadRef
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
 from bridge.sse import Frame, FrameDecoder
 from bridge.supervisor import Supervisor
-from tests.bridge_harness import deliver_scenario
+from tests.bridge_harness import bridge_settings
+from tests.kafka_broker import read_topic
 
 pytestmark = pytest.mark.anyio
 
@@ -246,9 +250,6 @@ async def _read_all(api: QoderApi) -> list[Event | Rejected]:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 2a: _salvage reads the envelope only from the tail"
-)
 async def test_an_oversize_item_in_a_page_whose_envelope_comes_first_does_not_stop_the_thread():
     """Scenario (issue 14 x envelope key order): the server serialises the list envelope with
     its keys before `data` ({"has_more":..,"next_page":..,"last_id":..,"data":[..]}), which JSON
@@ -271,9 +272,6 @@ async def test_an_oversize_item_in_a_page_whose_envelope_comes_first_does_not_st
     ]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 2b: _salvage/_oversize regexes match inside the item"
-)
 async def test_an_oversize_item_that_contains_list_like_keys_does_not_end_the_list():
     """Scenario: the huge event is a tool call whose structured input (model-written JSON)
     ends with {"has_more": false, "last_id": "evt_9999"}; the envelope is in the documented
@@ -301,9 +299,6 @@ async def test_an_oversize_item_that_contains_list_like_keys_does_not_end_the_li
 # -- finding 3: the checkpoint remembers 32 keys, id-less dead letters included ----------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 3: checkpoint recent_ids (32) evicts id-less keys"
-)
 async def test_more_id_less_items_than_the_checkpoint_remembers_are_not_dead_lettered_again():
     """Scenario (issue 13, 'never repeated'): after its last event with an id, a thread's list
     holds 40 items without an id (an older server whose payloads carry no id). Each is
@@ -323,7 +318,13 @@ async def test_more_id_less_items_than_the_checkpoint_remembers_are_not_dead_let
     restarted = _pump(
         api,
         restarted_items,
-        ThreadCursor(THREAD, checkpoint.last_event_id, None, checkpoint.recent_ids),
+        ThreadCursor(
+            THREAD,
+            checkpoint.last_event_id,
+            None,
+            checkpoint.recent_ids,
+            checkpoint.idless_after,  # as the supervisor builds it from the checkpoint
+        ),
     )
     with anyio.fail_after(5):
         await restarted._backfill()
@@ -333,9 +334,6 @@ async def test_more_id_less_items_than_the_checkpoint_remembers_are_not_dead_let
 # -- finding 4: a rewind with more than RECENT_IDS keys in flight forgets the committed ones -----
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 4: rewind() empties _recent past RECENT_IDS in flight"
-)
 async def test_a_rewind_with_many_events_in_flight_still_drops_boundary_replays():
     """Scenario: a following thread resumes its stream straight from the cursor (evt_0002,
     committed). It has a backlog: 1,197 events are read and handed on before the batch that
@@ -371,9 +369,6 @@ async def test_a_rewind_with_many_events_in_flight_still_drops_boundary_replays(
 # -- finding 5: a malformed delta frame carries the in-progress event's id ---------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 5: a rejected delta frame moves cursor/dedupe"
-)
 async def test_a_malformed_delta_frame_does_not_swallow_the_buffered_event():
     """Scenario (issue 5, BRIDGE_PUBLISH_DELTAS=true, G4 Model B): a delta frame carries the
     SSE `id:` of the message in progress (qoder-api.md 5.3: the same id as the buffered event
@@ -414,9 +409,6 @@ async def test_a_malformed_delta_frame_does_not_swallow_the_buffered_event():
 # -- finding 6: an over-long comment line counts toward the next frame -------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 6: skipped non-data line bytes count as frame size"
-)
 def test_an_over_long_comment_line_does_not_make_the_next_event_oversize():
     """Scenario (issue 14): BRIDGE_MAX_EVENT_BYTES is set low (4 KiB); the server pads its
     stream with a comment line longer than that (20 KB of padding), which arrives in
@@ -437,10 +429,6 @@ def test_an_over_long_comment_line_does_not_make_the_next_event_oversize():
 # -- finding 7: an id-less item is known by bytes that depend on the path it came by -----------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 7: place key hashes raw stream bytes vs canonical list bytes",
-)
 async def test_an_id_less_item_on_the_stream_then_in_the_final_pass_is_dead_lettered_once():
     """Scenario (issue 13): the last item a thread writes before going idle has no id. The
     stream delivers it as the server serialised it (a Go server escapes `<` as \\u003c); the
@@ -469,43 +457,40 @@ async def test_an_id_less_item_on_the_stream_then_in_the_final_pass_is_dead_lett
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=True, reason="review finding 8: refused checkpoints retried forever")
 async def test_a_checkpoint_topic_that_refuses_the_checkpoints_is_not_a_silent_stall(
     kafka_bootstrap, kafka_topics
 ):
     """Scenario (issue 12, 'nothing else blocks'): the operator creates the checkpoint topic
-    with BRIDGE_CHECKPOINT_TOPIC_CONFIG=max.message.bytes=1000 (checkpoints are small). A
-    checkpoint carries up to 32 recent ids (~1.5 KB), the limit is never checked for the
-    checkpoint topic, and the producer's batches are at least 16 KB (max_batch_size floor), so
-    the broker refuses the checkpoint batch. RecordsRejected only replaces refused *event*
-    records; the checkpoints come back unchanged, so the batch is retried forever, about every
-    0.4 s (the `continue` skips the delay doubling), with no fatal error: nothing is committed
-    and the SIGTERM drain misses its deadline.
-    Expected: everything delivered, or the bridge stops with an error naming the setting."""
+    with BRIDGE_CHECKPOINT_TOPIC_CONFIG=max.message.bytes=1000 (checkpoints are small). Before
+    the fix every checkpoint batch was refused and retried unchanged forever, about every
+    0.4 s, with no error: nothing committed, a drain past its deadline. Now the bridge stops
+    at once with exit 1 and one error line that names the topic's limit and the setting."""
     scenario = Scenario(
         name="small-checkpoints",
         seed=83,
         instant=True,
-        sessions=(
-            SessionSpec(ThreadSpec(events=60, rate=0), (ThreadSpec(events=60, rate=0),) * 7),
-        ),
+        sessions=(SessionSpec(ThreadSpec(events=60, rate=0)),),
     )
-    _records, delivery = await deliver_scenario(
-        scenario,
-        kafka_bootstrap,
-        kafka_topics,
-        BRIDGE_CHECKPOINT_TOPIC_CONFIG="max.message.bytes=1000",
-        BRIDGE_DRAIN_TIMEOUT_S="5",
-    )
-    assert (delivery.lost, delivery.duplicated) == (0, 0), delivery.summary()
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        settings = bridge_settings(
+            sim.base_url,
+            kafka_bootstrap,
+            kafka_topics,
+            BRIDGE_CHECKPOINT_TOPIC_CONFIG="max.message.bytes=1000",
+        )
+        configure_logging(settings.log)
+        with capture_logs() as logs, anyio.fail_after(60):
+            code = await app_module._run(settings)
+    assert code == 1
+    (fatal,) = [e for e in logs if e["event"] == "bridge.fatal.forbidden"]
+    assert "max.message.bytes" in fatal["error"]
+    assert "BRIDGE_CHECKPOINT_TOPIC_CONFIG" in fatal["error"]
+    assert await read_topic(kafka_bootstrap, kafka_topics.events) == []
 
 
 # -- finding 9: one malformed session id takes the whole bridge down ----------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 9: non-ApiError from URL building kills the supervisor"
-)
 async def test_a_session_id_that_cannot_be_put_in_a_url_does_not_stop_the_bridge():
     """Scenario (issues 6/13 for the session list): the session listing holds one session
     whose id has a control character (JSON "\\u0001") -- or bytes that are not UTF-8, which the
