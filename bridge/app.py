@@ -28,7 +28,8 @@ import structlog
 from bridge import __version__, metrics
 from bridge.alerts import BridgeAlerts
 from bridge.api import QoderApi, RateLimiter
-from bridge.checkpoints import Checkpoint, ensure_topics, load_checkpoints
+from bridge.checkpoint_index import CheckpointIndex
+from bridge.checkpoints import ensure_topics, read_checkpoints
 from bridge.config import Settings
 from bridge.errors import ConfigError, ProducerFenced, SinkForbidden, SinkUnavailable
 from bridge.health import HealthState, serve_http
@@ -174,10 +175,12 @@ class Bridge:
                 )
                 await self._until_kafka("topics", lambda: ensure_topics(settings.kafka))
                 await tg.start(self._publisher_then_stop)
-                checkpoints: dict[str, Checkpoint] = {}
+                checkpoints = CheckpointIndex()
+                stack.callback(checkpoints.close)
 
                 async def load() -> None:
-                    checkpoints.update(await load_checkpoints(settings.kafka))
+                    checkpoints.clear()  # a retried read starts over
+                    await read_checkpoints(settings.kafka, checkpoints.load)
 
                 await self._until_kafka("checkpoints", load)
                 alerts = BridgeAlerts(self.publisher, settings.kafka.alerts_topic, self.health)

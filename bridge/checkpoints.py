@@ -8,7 +8,7 @@ an aborted transaction is never believed.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -175,7 +175,7 @@ async def _create_missing(
     )
 
 
-def _parse(value: bytes | None) -> Checkpoint | None:
+def parse_checkpoint(value: bytes | None) -> Checkpoint | None:
     if value is None:
         return None  # a tombstone
     try:
@@ -208,10 +208,35 @@ async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
     return sorted(p["partition"] for p in described.get("partitions", []))
 
 
+_parse = parse_checkpoint
+
+
 async def load_checkpoints(
     kafka: KafkaSettings, *, timeout_s: float = 120
 ) -> dict[str, Checkpoint]:
     """Every committed checkpoint, by ``{session_id}/{thread_id}``: the last one for each key."""
+    result: dict[str, Checkpoint] = {}
+
+    def keep(records: list[tuple[str, bytes | None]]) -> None:
+        for key, value in records:
+            checkpoint = parse_checkpoint(value)
+            if checkpoint is None:
+                result.pop(key, None)
+            else:
+                result[key] = checkpoint
+
+    await read_checkpoints(kafka, keep, timeout_s=timeout_s)
+    return result
+
+
+async def read_checkpoints(
+    kafka: KafkaSettings,
+    keep: Callable[[list[tuple[str, bytes | None]]], None],
+    *,
+    timeout_s: float = 120,
+) -> int:
+    """Hand every committed checkpoint record to ``keep``, batch by batch, in topic order per
+    key, up to the end of the topic as it was when reading began; the number of records."""
     consumer = AIOKafkaConsumer(
         **kafka_client_kwargs(kafka),
         isolation_level="read_committed",
@@ -219,33 +244,26 @@ async def load_checkpoints(
         auto_offset_reset="earliest",
         group_id=None,
     )
-    result: dict[str, Checkpoint] = {}
+    count = 0
     try:
         with anyio.fail_after(timeout_s):
             partitions = await _partitions(kafka, kafka.checkpoint_topic)
             await consumer.start()
             tps = [TopicPartition(kafka.checkpoint_topic, p) for p in partitions]
-            if not tps:
-                log.info("bridge.checkpoints.loaded", threads=0)
-                return result
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            remaining = {tp for tp in tps if ends[tp] > 0}
-            while remaining:
-                batches = await consumer.getmany(*remaining, timeout_ms=500)
-                for records in batches.values():
-                    for record in records:
-                        key = record.key.decode() if record.key else None
-                        if key is not None:
-                            checkpoint = _parse(record.value)
-                            if checkpoint is None:
-                                result.pop(key, None)
-                            else:
-                                result[key] = checkpoint
-                for tp in list(remaining):
-                    if await consumer.position(tp) >= ends[tp]:
-                        remaining.discard(tp)
+            if tps:
+                consumer.assign(tps)
+                await consumer.seek_to_beginning(*tps)
+                ends = await consumer.end_offsets(tps)
+                remaining = {tp for tp in tps if ends[tp] > 0}
+                while remaining:
+                    batches = await consumer.getmany(*remaining, timeout_ms=500)
+                    for records in batches.values():
+                        batch = [(r.key.decode(), r.value) for r in records if r.key]
+                        count += len(batch)
+                        keep(batch)
+                    for tp in list(remaining):
+                        if await consumer.position(tp) >= ends[tp]:
+                            remaining.discard(tp)
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
             f"cannot read checkpoints from {kafka.checkpoint_topic}: "
@@ -254,8 +272,8 @@ async def load_checkpoints(
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await consumer.stop()
-    log.info("bridge.checkpoints.loaded", threads=len(result))
-    return result
+    log.info("bridge.checkpoints.loaded", records=count)
+    return count
 
 
 async def transaction_committed(

@@ -10,7 +10,7 @@ pump reads what is left through the list and stops. A thread that ran while nobo
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypeGuard
 
@@ -21,6 +21,7 @@ import structlog
 from bridge import metrics
 from bridge.alerts import BridgeAlerts
 from bridge.api import QoderApi
+from bridge.checkpoint_index import CheckpointIndex
 from bridge.checkpoints import Checkpoint
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
@@ -71,17 +72,6 @@ def _updated_at(item: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _settled_from(checkpoints: Mapping[str, Checkpoint]) -> dict[str, str]:
-    """Per session, the newest ``updated_at`` its threads were drained at."""
-    settled: dict[str, str] = {}
-    for key, checkpoint in checkpoints.items():
-        drained = checkpoint.drained_updated_at
-        session_id = key.partition("/")[0]
-        if drained is not None and _newer(drained, settled.get(session_id)):
-            settled[session_id] = drained
-    return settled
-
-
 class Supervisor:
     def __init__(
         self,
@@ -89,12 +79,17 @@ class Supervisor:
         api: QoderApi,
         publisher: Publisher,
         alerts: BridgeAlerts,
-        checkpoints: MutableMapping[str, Checkpoint],
+        checkpoints: CheckpointIndex | Mapping[str, Checkpoint],
     ) -> None:
         self._settings = settings
         self._api = api
         self._publisher = publisher
         self._alerts = alerts
+        if not isinstance(checkpoints, CheckpointIndex):
+            index = CheckpointIndex()
+            index.update(checkpoints)
+            checkpoints = index
+        #: Every thread's checkpoint and every settled session, on disk, not in memory.
         self._checkpoints = checkpoints
         self._limits = PumpLimits(
             StreamSlots(settings.api.max_streams), settings.api.list_poll_interval_s
@@ -105,10 +100,6 @@ class Supervisor:
         self._watched: set[str] = set()
         #: Configured sessions that are over: never looked at again.
         self._finished: set[str] = set()
-        #: Per session, its ``updated_at`` when we last saw it settled (nothing running, every
-        #: thread drained); from the checkpoints at start. A session listed with the same value
-        #: costs nothing: no watcher, no request.
-        self._settled: dict[str, str] = _settled_from(checkpoints)
         #: Whether the server takes ``statuses`` on the session list (learnt on a 400).
         self._statuses_filter = True
         self._bad_ids: set[str] = set()
@@ -210,9 +201,22 @@ class Supervisor:
     def _worth_a_look(self, session_id: str, session: Mapping[str, Any]) -> bool:
         if _session_live(session):
             return True
-        settled = self._settled.get(session_id)
+        settled = self._settled_at(session_id)
         updated = _updated_at(session)
         return settled is None or updated is None or _newer(updated, settled)
+
+    def _settled_at(self, session_id: str) -> str | None:
+        """The session's ``updated_at`` when last seen settled (nothing running, every thread
+        drained), or else the newest its threads were drained at. Listed again with nothing
+        newer, it costs nothing: no watcher, no request."""
+        settled = self._checkpoints.settled_at(session_id)
+        if settled is not None:
+            return settled
+        newest: str | None = None
+        for drained in self._checkpoints.drained_at(session_id):
+            if _newer(drained, newest):
+                newest = drained
+        return newest
 
     async def _watch_session(self, session_id: str) -> None:
         """Look at a session until it has settled: nothing running, every thread drained.
@@ -283,7 +287,7 @@ class Supervisor:
                     if configured:
                         self._finished.add(session_id)
                     elif (updated := _updated_at(session)) is not None:
-                        self._settled[session_id] = updated
+                        self._checkpoints.settle(session_id, updated)
                     self._watched.discard(session_id)
                     self._triggers.pop(session_id, None)
                     tg.cancel_scope.cancel()

@@ -116,7 +116,7 @@ async def test_heartbeats_are_never_published_and_never_move_the_cursor(
             Faults(drop_rate=0.5, replay_rate=1.0, drop_after_frames=(2, 10)), id="replayed"
         ),
         pytest.param(
-            Faults(non_json_rate=0.02, huge_rate=0.2, huge_bytes=400_000), id="bad-frames"
+            Faults(non_json_rate=0.05, huge_rate=0.2, huge_bytes=400_000), id="bad-frames"
         ),
     ],
 )
