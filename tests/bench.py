@@ -24,6 +24,12 @@ in the same run, as a ratio. Printed:
    ``qoder_bridge_open_streams`` and the simulator's own count both say they are all open (or,
    when they do not all open within a bound, with those that did, said so).
 
+5. what the bridge costs the API and the machine (tests/bench_cost.py): ``soak`` (an account
+   of 3,000 sessions: requests/s, connections, RSS over time, new threads' first events, nothing
+   missing), ``restart`` (1,000 running threads with checkpoints, the default budget),
+   ``startup`` (100,000 checkpoints: load time and memory) and ``http2`` (HTTP/2 against
+   HTTP/1.1; needs hypercorn and h2 importable, skipped otherwise).
+
 Everything shares this machine's cores: the figures are for the whole arrangement, which the
 output states, with the CPU each process used and the load from anything else on the machine.
 ``--parts`` picks parts; ``--py-spy EXE`` profiles the bridge during the throughput runs
@@ -1078,10 +1084,18 @@ def _raise_fd_limit() -> None:
 async def _main(args: argparse.Namespace, broker: KafkaBroker, workdir: Path) -> int:
     assert broker.pid is not None
     bench = Bench(args, broker.bootstrap, broker.pid, workdir)
-    parts = {
+    import tests.bench_cost as bench_cost  # noqa: PLC0415 -- it imports this module
+
+    # Run as __main__, this module is not the tests.bench that bench_cost imported: one list
+    # of children, so that every child is stopped on the way out.
+    bench_cost._CHILDREN = _CHILDREN  # type: ignore[attr-defined]
+    cost_parts, cost_bench = bench_cost.PARTS, bench_cost.CostBench
+    cost = cost_bench(args, broker.bootstrap, broker.pid, workdir)
+    parts: dict[str, Callable[[], Any]] = {
         "throughput": bench.run_throughput,
         "latency": bench.run_latency,
         "memory": bench.run_memory,
+        **{name: (lambda run=run: run(cost)) for name, run in cost_parts.items()},
     }
     interrupted = False
 
@@ -1111,7 +1125,11 @@ async def _main(args: argparse.Namespace, broker: KafkaBroker, workdir: Path) ->
     if interrupted:
         return 130
     bench.report()
+    cost.report()
     return 1 if bench.failures else 0
+
+
+PARTS = ("throughput", "latency", "memory", "soak", "restart", "startup", "http2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1120,9 +1138,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs, about 2 minutes")
     parser.add_argument(
         "--parts",
-        default="throughput,latency,memory",
+        default=",".join(PARTS),
         type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
-        help="comma list of: throughput (with the producer baselines), latency, memory",
+        help="comma list of: throughput (with the producer baselines), latency, memory; soak"
+        " (an account of 3,000 sessions), restart (1,000 running threads), startup (100,000"
+        " checkpoints), http2 (HTTP/2 vs HTTP/1.1): see tests/bench_cost.py",
+    )
+    parser.add_argument(
+        "--soak-s",
+        type=float,
+        default=0.0,
+        help="how long the soak part watches the bridge (default 150 s, --quick 60 s; or"
+        " $BRIDGE_BENCH_SOAK_S: 1800 for the 30-minute soak)",
+    )
+    parser.add_argument(
+        "--checkpoint-versions",
+        type=int,
+        default=1,
+        help="startup part: checkpoint records per thread (> 1: a topic not compacted yet)",
     )
     parser.add_argument("--logs", type=Path, help="keep the logs (bridge, simulator) here")
     parser.add_argument("--py-spy", help="py-spy executable: profile the bridge's throughput runs")
@@ -1133,7 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_simulator:
         serve_simulator(args.serve_simulator, args.port, args.status)
         return 0
-    unknown = set(args.parts) - {"throughput", "latency", "memory"}
+    unknown = set(args.parts) - set(PARTS)
     if unknown:
         parser.error(f"--parts: unknown {', '.join(sorted(unknown))}")
     _raise_fd_limit()
