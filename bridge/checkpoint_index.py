@@ -98,14 +98,6 @@ class CheckpointIndex(MutableMapping[str, Checkpoint]):
 
     # -- sessions --------------------------------------------------------------------------
 
-    def drained_at(self, session_id: str) -> list[str]:
-        """The ``drained_updated_at`` of the session's threads that have one."""
-        rows = self._db.execute(
-            "select value from checkpoints where session = ?", (session_id,)
-        ).fetchall()
-        drained = (parse_checkpoint(value) for (value,) in rows)
-        return [c.drained_updated_at for c in drained if c and c.drained_updated_at]
-
     def settled_at(self, session_id: str) -> str | None:
         row = self._db.execute(
             "select updated_at from settled where session = ?", (session_id,)

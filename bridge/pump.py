@@ -328,6 +328,7 @@ class Pump:
         started, started_at = time.monotonic(), anyio.current_time()
         async with self._api.stream_thread(self.thread, after) as frames:
             self._alerts.token_accepted(started_at)
+            self._limits.streams.opened()
             metrics.OPEN_STREAMS.inc()
             try:
                 with self._state(PumpState.STREAMING):

@@ -21,6 +21,9 @@ from bridge import metrics
 
 #: A refusal-free period this long raises a learnt limit again.
 RECOVER_AFTER_S = 10.0
+#: Refused opens in a row (no open succeeding between them) that make a cap: one 503 or
+#: reset is an incident, a run of them while other streams stay open is a limit.
+REFUSALS_FOR_A_CAP = 3
 
 
 class StreamSlots:
@@ -30,6 +33,7 @@ class StreamSlots:
         self.open = 0
         self._waiters: deque[anyio.Event] = deque()
         self._last_refusal = -math.inf
+        self._refusals = 0
         #: One `bridge.streams_capped` alert per episode (threads waiting for a slot).
         self.alerted = False
         metrics.STREAM_LIMIT.set(limit)
@@ -63,13 +67,19 @@ class StreamSlots:
         self.open -= 1
         self._hand_on()
 
+    def opened(self) -> None:
+        """A stream open succeeded: the refusals before it were incidents, not a cap."""
+        self._refusals = 0
+
     def refused(self) -> bool:
-        """The API refused a stream open: True when that looks like a connection cap (others
-        are open), which then becomes the limit."""
-        self._last_refusal = anyio.current_time()
-        if self.open == 0:
+        """The API refused a stream open: True when that looks like a connection cap (a run
+        of refusals while other streams are open), which then becomes the limit."""
+        self._refusals += 1
+        if self.open <= 1 or self._refusals < REFUSALS_FOR_A_CAP:
             return False
-        self.limit = max(1, min(self.limit, self.open))
+        self._last_refusal = anyio.current_time()
+        # The refused opener holds a slot too: the cap is what the others have open.
+        self.limit = max(1, min(self.limit, self.open - 1))
         metrics.STREAM_LIMIT.set(self.limit)
         return True
 

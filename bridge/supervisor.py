@@ -206,17 +206,10 @@ class Supervisor:
         return settled is None or updated is None or _newer(updated, settled)
 
     def _settled_at(self, session_id: str) -> str | None:
-        """The session's ``updated_at`` when last seen settled (nothing running, every thread
-        drained), or else the newest its threads were drained at. Listed again with nothing
-        newer, it costs nothing: no watcher, no request."""
-        settled = self._checkpoints.settled_at(session_id)
-        if settled is not None:
-            return settled
-        newest: str | None = None
-        for drained in self._checkpoints.drained_at(session_id):
-            if _newer(drained, newest):
-                newest = drained
-        return newest
+        """The session's ``updated_at`` when this bridge last saw it settled: nothing running,
+        every thread drained. Listed again with nothing newer, it costs nothing. (Not derived
+        from its threads' checkpoints: one thread drained says nothing of the others.)"""
+        return self._checkpoints.settled_at(session_id)
 
     async def _watch_session(self, session_id: str) -> None:
         """Look at a session until it has settled: nothing running, every thread drained.
