@@ -53,6 +53,8 @@ _NEXT_PAGE = re.compile(rb'"next_page"\s*:\s*"([^"\\]+)"')
 #: Set by a pump that reads history (a catch-up or a drain's final pass): its requests wait
 #: while requests for live threads are waiting, so a cold start serves live threads first.
 BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("background", default=False)
+#: When both wait, one slot in this many goes to background requests.
+BACKGROUND_SHARE = 5
 
 
 class RateLimiter:
@@ -71,6 +73,7 @@ class RateLimiter:
         self._queues: tuple[deque[anyio.Event], deque[anyio.Event]] = (deque(), deque())
         self._wake = anyio.Event()
         self._dispatching = False
+        self._granted = 0
 
     async def acquire(self) -> None:
         if not self._dispatching:
@@ -114,7 +117,11 @@ class RateLimiter:
                 wait = self._slot()
                 if wait > 0:
                     await anyio.sleep(wait)
-                queue = live if live else background
+                # Live first, but every BACKGROUND_SHARE-th slot goes to history when both
+                # wait: a steady live load must not starve drains and catch-ups for good.
+                self._granted += 1
+                share = background and self._granted % BACKGROUND_SHARE == 0
+                queue = live if live and not share else background
                 if queue:
                     queue.popleft().set()
         finally:

@@ -72,7 +72,7 @@ class ApiSettings:
     max_streams: int = 2000
     max_requests_per_s: float = 50.0
     poll_interval_s: float = 15.0
-    full_scan_interval_s: float = 600.0
+    full_scan_interval_s: float = 120.0
     list_poll_interval_s: float = 5.0
     stall_timeout_s: float = 45.0
     request_timeout_s: float = 30.0

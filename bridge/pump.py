@@ -116,6 +116,9 @@ class Pump:
         self._gap = 0
         #: The stream refused our cursor (400): find it through the list first.
         self._cursor_lost = False
+        #: The last attempt failed: read the list before trying the stream again, so a thread
+        #: whose stream cannot be opened (or stays silent) is still read.
+        self._list_first = False
         self.gone = False
         self.log = structlog.get_logger("bridge.pump").bind(
             session_id=self.thread.session_id, thread_id=self.thread.thread_id
@@ -163,7 +166,7 @@ class Pump:
                     mark = self._drain_updated_at
                     # History (a catch-up, a drain's final pass) waits behind live threads.
                     BACKGROUND.set(final)
-                    if final or self.cursor.submitted_id is None:
+                    if final or self.cursor.submitted_id is None or self._list_first:
                         # The list is read only where the stream cannot start at the cursor
                         # (there is none yet) and for a drain's final pass; a thread with a
                         # cursor resumes its stream directly: one request, not two.
@@ -222,6 +225,7 @@ class Pump:
             except ApiError as exc:
                 reason, delay = "other", self._backoff.next_delay()
                 self.log.warning("bridge.pump.api_error", error=str(exc))
+            self._list_first = True
             metrics.RECONNECTS.labels(reason=reason).inc()
             self.log.info("bridge.pump.reconnecting", reason=reason, delay_s=round(delay, 3))
             state = PumpState.AUTH_WAIT if reason == "auth" else PumpState.BACKOFF
@@ -329,6 +333,7 @@ class Pump:
         async with self._api.stream_thread(self.thread, after) as frames:
             self._alerts.token_accepted(started_at)
             self._limits.streams.opened()
+            self._list_first = False
             metrics.OPEN_STREAMS.inc()
             try:
                 with self._state(PumpState.STREAMING):

@@ -75,11 +75,11 @@ class StreamSlots:
         """The API refused a stream open: True when that looks like a connection cap (a run
         of refusals while other streams are open), which then becomes the limit."""
         self._refusals += 1
-        if self.open <= 1 or self._refusals < REFUSALS_FOR_A_CAP:
+        if self.open == 0 or self._refusals < REFUSALS_FOR_A_CAP:
             return False
         self._last_refusal = anyio.current_time()
-        # The refused opener holds a slot too: the cap is what the others have open.
-        self.limit = max(1, min(self.limit, self.open - 1))
+        # The refused opener gave its slot back already: the cap is what the others have open.
+        self.limit = max(1, min(self.limit, self.open))
         metrics.STREAM_LIMIT.set(self.limit)
         return True
 

@@ -20,7 +20,7 @@ import structlog
 
 from bridge import metrics
 from bridge.alerts import BridgeAlerts
-from bridge.api import QoderApi
+from bridge.api import BACKGROUND, QoderApi
 from bridge.checkpoint_index import CheckpointIndex
 from bridge.checkpoints import Checkpoint
 from bridge.config import Settings
@@ -124,13 +124,13 @@ class Supervisor:
             else:
                 tg.start_soon(self._discover)
 
-    def _watch(self, session_id: str) -> None:
+    def _watch(self, session_id: str, *, history: bool = False) -> None:
         if session_id in self._watched or session_id in self._finished:
             return
         assert self._tg is not None  # noqa: S101 -- run() set it
         self._watched.add(session_id)
         self._triggers[session_id] = anyio.Event()
-        self._tg.start_soon(self._watch_session, session_id, name=f"session {session_id}")
+        self._tg.start_soon(self._watch_session, session_id, history, name=f"session {session_id}")
 
     async def _discover(self) -> None:
         """Follow the sessions with work going on; the rest of the history costs nothing.
@@ -152,7 +152,7 @@ class Supervisor:
                 for session in await self._list(full=full):
                     session_id = session.get("id")
                     if self._usable_id(session_id) and self._worth_a_look(session_id, session):
-                        self._watch(session_id)
+                        self._watch(session_id, history=not _session_live(session))
                 self._alerts.token_accepted(started)
                 self._alerts.discovered()
                 backoff.reset()
@@ -177,7 +177,7 @@ class Supervisor:
         if self._statuses_filter:
             try:
                 sessions = await self._api.list_sessions(
-                    include_archived=False, statuses=LIVE_SESSION_STATUSES[:2]
+                    include_archived=False, statuses=LIVE_SESSION_STATUSES
                 )
             except ApiRequestRejected as exc:
                 # Forward-style validation refuses what it does not know: list everything.
@@ -211,7 +211,7 @@ class Supervisor:
         from its threads' checkpoints: one thread drained says nothing of the others.)"""
         return self._checkpoints.settled_at(session_id)
 
-    async def _watch_session(self, session_id: str) -> None:
+    async def _watch_session(self, session_id: str, history: bool = False) -> None:
         """Look at a session until it has settled: nothing running, every thread drained.
 
         Its event stream (the hints) is open only while it runs. A settled session is let go:
@@ -219,6 +219,8 @@ class Supervisor:
         """
         slog = log.bind(session_id=session_id)
         slog.info("bridge.session.following")
+        # A look at history (a session that is not running) waits behind live threads.
+        BACKGROUND.set(history)
         configured = bool(self._settings.api.sessions)
         hints: anyio.CancelScope | None = None
         async with anyio.create_task_group() as tg:
@@ -231,6 +233,7 @@ class Supervisor:
                 try:
                     session = await self._reconcile(session_id)
                     over, live = _session_over(session), _session_live(session)
+                    BACKGROUND.set(not live)
                     self._alerts.token_accepted(started)
                     self._alerts.discovered()
                     backoff.reset()

@@ -123,11 +123,6 @@ class StreamlessApi:
         raise NotFound("gone")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 1: a running thread with a cursor retries only its stream; while "
-    "stream opens are refused (and no cap is learnt: <= 1 of ours open) it never reads the list",
-)
 async def test_a_running_thread_whose_stream_opens_are_refused_is_still_read_through_the_list():
     """Scenario: a restart finds a running thread checkpointed at evt_0000; it has written
     evt_0001..evt_0005 since. Every stream open is refused (503; the gateway's connection cap
@@ -152,18 +147,13 @@ async def test_a_running_thread_whose_stream_opens_are_refused_is_still_read_thr
             while publisher.event_ids() != _ids(1, 6):
                 await anyio.sleep(0.02)
         tg.cancel_scope.cancel()
-    assert api.opens > 3  # it kept trying the stream
+    assert api.opens >= 1  # the stream was tried, and refused
     assert publisher.event_ids() == _ids(1, 6)
 
 
 # -- finding 2: the learnt cap is one lower than the gateway's, and a cap of 1 is never learnt --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 2: refused() runs after the refused opener released its slot, so "
-    "the learnt limit is the gateway cap minus one, and a cap of 1 is never learnt",
-)
 async def test_the_learnt_stream_limit_is_what_the_others_have_open():
     """Scenario: the gateway allows 2 streams; 2 pumps stream, a third opens three times and is
     refused each time. The pump releases its slot (``finally: release()``) before the
@@ -193,11 +183,6 @@ async def test_the_learnt_stream_limit_is_what_the_others_have_open():
 # -- finding 3: background requests starve for as long as live demand fills the budget ---------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: strict priority: a background request (a drain's final pass, a "
-    "catch-up) waits forever while live requests keep the queue non-empty",
-)
 async def test_a_drains_request_is_served_under_a_steady_live_load():
     """Scenario: a stream cap makes hundreds of running threads list-poll (live requests, one
     page each per list_poll_interval_s): their demand exceeds max_requests_per_s, so the live
@@ -227,7 +212,7 @@ async def test_a_drains_request_is_served_under_a_steady_live_load():
             while "drain" not in served:
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
-    assert served.count("live") > 100  # the live load was served meanwhile
+    assert served.count("live") > 0  # the live load was served meanwhile
     assert "drain" in served
 
 
@@ -334,11 +319,6 @@ async def _run_until(
 # -- finding 4: the running-session poll asks only for "running"/"rescheduling" ----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 4: the poll asks statuses=running,rescheduling only; a session the "
-    "server reports as processing (G2; the bridge itself counts it live) waits for a full scan",
-)
 async def test_a_processing_session_that_starts_after_the_full_scan_is_followed_within_a_poll():
     """Scenario: a server of the older generation (G2 statuses idle/processing, qoder-api.md
     2.4) that filters the session list by ``statuses`` as asked. After the start-up full scan,
@@ -367,8 +347,9 @@ async def test_a_processing_session_that_starts_after_the_full_scan_is_followed_
 
 @pytest.mark.xfail(
     strict=True,
-    reason="review finding 5: a settled session is let go; a turn that starts and ends between "
-    "two polls is never listed running and waits for the full scan (600 s)",
+    reason="review finding 5, left open: a turn that starts and ends between two polls of the "
+    "running sessions is found by the next full scan (BRIDGE_FULL_SCAN_INTERVAL_S, now 120 s by "
+    "default), not within a poll; catching it sooner needs the history listed more often",
 )
 async def test_a_short_turn_in_a_settled_session_is_read_before_the_next_full_scan():
     """Scenario: a session ran, was drained and settled (let go: no watcher, no hints). Its
@@ -392,6 +373,30 @@ async def test_a_short_turn_in_a_settled_session_is_read_before_the_next_full_sc
         world.sessions["sess_a"]["updated_at"] = _ts(9)
         world.threads["sess_a"][0]["updated_at"] = _ts(9)
         with anyio.move_on_after(2):  # 40 polls
+            while publisher.event_ids() != _ids(0, 6):
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids() == _ids(0, 6)
+
+
+async def test_a_short_turn_in_a_settled_session_is_read_by_the_next_full_scan():
+    """Scenario (finding 5's bound): the same short turn between two polls; with
+    BRIDGE_FULL_SCAN_INTERVAL_S at 0.5 s its events are read by the next full scan: the
+    latency of such a turn is bounded by that interval, and nothing is lost."""
+    world = World()
+    world.add("sess_a", "idle", "idle", 3, 1)
+    api, publisher = WorldApi(world), CommittingPublisher()
+    settings = _settings(poll_interval_s=0.05, full_scan_interval_s=0.5)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        with anyio.fail_after(3):
+            while supervisor._checkpoints.settled_at("sess_a") is None:  # type: ignore[union-attr]
+                await anyio.sleep(0.02)
+        world.logs[("sess_a", "sthr_1")] += [_event(n) for n in range(3, 6)]
+        world.sessions["sess_a"]["updated_at"] = _ts(9)
+        world.threads["sess_a"][0]["updated_at"] = _ts(9)
+        with anyio.fail_after(3):
             while publisher.event_ids() != _ids(0, 6):
                 await anyio.sleep(0.02)
         tg.cancel_scope.cancel()
@@ -430,11 +435,6 @@ class LimitedWorldApi(WorldApi):
             yield frames
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 6: the supervisor's get_session/list_threads for every historical "
-    "session are not BACKGROUND: a cold start serves the history's look-ups before live threads",
-)
 async def test_a_cold_start_reads_a_running_thread_before_looking_at_the_whole_history():
     """Scenario: a cold start (the settled marks are not kept across restarts) on an account
     with 300 finished sessions and one running session listed after them. Every finished
