@@ -26,6 +26,7 @@ from bridge.publisher import Publisher
 from bridge.pump import Pump, PumpLimits
 from bridge.records import Event, Rejected, ThreadRef
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
+from bridge.slots import StreamSlots
 from bridge.sse import Frame, FrameDecoder
 from bridge.supervisor import Supervisor
 from tests.bridge_harness import bridge_settings
@@ -149,7 +150,7 @@ def _pump(api: Any, publisher: Any, cursor: ThreadCursor, settings: Settings | N
         publisher,
         FakeAlerts(),  # type: ignore[arg-type]
         settings or Settings(),
-        PumpLimits(anyio.CapacityLimiter(10)),
+        PumpLimits(StreamSlots(10)),
     )
 
 
