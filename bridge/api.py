@@ -364,6 +364,7 @@ class QoderApi:
         stall_timeout_s: float,
         request_timeout_s: float,
         max_event_bytes: int = 16 * 1024 * 1024,
+        json_in_flight: int = 64,
     ) -> None:
         self._client = client
         # httpcore scans its whole pool on every request: thousands of streams in one pool
@@ -372,6 +373,7 @@ class QoderApi:
         self._base = base_url.rstrip("/")
         self._token = token
         self._limiter = limiter
+        self._json_in_flight = anyio.CapacityLimiter(json_in_flight)
         self._stall_timeout_s = stall_timeout_s
         self._request_timeout_s = request_timeout_s
         self._max_event_bytes = max_event_bytes
@@ -394,6 +396,14 @@ class QoderApi:
         self, route: str, path: str, params: Mapping[str, Any] | None, *, limit_bytes: int | None
     ) -> bytes:
         """The body of a GET; past ``limit_bytes`` only its head and tail are kept."""
+        # At most as many JSON requests in flight as the pool has connections: a budget that
+        # starts more per second than a slow API answers must not pile them up to time out.
+        async with self._json_in_flight:
+            return await self._get_bytes_now(route, path, params, limit_bytes=limit_bytes)
+
+    async def _get_bytes_now(
+        self, route: str, path: str, params: Mapping[str, Any] | None, *, limit_bytes: int | None
+    ) -> bytes:
         await self._limiter.acquire()
         had_cursor = bool(params) and any(params.get(p) for p in _CURSOR_PARAMS)  # type: ignore[union-attr]
         try:

@@ -158,6 +158,7 @@ class Bridge:
                 stall_timeout_s=settings.api.stall_timeout_s,
                 request_timeout_s=settings.api.request_timeout_s,
                 max_event_bytes=settings.api.max_event_bytes,
+                json_in_flight=JSON_POOL_SIZE,
             )
             async with anyio.create_task_group() as tg:
                 self._outer = tg.cancel_scope

@@ -38,6 +38,8 @@ ACTIVE_THREAD_STATUSES = frozenset({"running", "rescheduling", "blocked"})
 LIVE_SESSION_STATUSES = ("running", "rescheduling", "processing")
 HINT_EVENT_PREFIXES = ("session.thread_", "session.status_", "session.deleted", "terminated")
 COALESCE_S = 0.05
+#: Running sessions are listed at least this often (one request), whatever the poll interval.
+RUNNING_LIST_INTERVAL_S = 3.0
 #: What an id must look like to be put in a URL path (sess_..., sthr_...: letters, digits, _).
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 #: Bad ids remembered (warned once each), at most this many.
@@ -146,7 +148,9 @@ class Supervisor:
         full_due = anyio.current_time()
         while True:
             started = anyio.current_time()
-            delay = api.poll_interval_s
+            # One request finds new and revived sessions: worth doing more often than the
+            # per-session safety net, so a new session's first event is not a poll away.
+            delay = min(api.poll_interval_s, RUNNING_LIST_INTERVAL_S)
             full = started >= full_due
             try:
                 for session in await self._list(full=full):
