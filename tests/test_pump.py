@@ -80,7 +80,7 @@ class FakeApi:
 
 
 class FakePublisher:
-    """Takes and commits at once: every item is stored the moment it is submitted."""
+    """Takes everything and commits only drain markers (at once), as a slow broker would."""
 
     def __init__(self) -> None:
         self.items: list[Any] = []

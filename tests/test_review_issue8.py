@@ -31,6 +31,7 @@ from bridge.sse import Frame, FrameDecoder
 from bridge.supervisor import Supervisor
 from tests.bridge_harness import bridge_settings
 from tests.kafka_broker import read_topic
+from tests.test_pump import FakePublisher
 
 pytestmark = pytest.mark.anyio
 
@@ -84,20 +85,8 @@ class FakeApi:
         raise NotFound("gone")
 
 
-class HoldingPublisher:
+class HoldingPublisher(FakePublisher):
     """Takes everything and commits nothing (a slow broker), except drain markers."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-
-    async def submit(self, item: Any) -> None:
-        self.items.append(item)
-        if item.drain and item.cursor is not None:
-            item.cursor.mark_committed(item.epoch, None, item.drained_updated_at, None, drain=True)
-            item.cursor.settle()
-
-    def record_limit(self, topic: str) -> int:
-        return 1 << 20
 
     def live_ids(self) -> list[str]:
         """Event ids of the items that are still to be published (not made stale by a rewind)."""
