@@ -60,6 +60,7 @@ class PumpState(Enum):
     BACKOFF = "backoff"
     AUTH_WAIT = "auth_wait"
     DRAINING = "draining"
+    WAITING_SLOT = "waiting_slot"
 
 
 class Backoff:
@@ -120,6 +121,13 @@ class Pump:
         #: whose stream cannot be opened (or stays silent) is still read.
         self._list_first = False
         self.gone = False
+        #: What an operator sees of it (GET /status): where it is and how it went lately.
+        self.state: PumpState | None = None
+        self.reconnects = 0
+        self.last_error: str | None = None
+        #: The last event handed on: its ``processed_at`` and when (wall clock) it was read.
+        self.last_event_time: str | None = None
+        self.last_event_read_at: float | None = None
         self.log = structlog.get_logger("bridge.pump").bind(
             session_id=self.thread.session_id, thread_id=self.thread.thread_id
         )
@@ -226,6 +234,8 @@ class Pump:
                 reason, delay = "other", self._backoff.next_delay()
                 self.log.warning("bridge.pump.api_error", error=str(exc))
             self._list_first = True
+            self.reconnects += 1
+            self.last_error = reason
             metrics.RECONNECTS.labels(reason=reason).inc()
             self.log.info("bridge.pump.reconnecting", reason=reason, delay_s=round(delay, 3))
             state = PumpState.AUTH_WAIT if reason == "auth" else PumpState.BACKOFF
@@ -267,14 +277,19 @@ class Pump:
     def _state(self, state: PumpState) -> Iterator[None]:
         gauge = metrics.PUMPS.labels(state=state.value)
         gauge.inc()
+        previous, self.state = self.state, state
         try:
             yield
         finally:
+            self.state = previous
             gauge.dec()
 
     async def _stream_slot(self) -> bool:
         """A stream slot, or False after ``list_poll_interval_s`` without one (capped)."""
-        with anyio.move_on_after(self._limits.list_poll_interval_s):
+        with (
+            anyio.move_on_after(self._limits.list_poll_interval_s),
+            self._state(PumpState.WAITING_SLOT),
+        ):
             await self._limits.streams.acquire()
             return True
         return False
@@ -431,6 +446,7 @@ class Pump:
                 )
             records.append(alert)
             metrics.ALERTS.labels(type="qoder." + event.type).inc()
+        self.last_event_time, self.last_event_read_at = event.time, time.time()
         item = Outgoing(
             self.cursor,
             self._epoch,
