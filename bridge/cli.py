@@ -39,6 +39,9 @@ __all__ = ["EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 PROG = "qoder-bridge"
 DEFAULT_SCENARIO = "demo"
+#: Operators' tools: subcommand -> module with ``add_arguments(parser)``, ``HELP`` and
+#: ``main(args) -> exit code``. One line each, so the tools stay out of this file.
+TOOLS: dict[str, str] = {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "check":
             return _check(args)
+        if args.command in TOOLS:
+            tool: Any = importlib.import_module(TOOLS[args.command])
+            return int(tool.main(args))
         return _simulate(args)
     except ConfigError as exc:
         print(f"{PROG}: configuration error: {scrub_text(str(exc))}", file=sys.stderr)
@@ -118,6 +124,13 @@ def build_parser() -> _Parser:
         help="the bearer token the simulator accepts (default: QODER_ACCESS_TOKEN or QODER_PAT)",
     )
     parser.commands = {"run": run, "check": check, "simulate": simulate}
+    for name, module_name in TOOLS.items():
+        module: Any = importlib.import_module(module_name)
+        tool = commands.add_parser(
+            name, allow_abbrev=False, help=module.HELP, description=module.__doc__
+        )
+        module.add_arguments(tool)
+        parser.commands[name] = tool
     return parser
 
 

@@ -114,6 +114,11 @@ class Supervisor:
     def pumps(self) -> Mapping[ThreadRef, Pump]:
         return self._pumps
 
+    @property
+    def sessions(self) -> frozenset[str]:
+        """The sessions being looked at now (running, or not yet settled)."""
+        return frozenset(self._watched)
+
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
