@@ -18,6 +18,7 @@ import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 
 import anyio
 import anyio.abc
@@ -36,6 +37,7 @@ from bridge.health import HealthState, serve_http
 from bridge.kafka_watch import watch_kafka
 from bridge.publisher import Publisher
 from bridge.secrets import TokenProvider
+from bridge.status import StatusView
 from bridge.summary import log_summary
 from bridge.supervisor import Supervisor
 
@@ -59,6 +61,8 @@ class Bridge:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.health = HealthState()
+        #: GET /status; the supervisor is set on it once it exists.
+        self.status = StatusView(self.health)
         self.publisher = Publisher(settings, self.health)
         self._outer: anyio.CancelScope | None = None
         self._readers: anyio.CancelScope | None = None
@@ -162,7 +166,8 @@ class Bridge:
             )
             async with anyio.create_task_group() as tg:
                 self._outer = tg.cancel_scope
-                port = self.http_port = await tg.start(serve_http, settings.http, self.health)
+                serve = partial(serve_http, status=self.status.answer)
+                port = self.http_port = await tg.start(serve, settings.http, self.health)
                 tg.start_soon(self._signals)
                 tg.start_soon(limiter.run)
                 tg.start_soon(watch_kafka, settings.kafka, self.health)
@@ -186,6 +191,7 @@ class Bridge:
                 await self._until_kafka("checkpoints", load)
                 alerts = BridgeAlerts(self.publisher, settings.kafka.alerts_topic, self.health)
                 supervisor = Supervisor(settings, api, self.publisher, alerts, checkpoints)
+                self.status.supervisor = supervisor
                 if not self._draining:
                     async with anyio.create_task_group() as readers:
                         self._readers = readers.cancel_scope

@@ -41,7 +41,9 @@ PROG = "qoder-bridge"
 DEFAULT_SCENARIO = "demo"
 #: Operators' tools: subcommand -> module with ``add_arguments(parser)``, ``HELP`` and
 #: ``main(args) -> exit code``. One line each, so the tools stay out of this file.
-TOOLS: dict[str, str] = {}
+TOOLS: dict[str, str] = {
+    "status": "bridge.status_cli",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""A tiny HTTP/1.1 server for probes and scrapes: ``/livez``, ``/readyz``, ``/metrics``.
+"""A tiny HTTP/1.1 server for probes and scrapes: ``/livez``, ``/readyz``, ``/metrics``, and
+``/status`` for operators (:mod:`bridge.status`).
 
 No framework: one request per connection (``Connection: close``), GET and HEAD only. The request
 head is bounded in size and must arrive within ``read_timeout_s``, and at most
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -26,6 +28,8 @@ from bridge.metrics import KAFKA_REACHABLE, READY, REGISTRY
 __all__ = ["HealthState", "serve_http"]
 
 MAX_REQUEST_HEAD_BYTES = 8192
+#: ``/status``: the query string -> the answer's status and JSON body.
+StatusSource = Callable[[str], tuple[HTTPStatus, bytes]]
 
 log = structlog.get_logger(__name__)
 
@@ -196,9 +200,11 @@ async def serve_http(
     *,
     read_timeout_s: float = 5.0,
     max_connections: int = 32,
+    status: StatusSource | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; ``task_status.started(port)`` reports the bound port."""
+    """Serve until cancelled; ``task_status.started(port)`` reports the bound port. Without
+    ``status``, ``/status`` is not found."""
     try:
         listener = await anyio.create_tcp_listener(
             local_host=settings.host, local_port=settings.port
@@ -209,7 +215,9 @@ async def serve_http(
             f"{settings.host}:{settings.port} ({exc.strerror or exc})"
         ) from exc
     limiter = anyio.CapacityLimiter(max_connections)
-    handler = partial(_handle, state=state, limiter=limiter, read_timeout_s=read_timeout_s)
+    handler = partial(
+        _handle, state=state, status=status, limiter=limiter, read_timeout_s=read_timeout_s
+    )
     async with listener:
         port = listener.extra(SocketAttribute.local_port)  # noqa: S610 -- anyio, not Django
         log.info("bridge.health.listening", host=settings.host, port=port)
@@ -221,6 +229,7 @@ async def _handle(
     stream: SocketStream,
     *,
     state: HealthState,
+    status: StatusSource | None,
     limiter: anyio.CapacityLimiter,
     read_timeout_s: float,
 ) -> None:
@@ -232,7 +241,7 @@ async def _handle(
             await _answer(stream, _text(HTTPStatus.SERVICE_UNAVAILABLE, "busy\n"), read_timeout_s)
             return
         try:
-            response, head_only = await _respond(stream, state, read_timeout_s)
+            response, head_only = await _respond(stream, state, status, read_timeout_s)
             if response is not None:
                 await _answer(stream, response, read_timeout_s, head_only=head_only)
         finally:
@@ -240,17 +249,20 @@ async def _handle(
 
 
 async def _respond(
-    stream: SocketStream, state: HealthState, read_timeout_s: float
+    stream: SocketStream, state: HealthState, status: StatusSource | None, read_timeout_s: float
 ) -> tuple[_Response | None, bool]:
     try:
         with anyio.fail_after(read_timeout_s):
             head = await _read_head(stream)
-        method, path, headers = _parse_head(head)
+        method, target, headers = _parse_head(head)
     except _BadRequest as exc:
         return _text(exc.status, exc.status.phrase + "\n"), False
     except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
         return None, False  # slow, gone or reset: just close
+    path, _, query = target.partition("?")
     try:
+        if path == "/status" and status is not None:
+            return _status(method, query, status), method == "HEAD"
         return _route(method, path, headers, state), method == "HEAD"
     except Exception:
         log.exception("bridge.health.handler_failed", path=path)
@@ -284,7 +296,7 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
         if not sep:
             raise _BadRequest(HTTPStatus.BAD_REQUEST)
         headers[name.strip().lower()] = value.strip()
-    return method, target.split("?", 1)[0], headers
+    return method, target, headers
 
 
 def _route(method: str, path: str, headers: dict[str, str], state: HealthState) -> _Response:
@@ -304,6 +316,13 @@ def _route(method: str, path: str, headers: dict[str, str], state: HealthState) 
         return _Response(status, body, "application/json")
     encoder, content_type = choose_encoder(headers.get("accept", ""))
     return _Response(HTTPStatus.OK, encoder(REGISTRY), content_type)
+
+
+def _status(method: str, query: str, status: StatusSource) -> _Response:
+    if method not in ("GET", "HEAD"):
+        return _Response(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", allow="GET, HEAD")
+    code, body = status(query)
+    return _Response(code, body, "application/json")
 
 
 def _text(status: HTTPStatus, body: str) -> _Response:
