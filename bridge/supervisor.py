@@ -9,6 +9,8 @@ pump reads what is left through the list and stops. A thread that ran while nobo
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Mapping
 from datetime import datetime
@@ -22,14 +24,15 @@ from bridge import metrics
 from bridge.alerts import BridgeAlerts
 from bridge.api import BACKGROUND, QoderApi
 from bridge.checkpoint_index import CheckpointIndex
-from bridge.checkpoints import Checkpoint
+from bridge.checkpoints import Checkpoint, settled_record
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import ApiError, ApiRequestRejected, AuthRejected, BadCursor, NotFound
-from bridge.publisher import Publisher
+from bridge.publisher import Outgoing, Publisher, PublisherClosed
 from bridge.pump import Backoff, Pump, PumpLimits
 from bridge.records import ThreadRef
 from bridge.slots import StreamSlots
+from bridge.sse import Frame
 
 log = structlog.get_logger("bridge.supervisor")
 
@@ -37,9 +40,14 @@ ACTIVE_THREAD_STATUSES = frozenset({"running", "rescheduling", "blocked"})
 #: Session statuses with work going on (G1/G2 said "processing").
 LIVE_SESSION_STATUSES = ("running", "rescheduling", "processing")
 HINT_EVENT_PREFIXES = ("session.thread_", "session.status_", "session.deleted", "terminated")
+#: Hints that name a thread that runs: its pump starts at once, without a look (no request).
+THREAD_RUNNING_HINTS = frozenset({"session.thread_created", "session.thread_status_running"})
+#: Hints about the session itself: the next look asks for the session, not the listing's copy.
+SESSION_HINT_PREFIXES = ("session.status_", "session.deleted", "terminated")
 COALESCE_S = 0.05
-#: Running sessions are listed at least this often (one request), whatever the poll interval.
-RUNNING_LIST_INTERVAL_S = 3.0
+#: Running sessions are listed at least this often (one request), whatever the poll interval:
+#: a new session's coordinator reaches Kafka within about this long.
+RUNNING_LIST_INTERVAL_S = 2.0
 #: What an id must look like to be put in a URL path (sess_..., sthr_...: letters, digits, _).
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 #: Bad ids remembered (warned once each), at most this many.
@@ -67,6 +75,14 @@ def _session_over(session: Mapping[str, Any]) -> bool:
 
 def _session_live(session: Mapping[str, Any]) -> bool:
     return session.get("status") in LIVE_SESSION_STATUSES and not _session_over(session)
+
+
+def _hinted_thread(fields: Mapping[str, Any]) -> str | None:
+    """The thread a lifecycle event names: ``session_thread_id``, top level or under ``data``."""
+    value = fields.get("session_thread_id")
+    if value is None and isinstance(fields.get("data"), dict):
+        value = fields["data"].get("session_thread_id")
+    return value if isinstance(value, str) else None
 
 
 def _updated_at(item: Mapping[str, Any]) -> str | None:
@@ -108,6 +124,12 @@ class Supervisor:
         #: Sessions the API has shown us at least once (a later 404 means deleted, not a typo).
         self._seen: set[str] = set()
         self._triggers: dict[str, anyio.Event] = {}
+        #: The last listing's running sessions and when it answered: a look at a session that
+        #: is in it takes its status from there (one request a look, the thread list).
+        self._running: dict[str, dict[str, Any]] = {}
+        self._running_at = float("-inf")
+        #: Sessions whose own status changed since the listing (a session hint): asked for.
+        self._ask: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -158,7 +180,19 @@ class Supervisor:
             delay = min(api.poll_interval_s, RUNNING_LIST_INTERVAL_S)
             full = started >= full_due
             try:
-                for session in await self._list(full=full):
+                sessions = await self._list(full=full)
+                running, self._running = (
+                    self._running,
+                    {
+                        s["id"]: s
+                        for s in sessions
+                        if _session_live(s) and isinstance(s.get("id"), str)
+                    },
+                )
+                self._running_at = anyio.current_time()
+                for session_id in self._running.keys() - running.keys():
+                    self._trigger(session_id)  # followed, and running again: look now
+                for session in sessions:
                     session_id = session.get("id")
                     if self._usable_id(session_id) and self._worth_a_look(session_id, session):
                         self._watch(session_id, history=not _session_live(session))
@@ -232,6 +266,8 @@ class Supervisor:
         BACKGROUND.set(history)
         configured = bool(self._settings.api.sessions)
         hints: anyio.CancelScope | None = None
+        quiet_since: float | None = None
+        grace_s = self._settings.api.poll_interval_s
         async with anyio.create_task_group() as tg:
             backoff = Backoff(
                 self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s
@@ -286,18 +322,35 @@ class Supervisor:
                 elif not live and hints is not None:
                     hints.cancel()
                     hints = None
-                settled = not live and not self._session_pumps(session_id)
-                if settled and (over or not configured):
+                # Let go once quiet for a poll interval: a turn that follows soon after (a
+                # reply) is found by the next look, not by a full scan minutes later.
+                quiet = not live and not self._session_pumps(session_id)
+                quiet_since = (quiet_since or started) if quiet else None
+                waited = quiet_since is not None and started - quiet_since >= grace_s
+                if quiet and (over or waited) and (over or not configured):
                     slog.info("bridge.session.settled", over=over)
                     if configured:
                         self._finished.add(session_id)
                     elif (updated := _updated_at(session)) is not None:
-                        self._checkpoints.settle(session_id, updated)
+                        await self._settle(session_id, updated)
                     self._watched.discard(session_id)
                     self._triggers.pop(session_id, None)
                     tg.cancel_scope.cancel()
                     return
                 await self._wait_trigger(session_id)
+
+    async def _settle(self, session_id: str, updated_at: str) -> None:
+        """Remember that the session settled, here and in the checkpoint topic: listed again
+        with nothing newer, it costs no request, after a restart too."""
+        if self._checkpoints.settled_at(session_id) == updated_at:
+            return
+        self._checkpoints.settle(session_id, updated_at)
+        topic = self._settings.kafka.checkpoint_topic
+        # Stopping: the next start looks at the session once more, that is all.
+        with contextlib.suppress(PublisherClosed):
+            await self._publisher.submit(
+                Outgoing(None, 0, [settled_record(topic, session_id, updated_at)])
+            )
 
     async def _hints_scope(
         self, session_id: str, *, task_status: anyio.abc.TaskStatus[anyio.CancelScope]
@@ -320,9 +373,23 @@ class Supervisor:
     def _session_pumps(self, session_id: str) -> list[Pump]:
         return [p for ref, p in self._pumps.items() if ref.session_id == session_id]
 
+    async def _session(self, session_id: str) -> dict[str, Any]:
+        """The session: from the last listing of running sessions while it is in it, fresh and
+        no session hint came since (no request); asked for otherwise (it stopped running, or
+        it is configured, or the listing is late)."""
+        fresh = anyio.current_time() - self._running_at < 2 * RUNNING_LIST_INTERVAL_S
+        listed = self._running.get(session_id)
+        if fresh and listed is not None and session_id not in self._ask:
+            return listed
+        self._ask.discard(session_id)
+        session = await self._api.get_session(session_id)
+        if not _session_live(session):
+            self._running.pop(session_id, None)  # newer than the listing
+        return session
+
     async def _reconcile(self, session_id: str) -> dict[str, Any]:
         """Start, drain or catch up the session's threads; the session as the API gave it."""
-        session = await self._api.get_session(session_id)
+        session = await self._session(session_id)
         if session_id in self._settings.api.sessions:
             self._seen.add(session_id)  # configured ones only: bounded by the configuration
         self._alerts.session_found(session_id)
@@ -424,6 +491,43 @@ class Supervisor:
             cursor.committed_idless,
         )
 
+    def _hint(self, session_id: str, frame: Frame) -> None:
+        """A thread that starts running is followed at once (the thread list would say the
+        same a request later); any other lifecycle event makes the session looked at."""
+        kind, fields = frame.event, None
+        if kind in ("", "message") or kind in THREAD_RUNNING_HINTS:
+            # The type is the event: line (qoder-api.md 5.1), or else the data's own.
+            try:
+                fields = json.loads(frame.data)
+            except ValueError:
+                return
+            if not isinstance(fields, dict):
+                return
+            if kind in ("", "message"):
+                own = fields.get("type")
+                kind = own if isinstance(own, str) else ""
+        if not kind.startswith(HINT_EVENT_PREFIXES):
+            return
+        if kind in THREAD_RUNNING_HINTS and fields is not None:
+            thread_id = _hinted_thread(fields)
+            if thread_id is not None and self._usable_id(thread_id, session_id):
+                self._thread_runs(ThreadRef(session_id, thread_id))
+                return
+        if kind.startswith(SESSION_HINT_PREFIXES):
+            self._ask.add(session_id)
+        self._trigger(session_id)
+
+    def _thread_runs(self, ref: ThreadRef) -> None:
+        if ref.session_id not in self._watched:
+            return  # the session was let go meanwhile: the running listing brings it back
+        self._active[ref] = True
+        pump = self._pumps.get(ref)
+        if pump is None:
+            self._start(self._cursor(ref), follow=True)
+        else:
+            pump.follow()
+        metrics.THREADS_FOLLOWED.set(len(self._pumps))
+
     async def _hints(self, session_id: str) -> None:
         """React to the session stream's thread lifecycle events within a second."""
         backoff = Backoff(self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s)
@@ -436,8 +540,7 @@ class Supervisor:
                     async for frame in frames:
                         if frame.id:
                             cursor = frame.id
-                        if frame.event.startswith(HINT_EVENT_PREFIXES):
-                            self._trigger(session_id)
+                        self._hint(session_id, frame)
                 backoff.reset()
             except BadCursor:
                 cursor = None

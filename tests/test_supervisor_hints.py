@@ -1,0 +1,188 @@
+"""What a running session costs (issue 9): a thread that starts running is followed on its
+lifecycle hint, without a request; a look at a session the running listing just showed asks
+only for its threads; a hint about the session itself makes the next look ask for it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from bridge import supervisor as supervisor_module
+from bridge.sse import Frame
+from bridge.supervisor import Supervisor
+from tests.test_review_issue9 import (
+    CommittingPublisher,
+    FakeAlerts,
+    World,
+    WorldApi,
+    _event,
+    _settings,
+    _ts,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class HintingApi(WorldApi):
+    """The world's API with a session stream the test writes to, counting every request."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.calls: Counter[str] = Counter()
+        self.hints: dict[str, list[Frame]] = {}
+        self.connected: set[str] = set()
+
+    async def list_sessions(self, **kwargs: Any) -> list[dict[str, Any]]:
+        self.calls["list_sessions"] += 1
+        return await super().list_sessions(**kwargs)
+
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        self.calls["get_session"] += 1
+        return await super().get_session(session_id)
+
+    async def list_threads(self, session_id: str) -> list[dict[str, Any]]:
+        self.calls["list_threads"] += 1
+        return await super().list_threads(session_id)
+
+    def hint(self, session_id: str, frame: Frame) -> None:
+        self.hints.setdefault(session_id, []).append(frame)
+
+    @asynccontextmanager
+    async def stream_session(self, session_id: str, after_id: str | None) -> AsyncIterator[Any]:
+        hints = self.hints.setdefault(session_id, [])
+        self.connected.add(session_id)
+
+        async def frames() -> AsyncIterator[Frame]:
+            sent = 0
+            while True:
+                while sent < len(hints):
+                    sent += 1
+                    yield hints[sent - 1]
+                await anyio.sleep(0.01)
+
+        yield frames()
+
+
+def _lifecycle(kind: str, thread_id: str, *, event_line: bool = True) -> Frame:
+    body = {"id": f"sevt_{kind}_{thread_id}", "type": kind, "session_thread_id": thread_id}
+    return Frame(kind if event_line else "", json.dumps(body).encode(), body["id"])
+
+
+def _running_session(world: World) -> None:
+    world.add("sess_a", "running", "running", 3, 1)
+
+
+async def _until(condition: Any, within_s: float) -> None:
+    with anyio.fail_after(within_s):
+        while not condition():
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("event_line", [True, False], ids=["event-line", "type-in-data"])
+async def test_a_thread_that_starts_running_is_followed_on_its_hint_without_a_request(
+    event_line: bool,
+):
+    """Scenario: a configured running session (one thread) is followed, its session stream
+    open; then a child thread is created and runs, with 4 events. Its ``session.thread_created``
+    hint names it (``session_thread_id``; with or without an SSE ``event:`` line, qoder-api.md
+    5.1): the child's events reach the publisher with no session or thread-list request in
+    between. Before, each such hint cost a look: the session and its thread list."""
+    world = World()
+    _running_session(world)
+    api, publisher = HintingApi(world), CommittingPublisher()
+    settings = _settings(sessions=("sess_a",), poll_interval_s=60.0)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    child = [{**_event(n), "id": f"evt_c{n}"} for n in range(4)]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: "sess_a" in api.connected and len(publisher.event_ids()) == 3, 3)
+        await anyio.sleep(0.1)
+        looked = api.calls.copy()
+        world.threads["sess_a"].append({"id": "sthr_c", "status": "running", "updated_at": _ts(2)})
+        world.logs[("sess_a", "sthr_c")] = child
+        api.hint("sess_a", _lifecycle("session.thread_created", "sthr_c", event_line=event_line))
+        await _until(lambda: len(publisher.event_ids()) == 7, 3)
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids()[3:] == [e["id"] for e in child]
+    assert api.calls == looked  # no request but the child's own reads
+
+
+async def test_a_look_at_a_session_the_running_listing_shows_asks_only_for_its_threads():
+    """Scenario: discovery (no configured sessions), one running session, a 0.1 s poll: the
+    session is looked at every poll. Its status comes from the running-session listing made
+    moments before, so a look is one request (the thread list), not two. Before, every look
+    also asked for the session: as many get_session as list_threads."""
+    world = World()
+    _running_session(world)
+    api, publisher = HintingApi(world), CommittingPublisher()
+    settings = _settings(poll_interval_s=0.1, full_scan_interval_s=3600.0)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: api.calls["list_threads"] >= 10, 5)
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002"]
+    assert api.calls["get_session"] == 0
+    assert api.calls["list_sessions"] >= 5  # the listing is what the look trusts
+
+
+async def test_a_session_hint_makes_the_next_look_ask_for_the_session(monkeypatch):
+    """Scenario: the session stops running (status idle, its thread idle) and says so on its
+    stream (``session.status_idle``); the running listing is slow to show it (listed every
+    60 s here). The look the hint triggers asks for the session itself, sees it idle and
+    drains the thread within a second, not at the next listing."""
+    monkeypatch.setattr(supervisor_module, "RUNNING_LIST_INTERVAL_S", 60.0)
+    world = World()
+    _running_session(world)
+    api, publisher = HintingApi(world), CommittingPublisher()
+    settings = _settings(poll_interval_s=60.0, full_scan_interval_s=3600.0)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: "sess_a" in api.connected and len(publisher.event_ids()) == 3, 3)
+        world.logs[("sess_a", "sthr_1")].append(_event(3))
+        world.sessions["sess_a"].update(status="idle", updated_at=_ts(5))
+        world.threads["sess_a"][0].update(status="idle", updated_at=_ts(5))
+        api.hint("sess_a", _lifecycle("session.thread_status_idle", "sthr_1"))
+        api.hint("sess_a", _lifecycle("session.status_idle", "sthr_1"))
+        await _until(lambda: not supervisor.pumps, 2)
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002", "evt_0003"]
+    assert api.calls["get_session"] >= 1
+
+
+async def test_a_short_turn_soon_after_the_session_went_idle_is_read_within_a_poll(monkeypatch):
+    """Scenario: a session goes idle (its thread drained), and 0.1 s later runs a short turn
+    that ends before anything lists it running (the listing is slow here, and an idle
+    session's stream is closed): 2 more events, the thread and session ``updated_at`` newer.
+    A session is let go only after a poll interval of quiet, so the next look (0.3 s) sees
+    the thread changed since its drain and reads it. Letting it go the moment its last thread
+    drained left those events to the next full scan (an hour here)."""
+    monkeypatch.setattr(supervisor_module, "RUNNING_LIST_INTERVAL_S", 60.0)
+    world = World()
+    _running_session(world)
+    api, publisher = HintingApi(world), CommittingPublisher()
+    settings = _settings(poll_interval_s=0.3, full_scan_interval_s=3600.0)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: len(publisher.event_ids()) == 3, 3)
+        world.sessions["sess_a"].update(status="idle", updated_at=_ts(5))
+        world.threads["sess_a"][0].update(status="idle", updated_at=_ts(5))
+        api.hint("sess_a", _lifecycle("session.status_idle", "sthr_1"))
+        await _until(lambda: not supervisor.pumps, 2)
+        await anyio.sleep(0.1)
+        world.logs[("sess_a", "sthr_1")] += [_event(3), _event(4)]
+        world.sessions["sess_a"]["updated_at"] = _ts(7)
+        world.threads["sess_a"][0]["updated_at"] = _ts(7)
+        with anyio.move_on_after(3):
+            while len(publisher.event_ids()) < 5:
+                await anyio.sleep(0.02)
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids() == [f"evt_{n:04d}" for n in range(5)]
