@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, MutableMapping
 from pathlib import Path
 
-from bridge.checkpoints import Checkpoint, parse_checkpoint
+from bridge.checkpoints import Checkpoint, is_session_key, parse_checkpoint, parse_settled
 
 _SCHEMA = """
 create table if not exists checkpoints (key text primary key, session text, value blob);
@@ -43,7 +43,14 @@ class CheckpointIndex(MutableMapping[str, Checkpoint]):
         """Checkpoint records in topic order: a later one replaces, a tombstone deletes."""
         upserts: list[tuple[str, str, bytes]] = []
         for key, value in records:
-            if value is None or parse_checkpoint(value) is None:
+            if is_session_key(key):
+                # A session's settled mark; a tombstone (or anything else) forgets it.
+                mark = parse_settled(value)
+                if mark is None:
+                    self._db.execute("delete from settled where session = ?", (key,))
+                else:
+                    self.settle(key, mark)
+            elif value is None or parse_checkpoint(value) is None:
                 self._flush(upserts)
                 upserts = []
                 self._db.execute("delete from checkpoints where key = ?", (key,))

@@ -2,7 +2,10 @@
 
 Checkpoints live in a compacted topic keyed ``{session_id}/{thread_id}``. On start they are read
 with ``read_committed`` to the end of the topic before any pump starts, so a checkpoint written in
-an aborted transaction is never believed.
+an aborted transaction is never believed. The same topic keeps, keyed ``{session_id}`` alone, the
+mark of a session that settled (nothing running, every thread drained): ``settled_updated_at``,
+its ``updated_at`` then. Listed again with nothing newer, that session costs no request, across
+restarts too.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from aiokafka.errors import (
 from bridge.config import KafkaSettings
 from bridge.errors import ConfigError, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs
+from bridge.records import Record, canonical_json
 
 log = structlog.get_logger("bridge.checkpoints")
 
@@ -175,6 +179,26 @@ async def _create_missing(
     )
 
 
+def is_session_key(key: str) -> bool:
+    """A session's settled mark (``{session_id}``), not a thread's checkpoint."""
+    return "/" not in key
+
+
+def settled_record(topic: str, session_id: str, updated_at: str) -> Record:
+    doc = {"session_id": session_id, "settled_updated_at": updated_at}
+    return Record(topic, session_id.encode(), canonical_json(doc), [])
+
+
+def parse_settled(value: bytes | None) -> str | None:
+    """A settled mark's ``settled_updated_at``; None for a tombstone or anything else."""
+    try:
+        doc: Any = json.loads(value) if value is not None else None
+    except ValueError:
+        return None
+    mark = doc.get("settled_updated_at") if isinstance(doc, dict) else None
+    return mark if isinstance(mark, str) else None
+
+
 def parse_checkpoint(value: bytes | None) -> Checkpoint | None:
     if value is None:
         return None  # a tombstone
@@ -219,6 +243,8 @@ async def load_checkpoints(
 
     def keep(records: list[tuple[str, bytes | None]]) -> None:
         for key, value in records:
+            if is_session_key(key):
+                continue
             checkpoint = parse_checkpoint(value)
             if checkpoint is None:
                 result.pop(key, None)

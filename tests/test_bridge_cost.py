@@ -134,3 +134,50 @@ async def test_threads_beyond_the_stream_cap_keep_flowing_through_the_list(
     assert metrics.LIST_POLLS._value.get() > polls
     alerts = await read_json(kafka_bootstrap, kafka_topics.alerts)
     assert sum(a["type"] == "bridge.streams_capped" for a in alerts) == 1
+
+
+def _requests_to(route: str) -> float:
+    return sum(
+        sample.value
+        for family in metrics.API_REQUESTS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["route"] == route
+    )
+
+
+async def test_sessions_that_settled_cost_no_request_after_a_restart(kafka_bootstrap, kafka_topics):
+    """Scenario: an account of 40 finished sessions and 1 running. A first bridge catches up and
+    lets the finished sessions go (each settled: its mark is written to the checkpoint topic,
+    keyed by the session). A second bridge starts: its first full listing shows the same 40
+    with nothing newer, and it asks for none of them (no session, no thread list), where a
+    bridge that kept the marks only in its local cache looked at every one again (80
+    requests). Nothing is republished."""
+    history = 40
+    async with running_simulator(_account(history), token=TOKEN) as sim:
+        settings = bridge_settings(sim.base_url, kafka_bootstrap, kafka_topics)
+        async with running_bridge(settings):
+            with anyio.fail_after(60):
+                while True:
+                    marks = [
+                        r
+                        for r in await read_json(kafka_bootstrap, kafka_topics.checkpoints)
+                        if "settled_updated_at" in r
+                    ]
+                    if len(marks) >= history:
+                        break
+                    await anyio.sleep(0.5)
+        published = len(await read_json(kafka_bootstrap, kafka_topics.events))
+        sessions, threads = _requests_to("session"), _requests_to("threads")
+        async with running_bridge(settings):
+            await anyio.sleep(4.0)  # well past the start's full listing
+        asked_sessions = _requests_to("session") - sessions
+        asked_threads = _requests_to("threads") - threads
+        events = await read_json(kafka_bootstrap, kafka_topics.events)
+    print(f"\nrestart: {asked_sessions:.0f} session and {asked_threads:.0f} thread-list requests")
+    assert len({m["session_id"] for m in marks}) >= history
+    # The two running sessions' looks only (each a few); before, 40 + 40 for the history.
+    assert asked_sessions <= 10, asked_sessions
+    assert asked_threads <= 16, asked_threads
+    ids = [e["id"] for e in events]
+    assert len(ids) >= published
+    assert len(ids) == len(set(ids))  # nothing of the history published again

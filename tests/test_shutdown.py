@@ -146,5 +146,7 @@ async def test_a_read_that_completes_as_the_drain_begins_is_still_published(
     assert result == [0]
     records = await read_topic(kafka_bootstrap, kafka_topics.events)
     assert [r.value for r in records] == [b'{"id":"evt_late"}']
-    checkpoints = await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
+    checkpoints = [
+        r for r in await read_topic(kafka_bootstrap, kafka_topics.checkpoints) if b"/" in r.key
+    ]
     assert json.loads(checkpoints[-1].value)["last_event_id"] == "evt_late"
