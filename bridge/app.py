@@ -35,6 +35,7 @@ from bridge.config import Settings
 from bridge.errors import ConfigError, ProducerFenced, SinkForbidden, SinkUnavailable
 from bridge.health import HealthState, serve_http
 from bridge.kafka_watch import watch_kafka
+from bridge.membership import keep_membership
 from bridge.publisher import Publisher
 from bridge.secrets import TokenProvider
 from bridge.status import StatusView
@@ -180,6 +181,9 @@ class Bridge:
                     delivery=settings.delivery.mode,
                 )
                 await self._until_kafka("topics", lambda: ensure_topics(settings.kafka))
+                # A live member of BRIDGE_GROUP_ID from now on (off the data path). Not before
+                # the topics exist: a broker that auto-creates would make an uncompacted one.
+                tg.start_soon(keep_membership, settings)
                 await tg.start(self._publisher_then_stop)
                 checkpoints = CheckpointIndex()
                 stack.callback(checkpoints.close)

@@ -116,6 +116,8 @@ class KafkaSettings:
     linger_ms: int = 5
     # KAFKA_PRODUCER_*: Kafka producer property -> typed value, see PRODUCER_PROPERTIES.
     producer_overrides: tuple[tuple[str, str | int], ...] = ()
+    # The consumer group every running bridge is a live member of (bridge/membership.py).
+    group_id: str = "qoder-kafka-bridge"
 
 
 @dataclass(frozen=True)
@@ -688,6 +690,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "BRIDGE_TRANSACTIONAL_ID",
         "delivery.transactional_id",
         "Kafka transactional.id; unique per running bridge (Kubernetes: the pod name)",
+        _text,
+    ),
+    EnvVar(
+        "BRIDGE_GROUP_ID",
+        "kafka.group_id",
+        "Kafka consumer group every running bridge joins; `qoder-bridge checkpoints reset` "
+        "asks it which bridges are live",
         _text,
     ),
     EnvVar(

@@ -39,6 +39,7 @@ from aiokafka.errors import (
 from aiokafka.errors import (
     ProducerFenced as KafkaProducerFenced,
 )
+from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from bridge import metrics
 from bridge.checkpoints import topic_record_limits, transaction_committed
@@ -137,6 +138,27 @@ class ByteBudget:
             granted.set()
 
 
+class KeyPartitioner:
+    """Kafka's default partitioner (murmur2 of the key, as the Java client and aiokafka place
+    keys), with each key's hash remembered. aiokafka's murmur2 is pure Python, about 10 µs
+    for a 55-byte ``sess_.../sthr_...`` key, and a thread's key repeats for all its events."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._hashes: dict[bytes, int] = {}
+        self._max_keys = max_keys
+        self._default = DefaultPartitioner()
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(self._default(key, all_partitions, available))
+        positive = self._hashes.get(key)
+        if positive is None:
+            if len(self._hashes) >= self._max_keys:
+                self._hashes.clear()  # bounded; the keys of running threads come back at once
+            positive = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        return all_partitions[positive % len(all_partitions)]
+
+
 def _seconds_since(timestamp: str | None) -> float | None:
     if not timestamp:
         return None
@@ -194,6 +216,7 @@ class Publisher:
         self._budget = ByteBudget(settings.delivery.max_in_flight_bytes)
         self._send, self._recv = anyio.create_memory_object_stream[Outgoing](math.inf)
         self._producer: AIOKafkaProducer | None = None
+        self._partitioner = KeyPartitioner()
         #: Largest record each topic takes (its max.message.bytes), learnt from the broker.
         self._topic_limits: dict[str, int] = {}
         #: True once everything submitted before close() was published.
@@ -232,6 +255,7 @@ class Publisher:
             **producer_tuning_kwargs(self._kafka),
             acks="all",
             enable_idempotence=True,
+            partitioner=self._partitioner,
         )
         if self._topic_limits:
             # A batch larger than a topic takes would take every record in it down with it.
