@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import anyio
 import httpx
+import msgspec
 import structlog
 
 from bridge import metrics
@@ -139,6 +140,48 @@ class Page:
     last_id: str | None = None
 
 
+class _RawPage(msgspec.Struct):
+    """A list envelope whose items are kept as the bytes the API sent (msgspec.Raw)."""
+
+    data: list[msgspec.Raw]
+    next_page: str | None = None
+    has_more: bool | None = None
+    last_id: str | None = None
+
+
+_RAW_PAGE = msgspec.json.Decoder(_RawPage)
+_ITEM = msgspec.json.Decoder(dict[str, Any])
+
+
+@dataclass(frozen=True, slots=True)
+class RawItem:
+    """A list item decoded, with its exact bytes on the page: they pass through unchanged."""
+
+    fields: dict[str, Any]
+    data: bytes
+
+
+def _raw_page(body: bytes) -> Page | None:
+    """The fast path for event pages: every item an object with an id, decoded by msgspec with
+    its bytes kept. None for anything else (invalid UTF-8, a lone surrogate escape, NaN, an
+    item that is no object or has no id, an odd envelope): the page then takes the general
+    path, which rejects such items one by one."""
+    try:
+        raw = _RAW_PAGE.decode(body)
+        items = []
+        for piece in raw.data:
+            fields = _ITEM.decode(piece)
+            event_id = fields.get("id")
+            if not isinstance(event_id, str) or not event_id:
+                return None
+            items.append(RawItem(fields, bytes(piece)))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    # Some generations omit has_more; a next_page alone then means "more".
+    more = bool(raw.next_page) if raw.has_more is None else raw.has_more
+    return Page(items, raw.next_page or None, more, raw.last_id or None)
+
+
 class _PageTooLarge(Exception):
     """A page past the byte limit: what was seen of it, to salvage one oversize item."""
 
@@ -158,6 +201,17 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
         return None
+
+
+def event_from_raw(item: RawItem) -> Event:
+    """An event from a JSON page, its bytes as the API sent them."""
+    kind = item.fields.get("type")
+    return Event(
+        id=item.fields["id"],
+        type=kind if isinstance(kind, str) else "",
+        data=item.data,
+        fields=item.fields,
+    )
 
 
 def event_from_item(item: Any) -> Event | Rejected:
@@ -312,7 +366,8 @@ def _scan_head(head: bytes) -> tuple[str | None, dict[str, Any]]:
 
 
 def _last_item_id(items: list[Any]) -> str | None:
-    for item in reversed(items):
+    for each in reversed(items):
+        item = each.fields if isinstance(each, RawItem) else each
         if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
             return str(item["id"])
     return None
@@ -424,7 +479,13 @@ class QoderApi:
             raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
 
     async def _pages(
-        self, route: str, path: str, params: dict[str, Any], *, item_bytes: int | None = None
+        self,
+        route: str,
+        path: str,
+        params: dict[str, Any],
+        *,
+        item_bytes: int | None = None,
+        raw_items: bool = False,
     ) -> AsyncIterator[list[Any]]:
         """Every page of a list, following ``next_page``, or ``after_id=<last_id>`` where a
         server has no ``next_page`` (the older generation). A continuation that does not
@@ -432,7 +493,8 @@ class QoderApi:
 
         ``item_bytes``: pages are read within ``limit x item_bytes``; a larger page is asked
         again with a smaller limit, and a single item past it comes back as a ``_PageTooLarge``
-        for the caller to dead-letter.
+        for the caller to dead-letter. ``raw_items``: items come as ``RawItem`` (their bytes
+        kept) where the whole page allows it.
         """
         limit = PAGE_LIMIT
         cursor: dict[str, Any] = {}
@@ -454,7 +516,8 @@ class QoderApi:
                 yield [big]
                 page = _salvage(big)
             else:
-                page = self._page(_json(body, path))
+                fast = _raw_page(body) if raw_items else None
+                page = fast or self._page(_json(body, path))
                 limit = PAGE_LIMIT
                 yield page.items
             if not page.has_more:
@@ -526,14 +589,16 @@ class QoderApi:
     async def _event_pages(
         self, path: str, params: dict[str, Any]
     ) -> AsyncIterator[list[Event | Rejected]]:
-        pages = self._pages("events", path, params, item_bytes=self._max_event_bytes)
+        pages = self._pages(
+            "events", path, params, item_bytes=self._max_event_bytes, raw_items=True
+        )
         async for items in pages:
             yield [self._event(i) for i in items]
 
     def _event(self, item: Any) -> Event | Rejected:
         if isinstance(item, _PageTooLarge):
             return _oversize(item)
-        event = event_from_item(item)
+        event = event_from_raw(item) if isinstance(item, RawItem) else event_from_item(item)
         if isinstance(event, Event) and len(event.data) > self._max_event_bytes:
             # The page fitted, this item does not: the same rule as for a stream frame.
             size = len(event.data)
