@@ -63,6 +63,8 @@ __all__ = [
     "TransactionOutcome",
     "api_status_label",
     "event_type_label",
+    "events_published",
+    "events_received",
     "pump_state_changed",
     "track_checkpoint_age",
 ]
@@ -301,6 +303,30 @@ for _outcome in TRANSACTION_OUTCOMES:
 def event_type_label(event_type: str) -> str:
     """The ``type`` label for an event type: itself if in the catalog, else ``other``."""
     return event_type if event_type in EVENT_TYPES else "other"
+
+
+# Children by event type, looked up once: labels() takes a lock and builds a key every call,
+# and these two are counted for every event. Only catalog types (and "other") are kept.
+_RECEIVED: dict[str, Counter] = {}
+_PUBLISHED: dict[str, Counter] = {}
+
+
+def _child(children: dict[str, Counter], parent: Counter, event_type: str) -> Counter:
+    label = event_type_label(event_type)
+    child = children.get(label)
+    if child is None:
+        child = children[label] = parent.labels(type=label)
+    return child
+
+
+def events_received(event_type: str) -> Counter:
+    """The ``qoder_bridge_events_received_total`` child for this event type."""
+    return _child(_RECEIVED, EVENTS_RECEIVED, event_type)
+
+
+def events_published(event_type: str) -> Counter:
+    """The ``qoder_bridge_events_published_total`` child for this event type."""
+    return _child(_PUBLISHED, EVENTS_PUBLISHED, event_type)
 
 
 def api_status_label(status: int | None) -> str:

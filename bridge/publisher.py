@@ -16,6 +16,7 @@ from the API. ``ProducerFenced`` is fatal: another instance owns our ``transacti
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 import time
@@ -106,12 +107,13 @@ class ByteBudget:
         self.limit = limit
         self.used = 0
         self._waiters: deque[tuple[int, anyio.Event]] = deque()
+        # Read at scrape time: setting a gauge takes a lock, twice an event.
+        metrics.INFLIGHT_BYTES.set_function(lambda: self.used)
 
     async def acquire(self, size: int) -> None:
         size = min(size, self.limit)  # one huge item may pass alone
         if not self._waiters and self.used + size <= self.limit:
             self.used += size
-            metrics.INFLIGHT_BYTES.set(self.used)
             return
         entry = (size, anyio.Event())
         self._waiters.append(entry)
@@ -124,12 +126,10 @@ class ByteBudget:
                 self._waiters.remove(entry)
                 self._wake()
             raise
-        metrics.INFLIGHT_BYTES.set(self.used)
 
     def release(self, size: int) -> None:
         self.used = max(0, self.used - min(size, self.limit))
         self._wake()
-        metrics.INFLIGHT_BYTES.set(self.used)
 
     def _wake(self) -> None:
         while self._waiters and self.used + self._waiters[0][0] <= self.limit:
@@ -159,14 +159,30 @@ class KeyPartitioner:
         return all_partitions[positive % len(all_partitions)]
 
 
-def _seconds_since(timestamp: str | None) -> float | None:
+def _seconds_since(timestamp: str | None, now: float | None = None) -> float | None:
+    """Seconds from an RFC 3339 timestamp to ``now`` (default: the wall clock), or None."""
     if not timestamp:
         return None
+    now = time.time() if now is None else now
+    # The API's form, 2026-01-02T03:04:05.123456789Z: the whole second parsed once a second.
+    if len(timestamp) > 20 and timestamp[19] == "." and timestamp[-1] == "Z":
+        whole = _whole_second(timestamp[:19])
+        fraction = timestamp[19:-1]
+        if whole is not None and fraction[1:].isdigit():
+            return now - whole - float("0" + fraction[:10])
     try:
         moment = datetime.fromisoformat(_FRACTION.sub(r"\1", timestamp.replace("Z", "+00:00")))
     except ValueError:
         return None
-    return time.time() - moment.timestamp()
+    return now - moment.timestamp()
+
+
+@functools.lru_cache(maxsize=256)
+def _whole_second(prefix: str) -> float | None:
+    try:
+        return datetime.fromisoformat(prefix + "+00:00").timestamp()
+    except ValueError:
+        return None
 
 
 def _translate(exc: BaseException, bootstrap: str) -> SinkError:
@@ -513,7 +529,14 @@ class Publisher:
                 acks.append(await self._send_record(producer, record))
             except (MessageSizeTooLargeError, RecordTooLargeError):
                 refused.add(id(record))  # larger than max_request_size: refused before sending
-        results = await asyncio.gather(*acks, return_exceptions=True)
+        # One by one: by the time the first is acknowledged most others are too, and awaiting
+        # a done future costs nothing, where gather() adds a callback to each.
+        results: list[Any] = []
+        for ack in acks:
+            try:
+                results.append(await ack)
+            except Exception as exc:  # each one's, as gather(return_exceptions=True) had them
+                results.append(exc)
         sent = [r for r in records if id(r) not in refused]
         failures: list[BaseException] = []
         for record, result in zip(sent, results, strict=True):
@@ -569,6 +592,8 @@ class Publisher:
         if self._transactional:
             metrics.TRANSACTIONS.labels(outcome="committed").inc()
         settled: set[ThreadCursor] = set()
+        published: dict[str, int] = {}
+        wall = time.time()
         for item in batch:
             if item.cursor is not None:
                 item.cursor.mark_committed(
@@ -580,12 +605,13 @@ class Publisher:
                 )
                 settled.add(item.cursor)
             if item.event_type is not None:
-                metrics.EVENTS_PUBLISHED.labels(
-                    type=metrics.event_type_label(item.event_type)
-                ).inc()
+                published[item.event_type] = published.get(item.event_type, 0) + 1
                 metrics.PUBLISH_LATENCY.observe(now - item.read_at)
-                lag = _seconds_since(item.event_time)
+                lag = _seconds_since(item.event_time, wall)
                 if lag is not None:
                     metrics.END_TO_END_LAG.observe(max(0.0, lag))
+        # Counted once a type a batch: a batch holds thousands of events of a dozen types.
+        for event_type, count in published.items():
+            metrics.events_published(event_type).inc(count)
         for cursor in settled:
             cursor.settle()

@@ -421,7 +421,7 @@ class Pump:
             return
         if self.cursor.seen(event.id):
             return  # replayed at a resume boundary
-        metrics.EVENTS_RECEIVED.labels(type=metrics.event_type_label(event.type)).inc()
+        metrics.events_received(event.type).inc()
         record = event_record(self._kafka.topic, self.thread, event)
         limit = self._publisher.record_limit(self._kafka.topic)
         if record.size > limit:

@@ -6,6 +6,7 @@ Every record is built here and nowhere else, so the wire format in the README ha
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -96,10 +97,14 @@ class Record:
     key: bytes
     value: bytes
     headers: Headers
+    #: Bytes of key, value and headers, counted once (the budget and the limits ask often);
+    #: a builder that knows it passes it, else it is counted here.
+    size: int = field(default=-1, repr=False, compare=False)
 
-    @property
-    def size(self) -> int:
-        return len(self.key) + len(self.value) + sum(len(k) + len(v) for k, v in self.headers)
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            size = len(self.key) + len(self.value) + sum(len(k) + len(v) for k, v in self.headers)
+            object.__setattr__(self, "size", size)
 
 
 def _now() -> str:
@@ -113,19 +118,35 @@ def _thread_headers(thread: ThreadRef) -> Headers:
     ]
 
 
+@functools.lru_cache(maxsize=4096)
+def _event_parts(thread: ThreadRef) -> tuple[bytes, tuple[str, bytes], Headers, int]:
+    """What every event record of a thread shares: its key, ``ce_source``, the trailing
+    headers, and their size. Built once per thread, not once per event."""
+    key = thread.key.encode()
+    source = ("ce_source", thread.source.encode())
+    tail = [("content-type", b"application/json"), *_thread_headers(thread)]
+    fixed = ("ce_specversion", b"1.0")
+    size = len(key) + sum(len(k) + len(v) for k, v in (fixed, source, *tail))
+    return key, source, tail, size
+
+
+_SPECVERSION = ("ce_specversion", b"1.0")
+_HEADER_NAMES = len("ce_id") + len("ce_type")
+
+
 def event_record(topic: str, thread: ThreadRef, event: Event) -> Record:
     """The CloudEvents (Kafka binding, binary mode) record for one Qoder event."""
-    headers: Headers = [
-        ("ce_specversion", b"1.0"),
-        ("ce_id", event.id.encode()),
-        ("ce_type", event.type.encode()),
-        ("ce_source", thread.source.encode()),
-    ]
-    if event.time is not None:
-        headers.append(("ce_time", event.time.encode()))
-    headers.append(("content-type", b"application/json"))
-    headers.extend(_thread_headers(thread))
-    return Record(topic, thread.key.encode(), event.data, headers)
+    key, source, tail, size = _event_parts(thread)
+    ce_id, ce_type = event.id.encode(), event.type.encode()
+    headers: Headers = [_SPECVERSION, ("ce_id", ce_id), ("ce_type", ce_type), source]
+    size += _HEADER_NAMES + len(ce_id) + len(ce_type) + len(event.data)
+    time = event.time
+    if time is not None:
+        ce_time = time.encode()
+        headers.append(("ce_time", ce_time))
+        size += len("ce_time") + len(ce_time)
+    headers.extend(tail)
+    return Record(topic, key, event.data, headers, size)
 
 
 def alert_reason(event: Event) -> str | None:

@@ -1,0 +1,127 @@
+"""The per-event shortcuts of the data path keep what they replace: the partition a key goes
+to, the bytes an event is published with, a record's size, an event's lag."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from bridge.api import QoderApi, RateLimiter
+from bridge.publisher import KeyPartitioner, _seconds_since
+from bridge.records import Event, Rejected, ThreadRef, event_record
+
+pytestmark = pytest.mark.anyio
+
+BASE = "http://qoder.test/api/v1/cloud"
+THREAD = ThreadRef("sess_01a22a37f07f7004ab3a505789491f4a", "sthr_01a22a37f07f7002aadbb8625121f6f9")
+
+
+def test_a_key_goes_to_the_partition_kafka_would_choose() -> None:
+    """Scenario: consumers and other producers place a thread's key with Kafka's murmur2; the
+    bridge's remembered hash must send every key to that same partition, for any count."""
+    rng = random.Random(7)
+    ours, kafka = KeyPartitioner(max_keys=50), DefaultPartitioner()
+    keys = [
+        f"sess_{rng.getrandbits(128):032x}/sthr_{rng.getrandbits(128):032x}" for _ in range(300)
+    ]
+    for count in (1, 3, 6, 7, 64):
+        partitions = list(range(count))
+        for key in keys * 2:  # the second time from the cache (cleared past 50 keys)
+            assert ours(key.encode(), partitions, partitions) == kafka(
+                key.encode(), partitions, partitions
+            )
+    assert ours(None, [0, 1, 2], [2]) == 2  # no key: an available partition, as aiokafka does
+
+
+def _api(body: bytes) -> QoderApi:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    return QoderApi(
+        client,
+        [client],
+        BASE,
+        lambda: "token",
+        RateLimiter(1000),
+        stall_timeout_s=5,
+        request_timeout_s=5,
+        max_event_bytes=1 << 20,
+    )
+
+
+async def _read(body: bytes) -> list[Event | Rejected]:
+    return [e async for page in _api(body).thread_events(THREAD, None) for e in page]
+
+
+async def test_events_from_a_page_keep_the_bytes_the_api_sent() -> None:
+    """Scenario: a page whose items are not in the compact form (spaces, escaped non-ASCII,
+    a float Python would print otherwise): each event's value is its item's bytes, unchanged."""
+    items = [
+        b'{"id": "evt_1", "type": "agent.message", "text": "caf\\u00e9 \xf0\x9f\x98\x80"}',
+        b'{"type":"agent.thinking","id":"evt_2","cost":1E+2,"x":{"y":[1, 2]}}',
+    ]
+    body = b'{"data": [' + b" ,\n ".join(items) + b'], "has_more": false}'
+    events = await _read(body)
+    assert [e.data for e in events] == items
+    assert [(e.id, e.type) for e in events if isinstance(e, Event)] == [
+        ("evt_1", "agent.message"),
+        ("evt_2", "agent.thinking"),
+    ]
+    assert events[0].fields["text"] == "café 😀"  # type: ignore[union-attr]
+
+
+async def test_a_page_with_a_bad_item_still_rejects_that_item_alone() -> None:
+    """Scenario: one item has bytes that are not UTF-8, another has no id: the page takes the
+    careful path, those two are rejected with their reasons and the others are events."""
+    body = (
+        b'{"data":[{"id":"evt_1","type":"a"},{"id":"evt_2","type":"a","t":"\xff"},'
+        b'{"type":"a"},{"id":"evt_4","type":"a"}],"has_more":false}'
+    )
+    got = await _read(body)
+    assert [(type(e).__name__, e.id) for e in got] == [
+        ("Event", "evt_1"),
+        ("Rejected", "evt_2"),
+        ("Rejected", None),
+        ("Event", "evt_4"),
+    ]
+    assert [e.reason for e in got if isinstance(e, Rejected)] == ["invalid_utf8", "missing_id"]
+
+
+@pytest.mark.parametrize("stamp", ["2026-11-30T02:10:38.847112349Z", None])
+def test_a_record_counts_its_size_as_kafka_sees_it(stamp: str | None) -> None:
+    """Scenario: the in-flight budget and the topic limit read a record's size; the size the
+    builder passes must be what key, value and headers add up to."""
+    fields = {"id": "evt_1", "type": "agent.message"} | ({"processed_at": stamp} if stamp else {})
+    data = json.dumps(fields).encode()
+    record = event_record("t", THREAD, Event("evt_1", "agent.message", data, fields))
+    counted = len(record.key) + len(record.value)
+    counted += sum(len(k) + len(v) for k, v in record.headers)
+    assert record.size == counted
+    assert ("ce_time" in dict(record.headers)) == (stamp is not None)
+
+
+_SECOND = datetime(2026, 11, 30, 2, 10, 38, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("stamp", "epoch"),
+    [
+        ("2026-11-30T02:10:38.847112349Z", _SECOND + 0.847112349),
+        ("2026-11-30T02:10:38.5Z", _SECOND + 0.5),
+        ("2026-11-30T02:10:38Z", _SECOND),
+        ("2026-11-30T03:10:38.25+01:00", _SECOND + 0.25),
+    ],
+)
+def test_the_lag_of_an_event_is_read_from_its_timestamp(stamp: str, epoch: float) -> None:
+    """Scenario: the end-to-end lag histogram reads processed_at; the fast path for the API's
+    form agrees with the timestamp to the microsecond."""
+    now = time.time()
+    assert _seconds_since(stamp, now) == pytest.approx(now - epoch, abs=1e-6)
+    assert _seconds_since("not a time", now) is None
