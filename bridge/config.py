@@ -111,7 +111,8 @@ class KafkaSettings:
     alerts_topic_config: tuple[tuple[str, str], ...] = ()
     checkpoint_topic_config: tuple[tuple[str, str], ...] = ()
     dlq_topic_config: tuple[tuple[str, str], ...] = ()
-    compression: str | None = "gzip"
+    # zstd: smaller than gzip, a tenth of its CPU (aiokafka gzips at level 9); cramjam ships it.
+    compression: str | None = "zstd"
     max_request_bytes: int = 1048576
     linger_ms: int = 5
     # KAFKA_PRODUCER_*: Kafka producer property -> typed value, see PRODUCER_PROPERTIES.
@@ -505,14 +506,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(
         "BRIDGE_POLL_INTERVAL_S",
         "api.poll_interval_s",
-        "seconds between safety-net re-lists of sessions and threads",
+        "seconds between safety-net looks at each followed session's threads",
         _seconds,
     ),
     EnvVar(
         "BRIDGE_FULL_SCAN_INTERVAL_S",
         "api.full_scan_interval_s",
         "how often the whole session history (archived too) is listed; running sessions are "
-        "listed every poll",
+        "listed every 2 s",
         _seconds,
     ),
     EnvVar(
