@@ -190,8 +190,8 @@ class Supervisor:
                     },
                 )
                 self._running_at = anyio.current_time()
-                for session_id in self._running.keys() - running.keys():
-                    self._trigger(session_id)  # followed, and running again: look now
+                for revived in self._running.keys() - running.keys():
+                    self._trigger(revived)  # followed, and running again: look now
                 for session in sessions:
                     session_id = session.get("id")
                     if self._usable_id(session_id) and self._worth_a_look(session_id, session):
