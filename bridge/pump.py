@@ -144,6 +144,11 @@ class Pump:
     def follow(self) -> None:
         self._follow = True
 
+    @property
+    def following(self) -> bool:
+        """False while the thread is drained or caught up (a final pass through the list)."""
+        return self._follow
+
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -165,7 +170,8 @@ class Pump:
                 with self._reading():
                     if self._cursor_lost:
                         # Inside the attempt, so a failure here backs off like any other read.
-                        await self._rescan()
+                        with self._state(PumpState.BACKFILLING):
+                            await self._rescan()
                         self._cursor_lost = False
                     # Only a backfill that began after the drain request has read everything
                     # the thread wrote before it stopped running; the mark is the thread's
@@ -417,10 +423,14 @@ class Pump:
         if event.id is not None:
             self._read_from(event.id)
         if isinstance(event, Rejected):
+            if event.id is not None and not self.cursor.seen(event.id):
+                # It moves the cursor; its time cannot be read.
+                self.last_event_time, self.last_event_read_at = None, time.time()
             await self._dead_letter(event)
             return
         if self.cursor.seen(event.id):
             return  # replayed at a resume boundary
+        self.last_event_time, self.last_event_read_at = event.time, time.time()
         metrics.events_received(event.type).inc()
         record = event_record(self._kafka.topic, self.thread, event)
         limit = self._publisher.record_limit(self._kafka.topic)
@@ -446,7 +456,6 @@ class Pump:
                 )
             records.append(alert)
             metrics.ALERTS.labels(type="qoder." + event.type).inc()
-        self.last_event_time, self.last_event_read_at = event.time, time.time()
         item = Outgoing(
             self.cursor,
             self._epoch,

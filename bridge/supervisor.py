@@ -29,7 +29,7 @@ from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import ApiError, ApiRequestRejected, AuthRejected, BadCursor, NotFound
 from bridge.publisher import Outgoing, Publisher, PublisherClosed
-from bridge.pump import Backoff, Pump, PumpLimits
+from bridge.pump import Backoff, Pump, PumpLimits, PumpState
 from bridge.records import ThreadRef
 from bridge.slots import StreamSlots
 from bridge.sse import Frame
@@ -461,9 +461,11 @@ class Supervisor:
         ref = pump.thread
         try:
             await pump.run()
-        except Exception:
+        except Exception as exc:
             # One failing thread never disturbs the others; the next look restarts it.
             pump.log.exception("bridge.pump.crashed")
+            pump.last_error = f"crashed: {type(exc).__name__}"
+            pump.state = PumpState.BACKOFF  # what GET /status shows until it starts again
             await self._alerts.send("bridge.pump_crashed", "internal_error", ref)
             await anyio.sleep(self._settings.api.backoff_max_s)
         else:
