@@ -34,7 +34,15 @@ from bridge.kafka_conn import kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging, scrub_text
 from bridge.secrets import TokenProvider
 
-__all__ = ["EXIT_FATAL", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_FATAL",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "add_settings_flags",
+    "build_parser",
+    "main",
+    "settings_from_args",
+]
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 PROG = "qoder-bridge"
@@ -43,6 +51,7 @@ DEFAULT_SCENARIO = "demo"
 #: ``main(args) -> exit code``. One line each, so the tools stay out of this file.
 TOOLS: dict[str, str] = {
     "status": "bridge.status_cli",
+    "replay": "bridge.replay",
 }
 
 
@@ -219,6 +228,17 @@ def _settings(args: argparse.Namespace) -> Settings:
             raise ConfigError(f"{PRODUCER_FLAG}: expected PROPERTY=VALUE, got {item[:80]!r}")
         overrides[producer_env_name(prop.strip())] = value
     return load_settings(os.environ, config_file=args.config, overrides=overrides)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and one flag per setting, as ``run`` has them: for the operators'
+    tools (:data:`TOOLS`), which take the same settings as the bridge."""
+    _add_settings_flags(parser)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """A tool's settings: its flags over the environment over ``--config``, as for ``run``."""
+    return _settings(args)
 
 
 def _run(args: argparse.Namespace) -> int:

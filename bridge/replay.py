@@ -1,0 +1,614 @@
+"""Re-export a session's history from the Qoder API into a Kafka topic, exactly once per run.
+
+    qoder-bridge replay --session S [--thread T] [--after EVENT_ID] [--topic TOPIC] [--restart]
+
+--topic is the flag of BRIDGE_TOPIC: the target is BRIDGE_TOPIC unless it is given.
+
+Records are the bridge's own (bridge.records.event_record): same key, value bytes and
+CloudEvents headers, in the API's order per key. Only events: no alerts, no dead letters
+(items that cannot be events are counted, logged and skipped).
+
+How it is exactly once, and resumable:
+- A run is named by its arguments: run id = a digest of session, thread, --after and the
+  target topic. Running the same command again resumes that run; --restart begins it anew.
+- Its producer is transactional with transactional.id "qoder-bridge-replay.<run id>". Each
+  transaction holds a batch of event records *and* the run's progress records (each thread's
+  last event id, counts, done). Starting the producer fences an earlier process of the same run
+  (Ctrl-C, kill -9, a crash) and settles its open transaction; only then is the progress read
+  (read_committed), so the run goes on exactly after what is committed: nothing lost, nothing
+  twice for a read_committed consumer.
+- Progress lives in a compacted topic of its own, BRIDGE_CHECKPOINT_TOPIC + ".replay" (or
+  --progress-topic), keyed "<run id>" and "<run id>/<thread id>". Never in the checkpoint topic:
+  the bridge loads every record there at start, and a replay must never move its cursors. The
+  bridge never reads the progress topic; nothing changes for it.
+- With BRIDGE_DELIVERY=at_least_once (for brokers without transactions) the producer is only
+  idempotent: each batch's progress is written after its events are acknowledged. A crash
+  between the two re-exports that batch on resume: nothing lost, at most one batch twice.
+  Two processes of the same run are then not fenced: run one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import anyio
+import structlog
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
+from aiokafka.errors import ProducerFenced as KafkaProducerFenced
+
+from bridge.api import QoderApi
+from bridge.checkpoints import ensure_topics, read_checkpoints, topic_record_limits
+from bridge.cli import add_settings_flags, settings_from_args
+from bridge.config import KafkaSettings, Settings, require_token
+from bridge.errors import (
+    ApiError,
+    ApiUnavailable,
+    AuthRejected,
+    BadCursor,
+    ConfigError,
+    NotFound,
+    SinkUnavailable,
+)
+from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
+from bridge.logs import configure_logging
+from bridge.progress import ReplayProgress
+from bridge.publisher import RECORD_OVERHEAD_BYTES
+from bridge.records import Event, Record, Rejected, ThreadRef, canonical_json, event_record
+from bridge.tooling import (
+    EXIT_USAGE,
+    ToolFailed,
+    check_id,
+    fail,
+    open_api,
+    session_threads,
+    until_visible,
+)
+
+__all__ = ["HELP", "Replay", "ReplayRequest", "add_arguments", "main"]
+
+HELP = "re-export a session's history from the API into a topic (exactly once per run)"
+PROGRESS_TOPIC_SUFFIX = ".replay"
+TRANSACTIONAL_ID_PREFIX = "qoder-bridge-replay."
+#: Failures in a row (Kafka or the API away) before the run gives up; progress resets it.
+MAX_FAILURES = 8
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+log = structlog.get_logger("bridge.replay")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    session_id: str
+    thread_id: str | None
+    after: str | None
+    topic: str
+    progress_topic: str
+    restart: bool = False
+
+    @property
+    def run_id(self) -> str:
+        """The same arguments name the same run, wherever the command runs."""
+        parts = ["v1", self.session_id, self.thread_id or "*", self.after or "", self.topic]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+    @property
+    def transactional_id(self) -> str:
+        return TRANSACTIONAL_ID_PREFIX + self.run_id
+
+
+@dataclass(slots=True)
+class ThreadProgress:
+    last_event_id: str | None = None
+    #: Items without an id already handled after ``last_event_id`` (skipped, by place).
+    idless_after: int = 0
+    events: int = 0
+    skipped: int = 0
+    done: bool = False
+
+
+@dataclass(slots=True)
+class RunState:
+    attempt: str
+    started_at: str
+    threads: dict[str, ThreadProgress] = field(default_factory=dict)
+    done: bool = False
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--session", required=True, metavar="SESSION_ID", help="the session")
+    parser.add_argument(
+        "--thread", metavar="THREAD_ID", help="only this thread (default: all of the session's)"
+    )
+    parser.add_argument(
+        "--after", metavar="EVENT_ID", help="only the events after this one (needs --thread)"
+    )
+    parser.add_argument(
+        "--progress-topic",
+        metavar="TOPIC",
+        help="compacted topic keeping the run's progress (default: BRIDGE_CHECKPOINT_TOPIC"
+        f" + '{PROGRESS_TOPIC_SUFFIX}')",
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="begin this run again instead of resuming it"
+    )
+    add_settings_flags(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    try:
+        request = _request(args, settings)
+    except ToolFailed as exc:
+        return fail("replay", exc)
+    require_token(settings.api)
+    kafka_client_kwargs(settings.kafka)  # TLS files and codecs: a ConfigError (exit 2) now
+    producer_tuning_kwargs(settings.kafka)
+    configure_logging(settings.log, quiet_third_party=True)
+    if getattr(args, "BRIDGE_TOPIC", None) is None:
+        print(
+            f"note: replaying into BRIDGE_TOPIC ({request.topic}), which the bridge writes "
+            "too: its consumers see these events a second time",
+            file=sys.stderr,
+        )
+    job = Replay(settings, request)
+    try:
+        anyio.run(job.run, backend="asyncio")
+    except ToolFailed as exc:
+        return fail("replay", exc)
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: {job.events:,} events committed; the same command resumes "
+            f"run {request.run_id}",
+            file=sys.stderr,
+        )
+        return 130
+    print(job.summary())
+    return 0
+
+
+def _request(args: argparse.Namespace, settings: Settings) -> ReplayRequest:
+    kafka = settings.kafka
+    for flag, value in (("--session", args.session), ("--thread", args.thread)):
+        check_id(flag, value)
+    check_id("--after", args.after)
+    if args.after is not None and args.thread is None:
+        raise ToolFailed("--after needs --thread: an event id belongs to one thread", EXIT_USAGE)
+    # --topic is BRIDGE_TOPIC's own flag: the settings already keep it apart from the
+    # checkpoint, DLQ and alerts topics (a configuration error, exit 2).
+    topic = kafka.topic
+    progress = args.progress_topic or kafka.checkpoint_topic + PROGRESS_TOPIC_SUFFIX
+    if not _TOPIC.fullmatch(progress) or progress in (".", ".."):
+        raise ToolFailed(f"--progress-topic: {progress[:80]!r} is not a topic name", EXIT_USAGE)
+    if progress in (topic, kafka.checkpoint_topic, kafka.dlq_topic, kafka.alerts_topic):
+        raise ToolFailed(
+            f"--progress-topic {progress} is --topic or one of the bridge's topics: choose another",
+            EXIT_USAGE,
+        )
+    return ReplayRequest(args.session, args.thread, args.after, topic, progress, args.restart)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+class _Batch:
+    """Event records read since the last commit, and the threads whose progress they move."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.records: list[Record] = []
+        self.size = 0
+        self.touched: set[str] = set()
+        self.started: float | None = None
+
+    def add(self, thread_id: str, record: Record | None) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        self.touched.add(thread_id)
+        if record is not None:
+            self.records.append(record)
+            self.size += record.size
+
+
+class Replay:
+    """One run: ``await run()``; ``events``, ``threads_done`` and the rest say how far it got
+    (committed figures only)."""
+
+    def __init__(
+        self, settings: Settings, request: ReplayRequest, *, stream: TextIO | None = None
+    ) -> None:
+        self._settings = settings
+        self.request = request
+        self._delivery = settings.delivery
+        self._transactional = settings.delivery.mode == "exactly_once"
+        # The target topic in the place of BRIDGE_TOPIC, the progress topic in the place of
+        # the checkpoint topic: so the bridge's own helpers create and read them.
+        self._kafka: KafkaSettings = replace(
+            settings.kafka,
+            topic=request.topic,
+            checkpoint_topic=request.progress_topic,
+            alerts_topic=None,
+        )
+        self._stream = stream
+        self._restart_pending = request.restart
+        self._limit = settings.kafka.max_request_bytes - RECORD_OVERHEAD_BYTES
+        self._producer_batch_bytes = 256 * 1024
+        self.log = log.bind(run=request.run_id, session_id=request.session_id)
+        self.events = 0
+        self.skipped = 0
+        self.threads = 0
+        self.threads_done = 0
+        self.already_complete = False
+        self.resumed = False
+
+    def summary(self) -> str:
+        r = self.request
+        what = f"{self.events:,} events of {self.threads_done} thread(s) of {r.session_id}"
+        skipped = f"; {self.skipped} item(s) skipped (not events, see the log)" * bool(self.skipped)
+        if self.already_complete:
+            return (
+                f"nothing to do: run {r.run_id} is complete ({what} in {r.topic}{skipped}); "
+                "--restart replays it again"
+            )
+        return f"replayed {what} into {r.topic}{skipped} (run {r.run_id})"
+
+    async def run(self) -> None:
+        async with open_api(self._settings) as api:
+            _session, threads = await session_threads(
+                api, self.request.session_id, self.request.thread_id
+            )
+            failures = 0
+            while True:
+                before = self.events, self.threads_done
+                try:
+                    await self._attempt(api, threads)
+                    return
+                except (SinkUnavailable, ApiUnavailable) as exc:
+                    if (self.events, self.threads_done) != before:
+                        failures = 0
+                    failures += 1
+                    if failures >= MAX_FAILURES:
+                        raise ToolFailed(
+                            f"gave up after {failures} failures in a row: {exc}; the same "
+                            f"command resumes run {self.request.run_id}"
+                        ) from exc
+                    delay = min(0.5 * 2**failures, 15.0)
+                    self.log.warning("bridge.replay.retrying", error=str(exc), retry_in_s=delay)
+                    await anyio.sleep(delay)
+
+    async def _attempt(self, api: QoderApi, threads: list[ThreadRef]) -> None:
+        await self._ensure_topics()
+        producer = await self._start_producer()
+        try:
+            # Only now: the producer's start settled whatever an earlier process left open.
+            state = await self._load()
+            if state is not None and state.done and not self._restart_pending:
+                self.already_complete = True
+                self._count(state)
+                return
+            if state is None or self._restart_pending:
+                state = RunState(uuid.uuid4().hex, _now())
+                await self._commit(producer, [], [self._run_record(state)])
+                self._restart_pending = False
+                self.log.info("bridge.replay.started", attempt=state.attempt)
+            else:
+                self.resumed = True
+                self.log.info("bridge.replay.resumed", attempt=state.attempt)
+            for ref in threads:
+                state.threads.setdefault(ref.thread_id, self._fresh(ref))
+            self._count(state)
+            progress = ReplayProgress(
+                self.request.run_id,
+                len(state.threads),
+                self.threads_done,
+                self.events,
+                stream=self._stream,
+            )
+            try:
+                await self._replay(api, producer, state, threads, progress)
+            finally:
+                progress.close()  # before any other line: the bar ends its own
+            self.log.info("bridge.replay.finished", events=self.events, threads=self.threads_done)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await producer.stop()
+
+    def _fresh(self, ref: ThreadRef) -> ThreadProgress:
+        after = self.request.after if ref.thread_id == self.request.thread_id else None
+        return ThreadProgress(last_event_id=after)
+
+    def _count(self, state: RunState) -> None:
+        """The committed figures (``state`` as just loaded or just committed)."""
+        threads = state.threads.values()
+        self.events = sum(t.events for t in threads)
+        self.skipped = sum(t.skipped for t in threads)
+        self.threads = len(state.threads)
+        self.threads_done = sum(t.done for t in threads)
+
+    async def _replay(
+        self,
+        api: QoderApi,
+        producer: AIOKafkaProducer,
+        state: RunState,
+        threads: list[ThreadRef],
+        progress: ReplayProgress,
+    ) -> None:
+        batch = _Batch()
+
+        async def commit(*, final: bool = False) -> None:
+            extra = [self._run_record(state)] if final else []
+            records = [self._thread_record(state, tid) for tid in sorted(batch.touched)]
+            written = await self._commit(producer, batch.records, records + extra)
+            if final and self._transactional:
+                # Done means a read_committed consumer sees it all, not only the coordinator.
+                await until_visible(self._kafka, written)
+            batch.clear()
+            self._count(state)
+            progress.update(self.threads_done, self.events)
+
+        listed = {ref.thread_id for ref in threads}
+        for thread_id, thread in state.threads.items():
+            if thread_id not in listed and not thread.done:
+                thread.done = True  # no longer listed: deleted since the run began
+                batch.add(thread_id, None)
+        for ref in threads:
+            thread = state.threads[ref.thread_id]
+            if thread.done:
+                continue
+            await self._read_thread(api, ref, thread, batch, commit)
+            thread.done = True
+            batch.add(ref.thread_id, None)
+            if self._due(batch):
+                await commit()
+        state.done = True
+        await commit(final=True)
+
+    async def _read_thread(
+        self,
+        api: QoderApi,
+        ref: ThreadRef,
+        thread: ThreadProgress,
+        batch: _Batch,
+        commit: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Read the thread after its cursor into ``batch``, committing whenever it is due."""
+        handled_idless = thread.idless_after
+        try:
+            async for page in api.thread_events(ref, thread.last_event_id):
+                for item in page:
+                    if item.id is not None:
+                        thread.last_event_id, thread.idless_after = item.id, 0
+                        handled_idless = 0
+                    elif handled_idless:
+                        handled_idless -= 1  # handled before the interruption
+                        continue
+                    else:
+                        thread.idless_after += 1
+                    record = self._record(ref, item)
+                    if record is None:
+                        thread.skipped += 1
+                    else:
+                        thread.events += 1
+                    batch.add(ref.thread_id, record)
+                if self._due(batch):
+                    await commit()
+        except NotFound:
+            self.log.warning("bridge.replay.thread_gone", thread_id=ref.thread_id)
+        except BadCursor as exc:
+            raise ToolFailed(
+                f"the API does not know event {thread.last_event_id} of thread {ref.thread_id} "
+                f"({exc}); with --after, check the id; else --restart begins the run again"
+            ) from exc
+        except AuthRejected as exc:
+            raise ToolFailed(f"the API refused the token: {exc}") from exc
+        except ApiUnavailable:
+            raise
+        except ApiError as exc:
+            raise ToolFailed(f"the API refused a request: {exc}") from exc
+
+    def _due(self, batch: _Batch) -> bool:
+        """A transaction's worth: as many records or bytes as the bridge's, or its interval."""
+        if batch.started is None:
+            return False
+        return (
+            len(batch.records) >= self._delivery.batch_max_records
+            or batch.size >= self._delivery.max_in_flight_bytes // 2
+            or time.monotonic() - batch.started >= self._delivery.commit_interval_ms / 1000
+        )
+
+    def _record(self, ref: ThreadRef, item: Event | Rejected) -> Record | None:
+        if isinstance(item, Rejected):
+            self.log.warning(
+                "bridge.replay.skipped", thread_id=ref.thread_id, reason=item.reason, id=item.id
+            )
+            return None
+        record = event_record(self.request.topic, ref, item)
+        if record.size > self._limit:
+            self.log.warning(
+                "bridge.replay.skipped", thread_id=ref.thread_id, reason="too_large", id=item.id
+            )
+            return None
+        return record
+
+    # -- Kafka ----------------------------------------------------------------------------
+
+    async def _ensure_topics(self) -> None:
+        try:
+            await ensure_topics(self._kafka)
+        except ConfigError as exc:
+            raise ToolFailed(str(exc), EXIT_USAGE) from exc
+        limits = await topic_record_limits(self._kafka)
+        topic_limit = limits.get(self.request.topic)
+        if topic_limit is not None:
+            self._limit = (
+                min(self._settings.kafka.max_request_bytes, topic_limit) - RECORD_OVERHEAD_BYTES
+            )
+        self._producer_batch_bytes = max(1024, min(256 * 1024, self._limit))
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        kwargs: dict[str, Any] = dict(
+            kafka_client_kwargs(self._kafka),
+            **producer_tuning_kwargs(self._kafka),
+            acks="all",
+            enable_idempotence=True,
+        )
+        kwargs["max_batch_size"] = self._producer_batch_bytes
+        if self._transactional:
+            kwargs["transactional_id"] = self.request.transactional_id
+            kwargs["transaction_timeout_ms"] = self._delivery.transaction_timeout_ms
+        producer = AIOKafkaProducer(**kwargs)
+        try:
+            with anyio.fail_after(60):
+                await producer.start()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await producer.stop()
+            if isinstance(exc, KafkaError | TimeoutError):
+                raise self._translate(exc) from exc
+            raise
+        return producer
+
+    async def _commit(
+        self, producer: AIOKafkaProducer, records: list[Record], progress: list[Record]
+    ) -> dict[TopicPartition, int]:
+        """Write one batch and its progress; the last offset written to each partition."""
+        try:
+            with anyio.fail_after(self._delivery.transaction_timeout_ms / 1000):
+                if self._transactional:
+                    await producer.begin_transaction()
+                    written = await _send_all(producer, [*records, *progress])
+                    await producer.commit_transaction()
+                else:
+                    written = await _send_all(producer, records)
+                    written |= await _send_all(producer, progress)
+        except (KafkaError, TimeoutError) as exc:
+            raise self._translate(exc) from exc
+        return written
+
+    def _translate(self, exc: BaseException) -> Exception:
+        if isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
+            return ToolFailed(
+                f"another process of this run took over (transactional.id "
+                f"{self.request.transactional_id} fenced this one); it goes on from there"
+            )
+        if isinstance(exc, TransactionalIdAuthorizationFailed):
+            return ToolFailed(
+                f"Kafka does not allow the transactional.id {self.request.transactional_id}: "
+                f"grant TransactionalId Write and Describe on the prefix "
+                f"{TRANSACTIONAL_ID_PREFIX!r}"
+            )
+        if isinstance(exc, TopicAuthorizationFailedError):
+            return ToolFailed(f"Kafka does not allow writing to a topic: {exc}")
+        return SinkUnavailable(describe_kafka_error(exc, self._kafka.bootstrap_servers))
+
+    # -- progress records -----------------------------------------------------------------
+
+    def _run_record(self, state: RunState) -> Record:
+        r = self.request
+        threads = state.threads.values()
+        doc = {
+            "run_id": r.run_id,
+            "attempt": state.attempt,
+            "session_id": r.session_id,
+            "thread_id": r.thread_id,
+            "after": r.after,
+            "topic": r.topic,
+            "started_at": state.started_at,
+            "done": state.done,
+            "threads": len(state.threads),
+            "events": sum(t.events for t in threads),
+            "skipped": sum(t.skipped for t in threads),
+            "written_at": _now(),
+        }
+        return Record(r.progress_topic, r.run_id.encode(), canonical_json(doc), [])
+
+    def _thread_record(self, state: RunState, thread_id: str) -> Record:
+        r, thread = self.request, state.threads[thread_id]
+        doc = {
+            "run_id": r.run_id,
+            "attempt": state.attempt,
+            "thread_id": thread_id,
+            "last_event_id": thread.last_event_id,
+            "idless_after": thread.idless_after,
+            "events": thread.events,
+            "skipped": thread.skipped,
+            "done": thread.done,
+            "written_at": _now(),
+        }
+        key = f"{r.run_id}/{thread_id}".encode()
+        return Record(r.progress_topic, key, canonical_json(doc), [])
+
+    async def _load(self) -> RunState | None:
+        """The run's committed progress (read_committed, to the end of the topic)."""
+        run_id = self.request.run_id
+        prefix = run_id + "/"
+        docs: dict[str, Any] = {}
+
+        def keep(records: list[tuple[str, bytes | None]]) -> None:
+            for key, value in records:
+                if key == run_id or key.startswith(prefix):
+                    docs[key] = _json(value)
+
+        await read_checkpoints(self._kafka, keep)
+        run = docs.get(run_id)
+        if not isinstance(run, dict) or not isinstance(run.get("attempt"), str):
+            return None
+        state = RunState(run["attempt"], str(run.get("started_at")), done=run.get("done") is True)
+        for key, doc in docs.items():
+            if key == run_id or not isinstance(doc, dict) or doc.get("attempt") != state.attempt:
+                continue  # another attempt's (before a --restart), or a tombstone
+            last = doc.get("last_event_id")
+            state.threads[key[len(prefix) :]] = ThreadProgress(
+                last if isinstance(last, str) else None,
+                _int(doc.get("idless_after")),
+                _int(doc.get("events")),
+                _int(doc.get("skipped")),
+                doc.get("done") is True,
+            )
+        return state
+
+
+def _json(value: bytes | None) -> Any:
+    try:
+        return json.loads(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+async def _send_all(producer: AIOKafkaProducer, records: list[Record]) -> dict[TopicPartition, int]:
+    acks = [await producer.send(r.topic, r.value, key=r.key, headers=r.headers) for r in records]
+    last: dict[TopicPartition, int] = {}
+    for meta in await asyncio.gather(*acks):
+        tp = TopicPartition(meta.topic, meta.partition)
+        last[tp] = max(last.get(tp, -1), meta.offset)
+    return last
