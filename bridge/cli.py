@@ -52,6 +52,7 @@ DEFAULT_SCENARIO = "demo"
 TOOLS: dict[str, str] = {
     "status": "bridge.status_cli",
     "replay": "bridge.replay",
+    "checkpoints": "bridge.checkpoint_admin",
 }
 
 

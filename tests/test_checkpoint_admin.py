@@ -1,0 +1,241 @@
+"""``qoder-bridge checkpoints list|reset`` as an operator runs them, against the simulator, a real
+broker and real bridges: what list prints is what the bridge stored; a dry run writes nothing;
+a reset the bridge takes at its next start (it republishes from the new position); a reset is
+refused while a bridge is live in the group, unless --force."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import pytest
+
+from bridge.checkpoint_admin import stored_checkpoints
+from bridge.config import KafkaSettings, load_settings
+from bridge.membership import live_members, member_client_id
+from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
+from tests.bridge_harness import TOKEN, bridge_env, running_bridge, wait_for_delivery
+from tests.kafka_broker import read_topic
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+#: Two sessions, there from the start: one of three threads, one of one.
+SCENARIO = Scenario(
+    name="admin",
+    seed=5,
+    instant=True,
+    sessions=(
+        SessionSpec(
+            coordinator=ThreadSpec(events=12, rate=0),
+            children=(ThreadSpec(events=10, rate=0), ThreadSpec(events=10, rate=0)),
+        ),
+        SessionSpec(coordinator=ThreadSpec(events=6, rate=0)),
+    ),
+)
+
+
+def env_for(sim: Any, bootstrap: str, topics: Any, **extra: str) -> dict[str, str]:
+    group = f"{topics.transactional_id}.group"  # no other test's bridges in it
+    return bridge_env(sim.base_url, bootstrap, topics, BRIDGE_GROUP_ID=group, **extra)
+
+
+async def cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[bytes]:
+    return await anyio.run_process(
+        [sys.executable, "-m", "bridge", *argv], env={**os.environ, **env}, check=False
+    )
+
+
+def ids(log: list[bytes]) -> list[str]:
+    return [json.loads(raw)["id"] for raw in log]
+
+
+async def deliver(sim: Any, env: dict[str, str], bootstrap: str, topic: str) -> None:
+    """A bridge runs until every event is in ``topic``, then drains and stops."""
+    async with running_bridge(load_settings(env)):
+        _records, delivery = await wait_for_delivery(bootstrap, topic, sim, timeout_s=60)
+        assert delivery.lost == 0, delivery.summary()
+
+
+async def checkpoint_records(bootstrap: str, topic: str) -> list[tuple[int, bytes | None]]:
+    return [
+        (r.offset, r.value)
+        for r in await read_topic(bootstrap, topic, isolation_level="read_uncommitted")
+    ]
+
+
+async def test_list_shows_what_the_bridge_stored(kafka_bootstrap, kafka_topics):
+    """Scenario: after a bridge published two sessions, `checkpoints list --json` shows each
+    thread's cursor at its last event, drained; --session narrows it; the table names each
+    thread with its cursor."""
+    async with running_simulator(SCENARIO, token=TOKEN) as sim:
+        env = env_for(sim, kafka_bootstrap, kafka_topics)
+        await deliver(sim, env, kafka_bootstrap, kafka_topics.events)
+        first, second = sim.session_ids()
+
+        listed = await cli(env, "checkpoints", "list", "--json")
+        assert listed.returncode == 0, listed.stderr.decode()[-2000:]
+        rows = json.loads(listed.stdout)
+        assert {(r["session_id"], r["thread_id"]) for r in rows} == set(sim.all_threads())
+        for row in rows:
+            log = ids(sim.thread_log(row["session_id"], row["thread_id"]))
+            assert row["last_event_id"] == log[-1]
+            assert row["recent_ids"] == log[-len(row["recent_ids"]) :]
+            assert row["drained_updated_at"] is not None and row["written_at"] is not None
+
+        only = json.loads(
+            (await cli(env, "checkpoints", "list", "--session", second, "--json")).stdout
+        )
+        assert [(r["session_id"], r["last_event_id"]) for r in only] == [
+            (second, ids(sim.thread_log(second, only[0]["thread_id"]))[-1])
+        ]
+
+        table = (await cli(env, "checkpoints", "list", "--session", first)).stdout.decode()
+        lines = table.splitlines()
+        assert lines[0].split() == [
+            "SESSION",
+            "THREAD",
+            "LAST_EVENT_ID",
+            "DRAINED_UPDATED_AT",
+            "WRITTEN_AT",
+        ]
+        assert len(lines) == 4
+        for session_id, thread_id in sim.all_threads():
+            if session_id == first:
+                last = ids(sim.thread_log(session_id, thread_id))[-1]
+                assert any(line.split()[1:3] == [thread_id, last] for line in lines[1:])
+
+
+async def test_reset_dry_run_then_execute_then_the_bridge_republishes_from_there(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: after a bridge published a session of three threads, an operator moves one
+    thread back to its 4th event, another to its start and the third to its latest event.
+    The dry run prints before/after and writes nothing. After --execute, a bridge started on a
+    fresh events topic publishes exactly the first thread's events after the 4th and the
+    whole second thread, nothing of the third (nor of the other session)."""
+    async with running_simulator(SCENARIO, token=TOKEN) as sim:
+        env = env_for(sim, kafka_bootstrap, kafka_topics)
+        kafka = load_settings(env).kafka
+        await deliver(sim, env, kafka_bootstrap, kafka_topics.events)
+        session_id = sim.session_ids()[0]
+        latest, first, start = [t for s, t in sim.all_threads() if s == session_id]
+        first_ids = ids(sim.thread_log(session_id, first))
+        before = await checkpoint_records(kafka_bootstrap, kafka_topics.checkpoints)
+
+        argv = ["checkpoints", "reset", "--session", session_id, "--thread", first]
+        dry = await cli(env, *argv, "--to", first_ids[3])
+        assert dry.returncode == 0, dry.stderr.decode()[-2000:]
+        out = dry.stdout.decode()
+        assert "dry run" in out and "nothing written" in out
+        assert any(
+            line.split() == [first, first_ids[-1], first_ids[3]] for line in out.splitlines()
+        )
+        assert "no bridge is running" in out
+        assert await checkpoint_records(kafka_bootstrap, kafka_topics.checkpoints) == before
+
+        done = await cli(env, *argv, "--to", first_ids[3], "--execute")
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        assert "written: 1 checkpoint(s)" in done.stdout.decode()
+        to_start = await cli(
+            env, "checkpoints", "reset", "--session", session_id, "--thread", start,
+            "--to-start", "--execute",
+        )  # fmt: skip
+        assert to_start.returncode == 0, to_start.stderr.decode()[-2000:]
+        assert "republishes the thread from its first event" in to_start.stdout.decode()
+        to_latest = await cli(
+            env, "checkpoints", "reset", "--session", session_id, "--thread", latest,
+            "--to-latest", "--execute",
+        )  # fmt: skip
+        assert to_latest.returncode == 0, to_latest.stderr.decode()[-2000:]
+
+        stored = {s.thread_id: s.checkpoint for s in await stored_checkpoints(kafka, session_id)}
+        assert stored[first].last_event_id == first_ids[3]
+        assert stored[first].recent_ids == tuple(first_ids[:4])
+        assert stored[first].drained_updated_at is None
+        assert stored[start].last_event_id is None and stored[start].recent_ids == ()
+        assert stored[latest].last_event_id == ids(sim.thread_log(session_id, latest))[-1]
+
+        # The next start, publishing to a topic of its own: only what the resets ask for.
+        again = {**env, "BRIDGE_TOPIC": kafka_topics.events + ".again"}
+        async with running_bridge(load_settings(again)):
+            with anyio.fail_after(60):
+                while True:
+                    now = {
+                        s.thread_id: s.checkpoint
+                        for s in await stored_checkpoints(kafka, session_id)
+                    }
+                    if all(now[t].drained_updated_at for t in (first, start, latest)):
+                        break  # every reset thread was read again after its new cursor
+                    await anyio.sleep(0.2)
+        records = await read_topic(kafka_bootstrap, kafka_topics.events + ".again")
+        published: dict[str, list[bytes]] = {}
+        for r in records:
+            published.setdefault(r.key.decode(), []).append(r.value)
+        assert published == {
+            f"{session_id}/{first}": sim.thread_log(session_id, first)[4:],
+            f"{session_id}/{start}": sim.thread_log(session_id, start),
+        }
+
+
+async def test_reset_is_refused_while_a_bridge_is_running_unless_forced(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: an operator resets a thread while a bridge runs. --execute is refused (exit 1)
+    naming the live member (client id with the bridge's transactional id, host) and nothing is
+    written; the dry run says it would be refused; --force writes. Once the bridge has
+    stopped, --execute goes through without --force. Typos are named: an unknown session or
+    event exits 1, --to without --thread exits 2."""
+    async with running_simulator(SCENARIO, token=TOKEN) as sim:
+        env = env_for(sim, kafka_bootstrap, kafka_topics)
+        settings = load_settings(env)
+        kafka: KafkaSettings = settings.kafka
+        session_id = sim.session_ids()[0]
+        thread_id = next(t for s, t in sim.all_threads() if s == session_id)
+        last = ids(sim.thread_log(session_id, thread_id))[-1]
+        argv = ["checkpoints", "reset", "--session", session_id, "--thread", thread_id]
+
+        async def cursor() -> str | None:
+            rows = await stored_checkpoints(kafka, session_id)
+            return next(r.checkpoint.last_event_id for r in rows if r.thread_id == thread_id)
+
+        async with running_bridge(settings):
+            await wait_for_delivery(kafka_bootstrap, kafka_topics.events, sim, timeout_s=60)
+            with anyio.fail_after(30):
+                while not await live_members(kafka):
+                    await anyio.sleep(0.2)
+
+            refused = await cli(env, *argv, "--to-start", "--execute")
+            assert refused.returncode == 1
+            err = refused.stderr.decode()
+            assert "refused" in err and member_client_id(settings) in err
+            assert "host /127.0.0.1" in err or "host 127.0.0.1" in err
+            assert await cursor() == last  # nothing written
+
+            dry = await cli(env, *argv, "--to-start")
+            assert dry.returncode == 0
+            assert "--execute would be refused" in dry.stdout.decode()
+            assert await cursor() == last
+
+            forced = await cli(env, *argv, "--to-start", "--execute", "--force")
+            assert forced.returncode == 0, forced.stderr.decode()[-2000:]
+            assert await cursor() is None
+
+        after_stop = await cli(env, *argv, "--to-latest", "--execute")
+        assert after_stop.returncode == 0, after_stop.stderr.decode()[-2000:]
+        assert "no bridge is running" in after_stop.stdout.decode()
+        assert await cursor() == last
+
+        unknown = await cli(env, "checkpoints", "reset", "--session", "sess_nope", "--to-start")
+        assert unknown.returncode == 1
+        assert "session sess_nope not found" in unknown.stderr.decode()
+        no_event = await cli(env, *argv, "--to", "evt_nope")
+        assert no_event.returncode == 1
+        assert f"event evt_nope is not in the list of thread {thread_id}" in (
+            no_event.stderr.decode()
+        )
+        no_thread = await cli(env, "checkpoints", "reset", "--session", session_id, "--to", last)
+        assert no_thread.returncode == 2 and "--to needs --thread" in no_thread.stderr.decode()
