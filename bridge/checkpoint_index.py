@@ -42,26 +42,30 @@ class CheckpointIndex(MutableMapping[str, Checkpoint]):
     def load(self, records: Iterable[tuple[str, bytes | None]]) -> None:
         """Checkpoint records in topic order: a later one replaces, a tombstone deletes."""
         upserts: list[tuple[str, str, bytes]] = []
+        marks: list[tuple[str, str]] = []
         for key, value in records:
             if is_session_key(key):
                 # A session's settled mark; a tombstone (or anything else) forgets it.
                 mark = parse_settled(value)
                 if mark is None:
+                    self._flush(upserts, marks)
+                    upserts, marks = [], []
                     self._db.execute("delete from settled where session = ?", (key,))
                 else:
-                    self.settle(key, mark)
+                    marks.append((key, mark))
             elif value is None or parse_checkpoint(value) is None:
-                self._flush(upserts)
-                upserts = []
+                self._flush(upserts, marks)
+                upserts, marks = [], []
                 self._db.execute("delete from checkpoints where key = ?", (key,))
             else:
                 upserts.append((key, key.partition("/")[0], value))
-        self._flush(upserts)
+        self._flush(upserts, marks)
 
-    def _flush(self, upserts: list[tuple[str, str, bytes]]) -> None:
-        if upserts:
+    def _flush(self, upserts: list[tuple[str, str, bytes]], marks: list[tuple[str, str]]) -> None:
+        if upserts or marks:
             self._db.execute("begin")
             self._db.executemany("insert or replace into checkpoints values (?, ?, ?)", upserts)
+            self._db.executemany("insert or replace into settled values (?, ?)", marks)
             self._db.execute("commit")
 
     # -- the mapping -----------------------------------------------------------------------

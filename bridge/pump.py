@@ -121,6 +121,10 @@ class Pump:
         #: whose stream cannot be opened (or stays silent) is still read.
         self._list_first = False
         self.gone = False
+        #: Started by a hint that the thread runs: when (the supervisor's look in flight does
+        #: not undo it), and until when a 404 means "not there yet" rather than "gone".
+        self.hinted_at = float("-inf")
+        self.new_until = float("-inf")
         #: What an operator sees of it (GET /status): where it is and how it went lately.
         self.state: PumpState | None = None
         self.reconnects = 0
@@ -225,6 +229,17 @@ class Pump:
                 self.log.warning("bridge.pump.bad_cursor", error=str(exc))
                 self._cursor_lost = True
             except NotFound as exc:
+                if anyio.current_time() < self.new_until:
+                    # Announced a moment ago: the thread's own endpoints may not know it yet.
+                    reason, delay = "not_found", self._backoff.next_delay()
+                    self.log.info("bridge.pump.thread_not_there_yet", error=str(exc))
+                    self._list_first = True
+                    self.reconnects += 1
+                    self.last_error = reason
+                    metrics.RECONNECTS.labels(reason=reason).inc()
+                    with self._state(PumpState.BACKOFF):
+                        await anyio.sleep(delay)
+                    continue
                 metrics.RECONNECTS.labels(reason="not_found").inc()
                 self.log.info("bridge.pump.thread_gone", error=str(exc))
                 await self._alerts.send("bridge.thread_unreachable", "not_found", self.thread)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypeGuard
@@ -44,6 +45,14 @@ HINT_EVENT_PREFIXES = ("session.thread_", "session.status_", "session.deleted", 
 THREAD_RUNNING_HINTS = frozenset({"session.thread_created", "session.thread_status_running"})
 #: Hints about the session itself: the next look asks for the session, not the listing's copy.
 SESSION_HINT_PREFIXES = ("session.status_", "session.deleted", "terminated")
+#: A thread-running hint is acted on at once only when this fresh (processed_at, against
+#: our clock): a stream that replays old lifecycle events makes a look, not a pump per thread.
+HINT_FRESH_S = 30.0
+#: A thread announced by a hint may answer 404 for this long before it is taken as gone.
+NEW_THREAD_GRACE_S = 10.0
+#: A session stream that lasted this long was healthy: its next reconnect starts the backoff
+#: afresh (one that closes at once backs off like any failure).
+HINTS_HEALTHY_AFTER_S = 5.0
 COALESCE_S = 0.05
 #: Running sessions are listed at least this often (one request), whatever the poll interval:
 #: a new session's coordinator reaches Kafka within about this long.
@@ -83,6 +92,20 @@ def _hinted_thread(fields: Mapping[str, Any]) -> str | None:
     if value is None and isinstance(fields.get("data"), dict):
         value = fields["data"].get("session_thread_id")
     return value if isinstance(value, str) else None
+
+
+def _fresh(fields: Mapping[str, Any]) -> bool:
+    """Whether a lifecycle event is recent (``processed_at`` within HINT_FRESH_S of now)."""
+    value = fields.get("processed_at")
+    if not isinstance(value, str):
+        return False
+    try:
+        moment = _ts(value)
+    except ValueError:
+        return False
+    if moment.tzinfo is None:
+        return False
+    return abs(time.time() - moment.timestamp()) <= HINT_FRESH_S
 
 
 def _updated_at(item: Mapping[str, Any]) -> str | None:
@@ -177,7 +200,7 @@ class Supervisor:
             started = anyio.current_time()
             # One request finds new and revived sessions: worth doing more often than the
             # per-session safety net, so a new session's first event is not a poll away.
-            delay = min(api.poll_interval_s, RUNNING_LIST_INTERVAL_S)
+            delay: float | None = None  # the listing's own pace, unless it failed
             full = started >= full_due
             try:
                 sessions = await self._list(full=full)
@@ -211,6 +234,14 @@ class Supervisor:
                     "bridge.supervisor.list_sessions_failed",
                     error=str(exc),
                     retry_in_s=round(delay, 3),
+                )
+            if delay is None:
+                # Without the statuses filter the "running" listing is the whole (non-archived)
+                # history: at the poll interval then, not every 2 s.
+                delay = (
+                    min(api.poll_interval_s, RUNNING_LIST_INTERVAL_S)
+                    if self._statuses_filter
+                    else api.poll_interval_s
                 )
             await anyio.sleep(delay)
 
@@ -267,6 +298,7 @@ class Supervisor:
         configured = bool(self._settings.api.sessions)
         hints: anyio.CancelScope | None = None
         quiet_since: float | None = None
+        seen_live = False
         grace_s = self._settings.api.poll_interval_s
         async with anyio.create_task_group() as tg:
             backoff = Backoff(
@@ -325,8 +357,12 @@ class Supervisor:
                 # Let go once quiet for a poll interval: a turn that follows soon after (a
                 # reply) is found by the next look, not by a full scan minutes later.
                 quiet = not live and not self._session_pumps(session_id)
+                seen_live = seen_live or live
                 quiet_since = (quiet_since or started) if quiet else None
-                waited = quiet_since is not None and started - quiet_since >= grace_s
+                # History (never seen running here) has no reply to wait for.
+                waited = quiet_since is not None and (
+                    not seen_live or started - quiet_since >= grace_s
+                )
                 if quiet and (over or waited) and (over or not configured):
                     slog.info("bridge.session.settled", over=over)
                     if configured:
@@ -381,14 +417,15 @@ class Supervisor:
         listed = self._running.get(session_id)
         if fresh and listed is not None and session_id not in self._ask:
             return listed
-        self._ask.discard(session_id)
         session = await self._api.get_session(session_id)
+        self._ask.discard(session_id)  # only once answered: a failure asks again
         if not _session_live(session):
             self._running.pop(session_id, None)  # newer than the listing
         return session
 
     async def _reconcile(self, session_id: str) -> dict[str, Any]:
         """Start, drain or catch up the session's threads; the session as the API gave it."""
+        looked_at = anyio.current_time()
         session = await self._session(session_id)
         if session_id in self._settings.api.sessions:
             self._seen.add(session_id)  # configured ones only: bounded by the configuration
@@ -415,6 +452,10 @@ class Supervisor:
                     self._start(cursor, follow=True)
                 else:
                     pump.follow()
+            elif pump is not None and pump.hinted_at >= looked_at:
+                # The list was read before the hint said it runs: ask again, not drain.
+                self._active[ref] = True
+                self._trigger(session_id)
             elif pump is not None:
                 pump.drain(updated_at)
             elif _newer(updated_at, cursor.pending_drained_updated_at or cursor.drained_updated_at):
@@ -510,7 +551,7 @@ class Supervisor:
                 kind = own if isinstance(own, str) else ""
         if not kind.startswith(HINT_EVENT_PREFIXES):
             return
-        if kind in THREAD_RUNNING_HINTS and fields is not None:
+        if kind in THREAD_RUNNING_HINTS and fields is not None and _fresh(fields):
             thread_id = _hinted_thread(fields)
             if thread_id is not None and self._usable_id(thread_id, session_id):
                 self._thread_runs(ThreadRef(session_id, thread_id))
@@ -525,9 +566,11 @@ class Supervisor:
         self._active[ref] = True
         pump = self._pumps.get(ref)
         if pump is None:
-            self._start(self._cursor(ref), follow=True)
+            pump = self._start(self._cursor(ref), follow=True)
         else:
             pump.follow()
+        now = anyio.current_time()
+        pump.hinted_at, pump.new_until = now, now + NEW_THREAD_GRACE_S
         metrics.THREADS_FOLLOWED.set(len(self._pumps))
 
     async def _hints(self, session_id: str) -> None:
@@ -535,6 +578,7 @@ class Supervisor:
         backoff = Backoff(self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s)
         cursor: str | None = None
         while True:
+            opened = anyio.current_time()
             try:
                 if cursor is None:
                     cursor = await self._api.latest_session_event_id(session_id)
@@ -543,7 +587,8 @@ class Supervisor:
                         if frame.id:
                             cursor = frame.id
                         self._hint(session_id, frame)
-                backoff.reset()
+                if anyio.current_time() - opened >= HINTS_HEALTHY_AFTER_S:
+                    backoff.reset()
             except BadCursor:
                 cursor = None
             except NotFound:

@@ -63,3 +63,29 @@ def test_the_history_of_checkpoints_does_not_stay_in_memory() -> None:
         assert peak < 8 * 2**20, peak
     finally:
         index.close()
+
+
+def test_settled_marks_load_beside_the_checkpoints_and_a_tombstone_forgets_one() -> None:
+    """The checkpoint topic's session records (key without ``/``) are settled marks, not
+    thread checkpoints: loaded as such, in topic order, a tombstone forgetting one."""
+    index = CheckpointIndex()
+    try:
+        mark = json.dumps({"session_id": "sess_a", "settled_updated_at": "2026-11-30T01:00:00Z"})
+        later = json.dumps({"session_id": "sess_a", "settled_updated_at": "2026-11-30T02:00:00Z"})
+        other = json.dumps({"session_id": "sess_b", "settled_updated_at": "2026-11-30T03:00:00Z"})
+        thread = json.dumps({"last_event_id": "evt_1", "drained_updated_at": None})
+        index.load(
+            [
+                ("sess_a", mark.encode()),
+                ("sess_a/sthr_1", thread.encode()),
+                ("sess_b", other.encode()),
+                ("sess_a", later.encode()),
+                ("sess_b", None),
+            ]
+        )
+        assert index.settled_at("sess_a") == "2026-11-30T02:00:00Z"
+        assert index.settled_at("sess_b") is None
+        assert list(index) == ["sess_a/sthr_1"]  # a mark is no thread
+        assert index["sess_a/sthr_1"].last_event_id == "evt_1"
+    finally:
+        index.close()

@@ -75,11 +75,6 @@ class HeldListApi(HintingApi):
         return threads
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 1: a look whose thread list was read before a thread's running hint "
-    "drains the pump the hint started, and nothing looks again until the poll interval",
-)
 async def test_a_look_in_flight_does_not_stop_a_thread_its_running_hint_started():
     """Scenario: a running session (coordinator sthr_1) with a child sthr_c that ran before,
     was drained and is idle. A lifecycle hint (``session.status_running``) makes the supervisor
@@ -158,11 +153,6 @@ class ReplayingApi(HintingApi):
             yield frames
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 2: replayed thread_created/thread_status_running hints start a pump "
-    "(a stream open and a final list read) for every old, idle thread of the session",
-)
 async def test_a_replayed_history_of_thread_hints_costs_no_request_per_old_thread():
     """Scenario: a running session whose coordinator spawned 10 children earlier; each ran,
     was drained (its checkpoint says so) and is idle. The session stream is opened at the
@@ -185,7 +175,7 @@ async def test_a_replayed_history_of_thread_hints_costs_no_request_per_old_threa
             "session.thread_status_running",
             "session.thread_status_idle",
         ):
-            api.hint("sess_a", _lifecycle(kind, thread_id))
+            api.hint("sess_a", _lifecycle(kind, thread_id, age_s=600))  # replayed: old
     settings = _settings(sessions=("sess_a",), poll_interval_s=60.0)
     checkpoints = {f"sess_a/{t}": _drained(t, 2, 1) for t in old}
     supervisor = Supervisor(settings, api, publisher, FakeAlerts(), checkpoints)  # type: ignore[arg-type]
@@ -213,11 +203,6 @@ class SessionCountingApi(HintingApi):
         return await super().get_session(session_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: the poll of quiet is counted from the first look that sees the "
-    "session quiet, so each idle session of the history costs one more look (2 requests)",
-)
 async def test_the_history_costs_no_more_looks_than_before_the_poll_of_quiet():
     """Scenario: a start on an account of idle sessions (not running, not archived, not
     terminated): 10 whose thread was never read (a catch-up pass each) and 10 whose thread was
@@ -277,11 +262,6 @@ class NoStatusesApi(HintingApi):
         return sessions
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 4: without the statuses filter the running-session poll lists the "
-    "whole history every RUNNING_LIST_INTERVAL_S (2 s), a page per 100 sessions",
-)
 async def test_without_the_statuses_filter_the_history_is_not_listed_every_two_seconds(
     monkeypatch,
 ):
@@ -334,11 +314,6 @@ class ClosingStreamApi(HintingApi):
         yield frames()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 5: the hint loop resets its backoff after every stream that ended, "
-    "even one that closed at once: it reopens every backoff_initial_s/2 for as long as it runs",
-)
 async def test_a_session_stream_that_closes_at_once_is_reopened_with_a_growing_backoff(
     monkeypatch,
 ):
@@ -404,11 +379,6 @@ class RecordingAlerts(FakeAlerts):
         self.sent.append(kind)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 6: a pump started by a thread_created hint that meets a 404 is given "
-    "up (a thread_unreachable alert) and nothing looks again until the poll interval",
-)
 async def test_a_hinted_thread_the_api_does_not_know_yet_is_read_once_it_does():
     """Scenario: a running session; the session stream announces a new child
     (``session.thread_created``, ``session_thread_id`` sthr_c) a moment before the thread's

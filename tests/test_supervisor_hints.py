@@ -5,9 +5,11 @@ only for its threads; a hint about the session itself makes the next look ask fo
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -69,8 +71,15 @@ class HintingApi(WorldApi):
         yield frames()
 
 
-def _lifecycle(kind: str, thread_id: str, *, event_line: bool = True) -> Frame:
-    body = {"id": f"sevt_{kind}_{thread_id}", "type": kind, "session_thread_id": thread_id}
+def _lifecycle(kind: str, thread_id: str, *, event_line: bool = True, age_s: float = 0.0) -> Frame:
+    """A session-stream lifecycle event, processed ``age_s`` ago."""
+    processed = datetime.fromtimestamp(time.time() - age_s, UTC).isoformat()
+    body = {
+        "id": f"sevt_{kind}_{thread_id}",
+        "type": kind,
+        "processed_at": processed.replace("+00:00", "Z"),
+        "session_thread_id": thread_id,
+    }
     return Frame(kind if event_line else "", json.dumps(body).encode(), body["id"])
 
 
