@@ -25,114 +25,57 @@ How it is exactly once, and resumable:
   idempotent: each batch's progress is written after its events are acknowledged. A crash
   between the two re-exports that batch on resume: nothing lost, at most one batch twice.
   Two processes of the same run are then not fenced: run one at a time.
+
+This module reads and batches; bridge/replay_store.py keeps the run in Kafka (topics, producer,
+progress records); bridge/progress.py shows how far it got.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import hashlib
-import json
 import re
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TextIO
 
 import anyio
 import structlog
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import (
-    InvalidProducerEpoch,
-    KafkaError,
-    TopicAuthorizationFailedError,
-    TransactionalIdAuthorizationFailed,
-)
-from aiokafka.errors import ProducerFenced as KafkaProducerFenced
 
 from bridge.api import QoderApi
-from bridge.checkpoints import ensure_topics, read_checkpoints, topic_record_limits
 from bridge.cli import add_settings_flags, settings_from_args
-from bridge.config import KafkaSettings, Settings, require_token
+from bridge.config import Settings, require_token
 from bridge.errors import (
     ApiError,
     ApiUnavailable,
     AuthRejected,
     BadCursor,
-    ConfigError,
     NotFound,
     SinkUnavailable,
 )
-from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
+from bridge.kafka_conn import kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging
 from bridge.progress import ReplayProgress
-from bridge.publisher import RECORD_OVERHEAD_BYTES
-from bridge.records import Event, Record, Rejected, ThreadRef, canonical_json, event_record
-from bridge.tooling import (
-    EXIT_USAGE,
-    ToolFailed,
-    check_id,
-    fail,
-    open_api,
-    session_threads,
-    until_visible,
+from bridge.records import Event, Record, Rejected, ThreadRef, event_record
+from bridge.replay_store import (
+    PROGRESS_TOPIC_SUFFIX,
+    ReplayRequest,
+    RunState,
+    RunStore,
+    ThreadProgress,
+    now,
 )
+from bridge.tooling import EXIT_USAGE, ToolFailed, check_id, fail, open_api, session_threads
 
 __all__ = ["HELP", "Replay", "ReplayRequest", "add_arguments", "main"]
 
 HELP = "re-export a session's history from the API into a topic (exactly once per run)"
-PROGRESS_TOPIC_SUFFIX = ".replay"
-TRANSACTIONAL_ID_PREFIX = "qoder-bridge-replay."
 #: Failures in a row (Kafka or the API away) before the run gives up; progress resets it.
 MAX_FAILURES = 8
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 log = structlog.get_logger("bridge.replay")
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayRequest:
-    session_id: str
-    thread_id: str | None
-    after: str | None
-    topic: str
-    progress_topic: str
-    restart: bool = False
-
-    @property
-    def run_id(self) -> str:
-        """The same arguments name the same run, wherever the command runs."""
-        parts = ["v1", self.session_id, self.thread_id or "*", self.after or "", self.topic]
-        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-    @property
-    def transactional_id(self) -> str:
-        return TRANSACTIONAL_ID_PREFIX + self.run_id
-
-
-@dataclass(slots=True)
-class ThreadProgress:
-    last_event_id: str | None = None
-    #: Items without an id already handled after ``last_event_id`` (skipped, by place).
-    idless_after: int = 0
-    events: int = 0
-    skipped: int = 0
-    done: bool = False
-
-
-@dataclass(slots=True)
-class RunState:
-    attempt: str
-    started_at: str
-    threads: dict[str, ThreadProgress] = field(default_factory=dict)
-    done: bool = False
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -246,19 +189,9 @@ class Replay:
         self._settings = settings
         self.request = request
         self._delivery = settings.delivery
-        self._transactional = settings.delivery.mode == "exactly_once"
-        # The target topic in the place of BRIDGE_TOPIC, the progress topic in the place of
-        # the checkpoint topic: so the bridge's own helpers create and read them.
-        self._kafka: KafkaSettings = replace(
-            settings.kafka,
-            topic=request.topic,
-            checkpoint_topic=request.progress_topic,
-            alerts_topic=None,
-        )
+        self._store = RunStore(settings, request)
         self._stream = stream
         self._restart_pending = request.restart
-        self._limit = settings.kafka.max_request_bytes - RECORD_OVERHEAD_BYTES
-        self._producer_batch_bytes = 256 * 1024
         self.log = log.bind(run=request.run_id, session_id=request.session_id)
         self.events = 0
         self.skipped = 0
@@ -303,18 +236,18 @@ class Replay:
                     await anyio.sleep(delay)
 
     async def _attempt(self, api: QoderApi, threads: list[ThreadRef]) -> None:
-        await self._ensure_topics()
-        producer = await self._start_producer()
+        store = self._store
+        await store.open()
         try:
-            # Only now: the producer's start settled whatever an earlier process left open.
-            state = await self._load()
+            # Only now: opening settled whatever an earlier process of the run left open.
+            state = await store.load()
             if state is not None and state.done and not self._restart_pending:
                 self.already_complete = True
                 self._count(state)
                 return
             if state is None or self._restart_pending:
-                state = RunState(uuid.uuid4().hex, _now())
-                await self._commit(producer, [], [self._run_record(state)])
+                state = RunState(uuid.uuid4().hex, now())
+                await store.commit([], state, set(), run=True)
                 self._restart_pending = False
                 self.log.info("bridge.replay.started", attempt=state.attempt)
             else:
@@ -331,13 +264,12 @@ class Replay:
                 stream=self._stream,
             )
             try:
-                await self._replay(api, producer, state, threads, progress)
+                await self._replay(api, state, threads, progress)
             finally:
                 progress.close()  # before any other line: the bar ends its own
             self.log.info("bridge.replay.finished", events=self.events, threads=self.threads_done)
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await producer.stop()
+            await store.close()
 
     def _fresh(self, ref: ThreadRef) -> ThreadProgress:
         after = self.request.after if ref.thread_id == self.request.thread_id else None
@@ -354,7 +286,6 @@ class Replay:
     async def _replay(
         self,
         api: QoderApi,
-        producer: AIOKafkaProducer,
         state: RunState,
         threads: list[ThreadRef],
         progress: ReplayProgress,
@@ -362,12 +293,8 @@ class Replay:
         batch = _Batch()
 
         async def commit(*, final: bool = False) -> None:
-            extra = [self._run_record(state)] if final else []
-            records = [self._thread_record(state, tid) for tid in sorted(batch.touched)]
-            written = await self._commit(producer, batch.records, records + extra)
-            if final and self._transactional:
-                # Done means a read_committed consumer sees it all, not only the coordinator.
-                await until_visible(self._kafka, written)
+            # Done means a read_committed consumer sees it all, not only the coordinator.
+            await self._store.commit(batch.records, state, batch.touched, run=final, visible=final)
             batch.clear()
             self._count(state)
             progress.update(self.threads_done, self.events)
@@ -449,166 +376,9 @@ class Replay:
             )
             return None
         record = event_record(self.request.topic, ref, item)
-        if record.size > self._limit:
+        if record.size > self._store.record_limit:
             self.log.warning(
                 "bridge.replay.skipped", thread_id=ref.thread_id, reason="too_large", id=item.id
             )
             return None
         return record
-
-    # -- Kafka ----------------------------------------------------------------------------
-
-    async def _ensure_topics(self) -> None:
-        try:
-            await ensure_topics(self._kafka)
-        except ConfigError as exc:
-            raise ToolFailed(str(exc), EXIT_USAGE) from exc
-        limits = await topic_record_limits(self._kafka)
-        topic_limit = limits.get(self.request.topic)
-        if topic_limit is not None:
-            self._limit = (
-                min(self._settings.kafka.max_request_bytes, topic_limit) - RECORD_OVERHEAD_BYTES
-            )
-        self._producer_batch_bytes = max(1024, min(256 * 1024, self._limit))
-
-    async def _start_producer(self) -> AIOKafkaProducer:
-        kwargs: dict[str, Any] = dict(
-            kafka_client_kwargs(self._kafka),
-            **producer_tuning_kwargs(self._kafka),
-            acks="all",
-            enable_idempotence=True,
-        )
-        kwargs["max_batch_size"] = self._producer_batch_bytes
-        if self._transactional:
-            kwargs["transactional_id"] = self.request.transactional_id
-            kwargs["transaction_timeout_ms"] = self._delivery.transaction_timeout_ms
-        producer = AIOKafkaProducer(**kwargs)
-        try:
-            with anyio.fail_after(60):
-                await producer.start()
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await producer.stop()
-            if isinstance(exc, KafkaError | TimeoutError):
-                raise self._translate(exc) from exc
-            raise
-        return producer
-
-    async def _commit(
-        self, producer: AIOKafkaProducer, records: list[Record], progress: list[Record]
-    ) -> dict[TopicPartition, int]:
-        """Write one batch and its progress; the last offset written to each partition."""
-        try:
-            with anyio.fail_after(self._delivery.transaction_timeout_ms / 1000):
-                if self._transactional:
-                    await producer.begin_transaction()
-                    written = await _send_all(producer, [*records, *progress])
-                    await producer.commit_transaction()
-                else:
-                    written = await _send_all(producer, records)
-                    written |= await _send_all(producer, progress)
-        except (KafkaError, TimeoutError) as exc:
-            raise self._translate(exc) from exc
-        return written
-
-    def _translate(self, exc: BaseException) -> Exception:
-        if isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
-            return ToolFailed(
-                f"another process of this run took over (transactional.id "
-                f"{self.request.transactional_id} fenced this one); it goes on from there"
-            )
-        if isinstance(exc, TransactionalIdAuthorizationFailed):
-            return ToolFailed(
-                f"Kafka does not allow the transactional.id {self.request.transactional_id}: "
-                f"grant TransactionalId Write and Describe on the prefix "
-                f"{TRANSACTIONAL_ID_PREFIX!r}"
-            )
-        if isinstance(exc, TopicAuthorizationFailedError):
-            return ToolFailed(f"Kafka does not allow writing to a topic: {exc}")
-        return SinkUnavailable(describe_kafka_error(exc, self._kafka.bootstrap_servers))
-
-    # -- progress records -----------------------------------------------------------------
-
-    def _run_record(self, state: RunState) -> Record:
-        r = self.request
-        threads = state.threads.values()
-        doc = {
-            "run_id": r.run_id,
-            "attempt": state.attempt,
-            "session_id": r.session_id,
-            "thread_id": r.thread_id,
-            "after": r.after,
-            "topic": r.topic,
-            "started_at": state.started_at,
-            "done": state.done,
-            "threads": len(state.threads),
-            "events": sum(t.events for t in threads),
-            "skipped": sum(t.skipped for t in threads),
-            "written_at": _now(),
-        }
-        return Record(r.progress_topic, r.run_id.encode(), canonical_json(doc), [])
-
-    def _thread_record(self, state: RunState, thread_id: str) -> Record:
-        r, thread = self.request, state.threads[thread_id]
-        doc = {
-            "run_id": r.run_id,
-            "attempt": state.attempt,
-            "thread_id": thread_id,
-            "last_event_id": thread.last_event_id,
-            "idless_after": thread.idless_after,
-            "events": thread.events,
-            "skipped": thread.skipped,
-            "done": thread.done,
-            "written_at": _now(),
-        }
-        key = f"{r.run_id}/{thread_id}".encode()
-        return Record(r.progress_topic, key, canonical_json(doc), [])
-
-    async def _load(self) -> RunState | None:
-        """The run's committed progress (read_committed, to the end of the topic)."""
-        run_id = self.request.run_id
-        prefix = run_id + "/"
-        docs: dict[str, Any] = {}
-
-        def keep(records: list[tuple[str, bytes | None]]) -> None:
-            for key, value in records:
-                if key == run_id or key.startswith(prefix):
-                    docs[key] = _json(value)
-
-        await read_checkpoints(self._kafka, keep)
-        run = docs.get(run_id)
-        if not isinstance(run, dict) or not isinstance(run.get("attempt"), str):
-            return None
-        state = RunState(run["attempt"], str(run.get("started_at")), done=run.get("done") is True)
-        for key, doc in docs.items():
-            if key == run_id or not isinstance(doc, dict) or doc.get("attempt") != state.attempt:
-                continue  # another attempt's (before a --restart), or a tombstone
-            last = doc.get("last_event_id")
-            state.threads[key[len(prefix) :]] = ThreadProgress(
-                last if isinstance(last, str) else None,
-                _int(doc.get("idless_after")),
-                _int(doc.get("events")),
-                _int(doc.get("skipped")),
-                doc.get("done") is True,
-            )
-        return state
-
-
-def _json(value: bytes | None) -> Any:
-    try:
-        return json.loads(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
-
-
-async def _send_all(producer: AIOKafkaProducer, records: list[Record]) -> dict[TopicPartition, int]:
-    acks = [await producer.send(r.topic, r.value, key=r.key, headers=r.headers) for r in records]
-    last: dict[TopicPartition, int] = {}
-    for meta in await asyncio.gather(*acks):
-        tp = TopicPartition(meta.topic, meta.partition)
-        last[tp] = max(last.get(tp, -1), meta.offset)
-    return last
