@@ -121,9 +121,10 @@ class RunStore:
         self._producer: AIOKafkaProducer | None = None
 
     async def open(self) -> None:
-        """Create what is missing (target and progress topics), then start the producer: with
-        ``exactly_once`` that fences an earlier process of this run and settles its open
-        transaction, so what :meth:`load` reads next is the whole truth."""
+        """Create what is missing (the target and progress topics, and the bridge's DLQ topic
+        as a bridge start would: the bridge's helper creates them together), then start the
+        producer: with ``exactly_once`` that fences an earlier process of this run and settles
+        its open transaction, so what :meth:`load` reads next is the whole truth."""
         try:
             await ensure_topics(self.kafka)
         except ConfigError as exc:
