@@ -4,14 +4,17 @@
 No framework: one request per connection (``Connection: close``), GET and HEAD only. The request
 head is bounded in size and must arrive within ``read_timeout_s``, and at most
 ``max_connections`` are served at once (the rest get a quick 503), so slow or idle clients cannot
-pin the server. It observes the bridge through :class:`HealthState`; it never calls into it.
+pin the server. ``/status`` answers are large and take a while to build: at most
+``max_status`` are built or sent at once, the others get 503 with ``Retry-After``, so operators'
+clients (slow or many) never take the places the probes and the scrapes need. It observes the
+bridge through :class:`HealthState`; it never calls into it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
@@ -29,7 +32,9 @@ __all__ = ["HealthState", "serve_http"]
 
 MAX_REQUEST_HEAD_BYTES = 8192
 #: ``/status``: the query string -> the answer's status and JSON body.
-StatusSource = Callable[[str], tuple[HTTPStatus, bytes]]
+StatusSource = Callable[[str], Awaitable[tuple[HTTPStatus, bytes]]]
+#: What a client told to wait for a place to build its ``/status`` waits, in seconds.
+STATUS_RETRY_AFTER_S = 1
 
 log = structlog.get_logger(__name__)
 
@@ -186,6 +191,15 @@ class _Response:
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
     allow: str | None = None
+    retry_after_s: int | None = None
+
+
+class _Places:
+    """How many of something are under way, and how many may be (one event loop: no lock)."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.taken = 0
 
 
 class _BadRequest(Exception):
@@ -199,8 +213,9 @@ async def serve_http(
     state: HealthState,
     *,
     read_timeout_s: float = 5.0,
-    max_connections: int = 32,
+    max_connections: int = 256,
     status: StatusSource | None = None,
+    max_status: int = 4,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled; ``task_status.started(port)`` reports the bound port. Without
@@ -214,9 +229,13 @@ async def serve_http(
             f"BRIDGE_HTTP_HOST/BRIDGE_HTTP_PORT: cannot listen on "
             f"{settings.host}:{settings.port} ({exc.strerror or exc})"
         ) from exc
-    limiter = anyio.CapacityLimiter(max_connections)
     handler = partial(
-        _handle, state=state, status=status, limiter=limiter, read_timeout_s=read_timeout_s
+        _handle,
+        state=state,
+        status=status,
+        connections=_Places(max_connections),
+        status_places=_Places(max_status),
+        read_timeout_s=read_timeout_s,
     )
     async with listener:
         port = listener.extra(SocketAttribute.local_port)  # noqa: S610 -- anyio, not Django
@@ -230,43 +249,66 @@ async def _handle(
     *,
     state: HealthState,
     status: StatusSource | None,
-    limiter: anyio.CapacityLimiter,
+    connections: _Places,
+    status_places: _Places,
     read_timeout_s: float,
 ) -> None:
     # Errors stay inside the connection: a misbehaving client must not stop the server.
     async with stream:
-        try:
-            limiter.acquire_nowait()
-        except anyio.WouldBlock:
+        if connections.taken >= connections.most:
             await _answer(stream, _text(HTTPStatus.SERVICE_UNAVAILABLE, "busy\n"), read_timeout_s)
             return
+        connections.taken += 1
         try:
-            response, head_only = await _respond(stream, state, status, read_timeout_s)
-            if response is not None:
-                await _answer(stream, response, read_timeout_s, head_only=head_only)
+            request = await _request(stream, read_timeout_s)
+            if request is None or isinstance(request, _Response):
+                if request is not None:
+                    await _answer(stream, request, read_timeout_s)
+                return
+            method, path, query, headers = request
+            if path != "/status" or status is None:
+                response = _guarded(path, lambda: _route(method, path, headers, state))
+                await _answer(stream, response, read_timeout_s, head_only=method == "HEAD")
+                return
+            if status_places.taken >= status_places.most:
+                await _answer(stream, _status_busy(status_places.most), read_timeout_s)
+                return
+            status_places.taken += 1
+            try:  # the place is held until the answer is sent: a big one to a slow reader too
+                response = await _status(method, query, status)
+                await _answer(stream, response, read_timeout_s, head_only=method == "HEAD")
+            finally:
+                status_places.taken -= 1
         finally:
-            limiter.release()
+            connections.taken -= 1
 
 
-async def _respond(
-    stream: SocketStream, state: HealthState, status: StatusSource | None, read_timeout_s: float
-) -> tuple[_Response | None, bool]:
+async def _request(
+    stream: SocketStream, read_timeout_s: float
+) -> tuple[str, str, str, dict[str, str]] | _Response | None:
+    """Method, path, query string and headers; an answer for a bad request; None: just close."""
     try:
         with anyio.fail_after(read_timeout_s):
             head = await _read_head(stream)
         method, target, headers = _parse_head(head)
     except _BadRequest as exc:
-        return _text(exc.status, exc.status.phrase + "\n"), False
+        return _text(exc.status, exc.status.phrase + "\n")
     except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError):
-        return None, False  # slow, gone or reset: just close
+        return None  # slow, gone or reset: just close
     path, _, query = target.partition("?")
+    return method, path, query, headers
+
+
+def _guarded(path: str, respond: Callable[[], _Response]) -> _Response:
     try:
-        if path == "/status" and status is not None:
-            return _status(method, query, status), method == "HEAD"
-        return _route(method, path, headers, state), method == "HEAD"
+        return respond()
     except Exception:
         log.exception("bridge.health.handler_failed", path=path)
-        return _text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n"), False
+        return _internal_error()
+
+
+def _internal_error() -> _Response:
+    return _text(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error\n")
 
 
 async def _read_head(stream: SocketStream) -> bytes:
@@ -318,11 +360,23 @@ def _route(method: str, path: str, headers: dict[str, str], state: HealthState) 
     return _Response(HTTPStatus.OK, encoder(REGISTRY), content_type)
 
 
-def _status(method: str, query: str, status: StatusSource) -> _Response:
+async def _status(method: str, query: str, status: StatusSource) -> _Response:
     if method not in ("GET", "HEAD"):
         return _Response(HTTPStatus.METHOD_NOT_ALLOWED, b"method not allowed\n", allow="GET, HEAD")
-    code, body = status(query)
+    try:
+        code, body = await status(query)
+    except Exception:
+        log.exception("bridge.health.handler_failed", path="/status")
+        return _internal_error()
     return _Response(code, body, "application/json")
+
+
+def _status_busy(most: int) -> _Response:
+    why = f"busy: {most} /status answers are under way; retry in {STATUS_RETRY_AFTER_S} s"
+    body = json.dumps({"error": why}).encode() + b"\n"
+    return _Response(
+        HTTPStatus.SERVICE_UNAVAILABLE, body, "application/json", retry_after_s=STATUS_RETRY_AFTER_S
+    )
 
 
 def _text(status: HTTPStatus, body: str) -> _Response:
@@ -341,6 +395,8 @@ async def _answer(
     ]
     if response.allow:
         lines.append(f"Allow: {response.allow}")
+    if response.retry_after_s is not None:
+        lines.append(f"Retry-After: {response.retry_after_s}")
     data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     if not head_only:
         data += response.body

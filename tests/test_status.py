@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from http import HTTPStatus
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +17,7 @@ import anyio
 import httpx
 import pytest
 
-from bridge import cli, status_cli
+from bridge import cli, health, status_cli
 from bridge.config import HttpSettings, Settings
 from bridge.cursor import ThreadCursor
 from bridge.health import HealthState, serve_http
@@ -95,9 +96,13 @@ def test_query_defaults_filters_and_bounds() -> None:
         ("limit=ten", "limit: expected an integer from 0 to 5000, got 'ten'"),
         ("offset=-1", "offset: expected an integer >= 0, got -1"),
         ("limit=1&limit=2", "limit: give it once"),
-        ("page=2", "unknown parameter 'page'; accepted: limit, offset, session, state"),
+        ("page=2", "unknown parameter 'page'; accepted: limit, offset, after, session, state"),
         ("state=running", "unknown state 'running'; accepted: " + ", ".join(STATES)),
         ("a=1&&=", "cannot parse the query string"),
+        ("after=sess_a", "after: expected SESSION_ID/THREAD_ID (a page's next), got 'sess_a'"),
+        ("after=/sthr_1", "after: expected SESSION_ID/THREAD_ID"),
+        ("after=sess_a/sthr_1&offset=3", "after and offset: give one of them"),
+        ("after=sess_a/sthr_1&after=sess_a/sthr_2", "after: give it once"),
     ],
 )
 def test_bad_queries_say_what_is_accepted(query: str, message: str) -> None:
@@ -243,14 +248,71 @@ async def test_paging_walks_every_row_once_and_filters_count_before_paging() -> 
     assert (past["threads"], past["total"], past["next_offset"]) == ([], 7, None)
 
 
-def test_before_the_supervisor_exists_the_answer_is_empty_and_says_why() -> None:
+def test_keyset_pages_keep_every_thread_followed_all_along_while_others_come_and_go() -> None:
+    """Scenario: 9 threads in 3 sessions (and an idle session), pages of 2 asked with `after`
+    = the previous page's `next`. Between pages the first thread leaves, a thread arrives
+    before the cursor and one after it: every thread followed all along is on exactly one
+    page, the late one after the cursor too; `offset` says how many rows come before the
+    page, `next` is null on the last page. With a state or session filter the same walk
+    gives the filtered rows, and `total` counts them."""
+    pumps = {
+        p.thread: p
+        for p in (make_pump(f"sess_{i % 3}", f"sthr_{i}", committed=f"e{i}") for i in range(9))
+    }
+    sessions = frozenset({"sess_0", "sess_1", "sess_2", "sess_9"})
+    health, seen, after, offsets = HealthState(), [], None, []
+    while True:
+        query = "limit=2" + (f"&after={after}" if after else "")
+        doc = build_status(pumps, sessions, health, parse_query(query), member="m", now=NOW)
+        seen += [(r["session_id"], r["thread_id"]) for r in doc["threads"]]
+        offsets.append(doc["offset"])
+        assert doc["after"] == after
+        if doc["next"] is None:
+            assert doc["next_offset"] is None
+            break
+        assert doc["next"] == "/".join(seen[-1])  # the last row's key
+        assert doc["next_offset"] == doc["offset"] + len(doc["threads"])
+        after = doc["next"]
+        if len(seen) == 2:  # sess_0: sthr_0, sthr_3 shown
+            del pumps[ThreadRef("sess_0", "sthr_0")]
+            for late in (make_pump("sess_0", "sthr_1"), make_pump("sess_2", "sthr_99")):
+                pumps[late.thread] = late
+    assert seen == [
+        ("sess_0", "sthr_0"), ("sess_0", "sthr_3"), ("sess_0", "sthr_6"), ("sess_1", "sthr_1"),
+        ("sess_1", "sthr_4"), ("sess_1", "sthr_7"), ("sess_2", "sthr_2"), ("sess_2", "sthr_5"),
+        ("sess_2", "sthr_8"), ("sess_2", "sthr_99"), ("sess_9", None),
+    ]  # fmt: skip
+    # Rows before each page, as counted then: sess_0/sthr_0 left and sthr_1 came, both before.
+    assert offsets == [0, 2, 4, 6, 8, 10]
+
+    pumps[ThreadRef("sess_1", "sthr_4")].state = PumpState.BACKOFF
+    pumps[ThreadRef("sess_2", "sthr_5")].state = PumpState.BACKOFF
+    pumps[ThreadRef("sess_2", "sthr_8")].state = PumpState.BACKOFF
+    walked, after = [], None
+    while True:
+        query = "limit=1&state=backoff,idle" + (f"&after={after}" if after else "")
+        doc = build_status(pumps, sessions, health, parse_query(query), member="m", now=NOW)
+        assert doc["total"] == 4
+        walked += [(r["thread_id"], doc["offset"]) for r in doc["threads"]]
+        if (after := doc["next"]) is None:
+            break
+    assert walked == [("sthr_4", 0), ("sthr_5", 1), ("sthr_8", 2), (None, 3)]
+    doc = build_status(
+        pumps, sessions, health, parse_query("session=sess_2&after=sess_2/sthr_5"),
+        member="m", now=NOW,
+    )  # fmt: skip
+    assert [r["thread_id"] for r in doc["threads"]] == ["sthr_8", "sthr_99"]
+    assert (doc["total"], doc["offset"], doc["next"]) == (4, 2, None)
+
+
+async def test_before_the_supervisor_exists_the_answer_is_empty_and_says_why() -> None:
     view = StatusView(HealthState())
-    code, body = view.answer("")
+    code, body = await view.answer("")
     doc = json.loads(body)
     assert code == 200
     assert (doc["threads"], doc["total"], doc["reason"]) == ([], 0, NOT_STARTED)
     assert doc["member"]["id"] == member_id() == f"{os.uname().nodename}-{os.getpid()}"
-    code, body = view.answer("limit=99999")
+    code, body = await view.answer("limit=99999")
     assert code == 400
     assert json.loads(body) == {
         "error": f"limit: expected an integer from 0 to {MAX_LIMIT}, got 99999"
@@ -388,6 +450,158 @@ async def test_route_answers_json_pages_and_refuses_writes_probes_unchanged() ->
         assert (await client.get("/readyz")).status_code == 503
     async with http_server(None) as port, httpx.AsyncClient() as client:
         assert (await client.get(f"http://127.0.0.1:{port}/status")).status_code == 404
+
+
+async def test_route_answers_what_build_status_builds_slice_by_slice() -> None:
+    """Scenario: 1,300 threads (the route builds them a slice at a time, 500 rows each) in
+    4 sessions, filters on a session and a state: the route's JSON is the document
+    build_status builds in one pass, but for its times (and lags from now: the threads
+    backing off have none); a `next` from it pages on."""
+    pumps = pumps_of(
+        *[
+            make_pump(f"sess_{i % 4}", f"sthr_{i:05d}", PumpState.BACKOFF, committed=f"e{i}")
+            if i % 5 == 0
+            else make_pump(f"sess_{i % 4}", f"sthr_{i:05d}", committed=f"e{i}", reconnects=i % 3)
+            for i in range(1300)
+        ]
+    )
+    for i in range(1300):  # the streaming ones read an event: a lag from its read time
+        pump = pumps[ThreadRef(f"sess_{i % 4}", f"sthr_{i:05d}")]
+        if pump.state is PumpState.STREAMING:
+            pump.last_event_time, pump.last_event_read_at = _stamp(9), NOW - 8
+    sessions = frozenset({"sess_0", "sess_7"})
+    view = StatusView(HealthState(), member="pod-0-1")
+    view.supervisor = SimpleNamespace(pumps=pumps, sessions=sessions)  # type: ignore[assignment]
+    async with (
+        http_server(view) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        for query in ("limit=5000", "limit=700&session=sess_1,sess_7&state=streaming,idle"):
+            answer = await client.get(f"/status?{query}")
+            assert answer.status_code == 200
+            doc = answer.json()
+            assert answer.content == json.dumps(doc).encode() + b"\n"
+            expected = build_status(
+                pumps, sessions, view.health, parse_query(query), member="pod-0-1", now=NOW
+            )
+            for times in ("generated_at", "listed_at"):
+                assert doc.pop(times) is not None and expected.pop(times) is not None
+            assert doc == expected
+        assert (doc["total"], len(doc["threads"]), doc["next"]) == (261, 261, None)
+        first = (await client.get("/status?limit=1000")).json()
+        rest = (await client.get("/status", params={"after": first["next"]})).json()
+        keys = [(r["session_id"], r["thread_id"]) for r in first["threads"] + rest["threads"]]
+        assert keys == sorted(keys) and len(set(keys)) == 1301 == first["total"]
+
+
+async def test_route_stays_right_while_pumps_come_and_go_during_the_build() -> None:
+    """Scenario: 3,000 threads; while a request is built (slice by slice, the loop running
+    other tasks between), every turn of the loop a thread leaves and another arrives. The
+    answer is 200 with rows sorted and each once, every row a thread followed at some point
+    of the request, and every thread followed from before the request to after it shown."""
+    pumps = pumps_of(*[make_pump("sess_a", f"sthr_{i:05d}") for i in range(3000)])
+    view = StatusView(HealthState(), member="m")
+    view.supervisor = SimpleNamespace(pumps=pumps, sessions=frozenset())  # type: ignore[assignment]
+    before, ever, turns = set(pumps), set(pumps), [0]
+
+    async def churn() -> None:
+        while True:
+            turns[0] += 1
+            del pumps[next(iter(pumps))]  # the oldest leaves
+            late = make_pump("sess_a", f"sthr_late_{turns[0]:05d}")
+            pumps[late.thread] = late
+            ever.add(late.thread)
+            await anyio.lowlevel.checkpoint()
+
+    async with (
+        http_server(view) as port,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(churn)
+        answer = await client.get("/status?limit=5000")
+        tg.cancel_scope.cancel()
+    assert answer.status_code == 200
+    assert turns[0] > 6  # the request was built while the loop ran the churn
+    doc = answer.json()
+    keys = [ThreadRef(r["session_id"], r["thread_id"]) for r in doc["threads"]]
+    assert keys == sorted(keys, key=lambda k: (k.session_id, k.thread_id))
+    assert len(set(keys)) == len(keys) and set(keys) <= ever
+    assert before & set(pumps) <= set(keys)
+    assert doc["total"] == doc["threads_followed"] >= len(keys)
+
+
+class _OnePlace:
+    """A server with one place for /status answers; the first answer waits for `release`.
+    `busy` counts the requests told to come back."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release, self.calls, self.busy = anyio.Event(), 0, 0
+        self.view = StatusView(HealthState(), member="m")
+        self.view.supervisor = SimpleNamespace(  # type: ignore[assignment]
+            pumps=pumps_of(make_pump("sess_a", "sthr_1", committed="e1")), sessions=frozenset()
+        )
+        status_busy = health._status_busy
+
+        def counted_busy(most: int) -> Any:
+            self.busy += 1
+            return status_busy(most)
+
+        monkeypatch.setattr(health, "_status_busy", counted_busy)
+
+    async def blocked_first(self, query: str) -> tuple[HTTPStatus, bytes]:
+        self.calls += 1
+        if self.calls == 1:
+            await self.release.wait()
+        return await self.view.answer(query)
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        """The server's URL, with the first /status in flight (holding the place)."""
+        answers: list[httpx.Response] = []
+
+        async def first(url: str) -> None:
+            async with httpx.AsyncClient() as client:
+                answers.append(await client.get(f"{url}/status"))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                port = await tg.start(
+                    lambda task_status: serve_http(
+                        HttpSettings(host="127.0.0.1", port=0),
+                        self.view.health,
+                        status=self.blocked_first,
+                        max_status=1,
+                        task_status=task_status,
+                    )
+                )
+                url = f"http://127.0.0.1:{port}"
+                async with anyio.create_task_group() as clients:
+                    clients.start_soon(first, url)
+                    while self.calls < 1:
+                        await anyio.sleep(0.01)
+                    yield url
+                    self.release.set()
+                tg.cancel_scope.cancel()
+        assert [answer.status_code for answer in answers] == [200]
+
+
+async def test_status_requests_beyond_the_cap_are_told_to_retry_and_probes_are_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scenario: /status answers are capped (1 here, 4 by default) and one is being built
+    (a slow build, or a slow reader of a big answer). Another /status gets 503 with
+    Retry-After and a JSON error, while /livez, /readyz and /metrics are answered."""
+    place = _OnePlace(monkeypatch)
+    async with place.serving() as url, httpx.AsyncClient(base_url=url) as client:
+        refused = await client.get("/status")
+        livez = await client.get("/livez")
+        readyz = await client.get("/readyz")
+        scrape = await client.get("/metrics")
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.json() == {"error": "busy: 1 /status answers are under way; retry in 1 s"}
+    assert (livez.text, readyz.json()["ready"], scrape.status_code) == ("ok\n", False, 200)
+    assert place.busy == 1
 
 
 async def test_cli_fetches_every_page_up_to_the_limit(
