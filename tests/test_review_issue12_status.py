@@ -234,11 +234,6 @@ async def test_a_crashed_pump_says_so_in_the_status() -> None:
 # -- finding 4: the API's bytes reach the operator's terminal ----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 4: the table prints event ids and processed_at from the API "
-    "as they are: escape sequences in them drive the operator's terminal",
-)
 async def test_control_characters_from_the_api_do_not_reach_the_terminal(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -280,11 +275,6 @@ class _LeavingView(StatusView):
         return result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 5: offset paging skips a row when a thread before it leaves "
-    "between two pages; the command keeps each thread once but misses one followed all along",
-)
 async def test_the_command_shows_every_thread_followed_all_along_while_others_leave(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -312,11 +302,6 @@ async def test_the_command_shows_every_thread_followed_all_along_while_others_le
 # -- finding 6: one odd processed_at from the API crashes the command ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 6: a processed_at near year 1 or 9999 with an offset makes "
-    "render() raise OverflowError: a traceback instead of the table",
-)
 async def test_an_out_of_range_processed_at_does_not_crash_the_table(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -341,11 +326,6 @@ async def test_an_out_of_range_processed_at_does_not_crash_the_table(
 # -- finding 7: `--limit 0` says "no rows" ----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 7: `qoder-bridge status --limit 0` prints 'no rows' under "
-    "'threads 3': it says nothing is followed when 3 threads are",
-)
 async def test_limit_zero_does_not_say_there_are_no_rows(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from anyio.abc import SocketAttribute
 
 from bridge import cli, health, status_cli
 from bridge.config import HttpSettings, Settings
@@ -654,6 +655,93 @@ async def test_cli_errors_and_exit_codes(
     monkeypatch.setenv("BRIDGE_HTTP_PORT", "http")
     assert await run_cli() == 2
     assert "BRIDGE_HTTP_PORT: expected" in capsys.readouterr().err
+
+
+async def test_cli_waits_when_the_bridge_says_retry(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scenario: the bridge's /status places are all taken (another operator's big page): the
+    command, answered 503 with Retry-After, waits and asks again; once the place is free it
+    prints its table (exit 0)."""
+    place = _OnePlace(monkeypatch)
+    codes: list[int] = []
+
+    async def command(url: str) -> None:
+        codes.append(await run_cli("--url", url))
+
+    async with place.serving() as url, anyio.create_task_group() as tg:
+        tg.start_soon(command, url)
+        while place.busy < 1:  # the command was told to come back
+            await anyio.sleep(0.01)
+        place.release.set()
+    assert codes == [0] and place.busy >= 1
+    assert [line.split()[:2] for line in table_rows(capsys.readouterr().out)] == [
+        ["sess_a", "sthr_1"]
+    ]
+
+
+async def test_cli_escapes_what_the_bridge_says_and_bounds_its_answers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Scenario: what a hostile or broken server (or the API behind the bridge) sends. A
+    last_error and an error message with escape sequences print as escapes, never raw; an
+    answer bigger than the bound, or one that trickles in past the time bound, is refused
+    (exit 1) instead of read forever; --json keeps the values exact."""
+
+    def no_controls(text: str) -> bool:
+        return not any((ord(c) < 32 and c != "\n") or 127 <= ord(c) < 160 for c in text)
+
+    pump = make_pump("sess_a", "sthr_1", committed="e1", last_error="\x1b[8mhidden\x9b")
+    view = StatusView(HealthState(), member="pod\x1b]0;x\x07")
+    view.supervisor = SimpleNamespace(pumps=pumps_of(pump), sessions=frozenset())  # type: ignore[assignment]
+    async with http_server(view) as port:
+        url = f"http://127.0.0.1:{port}"
+        assert await run_cli("--url", url) == 0
+        out = capsys.readouterr().out
+        assert no_controls(out) and "member pod\\x1b]0;x\\x07  ready no" in out
+        assert table_rows(out)[0].split()[-1] == "\\x1b[8mhid.."
+        assert await run_cli("--url", url, "--json") == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["threads"][0]["last_error"] == "\x1b[8mhidden\x9b"
+        assert doc["member"]["id"] == "pod\x1b]0;x\x07"
+        monkeypatch.setattr(status_cli, "MAX_ANSWER_BYTES", 300)
+        assert await run_cli("--url", url) == 1
+        assert f"{url}/status answered more than 300 bytes" in capsys.readouterr().err
+
+    async def hostile(query: str) -> tuple[HTTPStatus, bytes]:
+        return HTTPStatus.BAD_REQUEST, json.dumps({"error": "\x1b[2J\x1b[3Jowned"}).encode()
+
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(
+            lambda task_status: serve_http(
+                HttpSettings(host="127.0.0.1", port=0),
+                HealthState(),
+                status=hostile,
+                task_status=task_status,
+            )
+        )
+        assert await run_cli("--url", f"http://127.0.0.1:{port}") == 1
+        err = capsys.readouterr().err
+        assert no_controls(err) and "answered HTTP 400: \\x1b[2J\\x1b[3Jowned" in err
+        tg.cancel_scope.cancel()
+
+    async def trickle(stream: Any) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n{")  # under the bound
+            while True:
+                await stream.send(b" ")
+                await anyio.sleep(0.05)
+
+    monkeypatch.setattr(status_cli, "TIMEOUT_S", 0.5)
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    with anyio.fail_after(30):
+        async with listener, anyio.create_task_group() as tg:
+            tg.start_soon(listener.serve, trickle)
+            port = listener.extra(SocketAttribute.local_port)  # noqa: S610 -- anyio, not Django
+            assert await run_cli("--url", f"http://127.0.0.1:{port}") == 1
+            tg.cancel_scope.cancel()
+    assert "no answer from" in capsys.readouterr().err
 
 
 def test_default_url_is_the_local_port_of_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
