@@ -17,7 +17,7 @@ UV := $(BIN)/uv
 help:
 	@echo "make run    start a local Kafka, the Qoder API simulator and the bridge; Ctrl-C stops all"
 	@echo "make test   lint, type-check and run the whole suite against a real Kafka broker"
-	@echo "make bench  print throughput, latency and memory figures"
+	@echo "make bench  print throughput, latency and memory figures; charts in .cache/bench/charts"
 	@echo "make lock   update deploy/lock/ after a change to pyproject.toml (lock-upgrade: newest versions)"
 
 # The virtualenv holds exactly deploy/lock/dev.txt (every version pinned, every archive's hash

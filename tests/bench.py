@@ -6,6 +6,9 @@ Ctrl-C included), the Qoder API simulator in a child process (``python -m tests.
 bridge as users run it (``python -m bridge run``). Every figure comes with a baseline measured
 in the same run, as a ratio. Printed:
 
+0. pipeline (tests/bench_pipeline.py): the bridge's events/s and CPU an event at 40, 200 and
+   1,000 threads against the plain producer sending the same records with the same settings,
+   and against a tutorial-grade httpx-sse + aiokafka script;
 1. throughput: events/s through the bridge for 1 thread and for 1,000 concurrent threads of
    pre-generated (``instant``) ~300-byte events, in ``at_least_once`` and in ``exactly_once``:
    N records, counted from the moment the first one became visible to a read_committed consumer
@@ -13,12 +16,13 @@ in the same run, as a ratio. Printed:
    stable offset of each partition, sampled every 50 ms, against the offsets the records were
    found at afterwards (every record is read back and counted: none lost, none twice). In full
    mode also 1,000 threads whose backlog is larger than the bridge's in-flight byte budget;
-2. baselines: a plain aiokafka producer (idempotent, acks=all, gzip, the bridge's linger and
+2. baselines: a plain aiokafka producer (idempotent, acks=all, zstd, the bridge's linger and
    batch size) and a transactional one committing every 100 ms, sending the very records the
    bridge wrote (keys, values, headers) to a new topic on the same broker, measured the same way;
-3. latency at a live rate (20 threads x 20 events/s): from the event's ``processed_at`` (the
-   simulator emitting it) to the broker appending it (the record's LogAppendTime timestamp), and
-   to a read_committed consumer in this process receiving it, in both delivery modes;
+3. latency at a live rate (50 threads x 20 events/s: 1,000 events/s): from the event's
+   ``processed_at`` (the simulator emitting it) to the broker appending it (the record's
+   LogAppendTime timestamp), and to a read_committed consumer in this process receiving it, in
+   both delivery modes;
 4. memory: the bridge's RSS with 0 threads (the baseline), with 1,000 and with 10,000 open idle
    streams (threads that stay running, heartbeats only), once the bridge's
    ``qoder_bridge_open_streams`` and the simulator's own count both say they are all open (or,
@@ -32,8 +36,10 @@ in the same run, as a ratio. Printed:
 
 Everything shares this machine's cores: the figures are for the whole arrangement, which the
 output states, with the CPU each process used and the load from anything else on the machine.
-``--parts`` picks parts; ``--py-spy EXE`` profiles the bridge during the throughput runs
-(collapsed stacks in the ``--logs`` directory).
+``--parts`` picks parts; ``--py-spy EXE`` profiles the bridge during the throughput and
+pipeline runs (collapsed stacks in the ``--logs`` directory). At the end the figures are drawn
+as PNG charts (tests/bench_charts.py, with matplotlib from the ``bench`` extra) in ``--charts``
+(default ``.cache/bench/charts``, ignored by git).
 """
 
 from __future__ import annotations
@@ -106,8 +112,9 @@ class Sizes:
     open_within_s: float  # how long the idle streams may take to open
 
 
-FULL = Sizes(100_000, 25, 20, 100, 20, 20.0, 20.0, (1_000, 10_000), 90.0)
-QUICK = Sizes(20_000, 25, 10, 0, 20, 20.0, 8.0, (1_000,), 60.0)
+# Latency at 1,000 events/s: 50 threads x 20 events/s.
+FULL = Sizes(100_000, 25, 20, 100, 50, 20.0, 20.0, (1_000, 10_000), 90.0)
+QUICK = Sizes(20_000, 25, 10, 0, 50, 20.0, 8.0, (1_000,), 60.0)
 
 
 # -- scenarios (JSON, as `--scenario FILE` takes them) ------------------------------------------
@@ -611,7 +618,7 @@ class Bench:
             "bootstrap_servers": self.bootstrap,
             "acks": "all",
             "enable_idempotence": True,
-            "compression_type": "gzip",
+            "compression_type": "zstd",  # the bridge's default
             "linger_ms": LINGER_MS,
             "max_batch_size": BATCH_BYTES,
             "max_request_size": 1_048_576,
@@ -1091,7 +1098,12 @@ async def _main(args: argparse.Namespace, broker: KafkaBroker, workdir: Path) ->
     bench_cost._CHILDREN = _CHILDREN  # type: ignore[attr-defined]
     cost_parts, cost_bench = bench_cost.PARTS, bench_cost.CostBench
     cost = cost_bench(args, broker.bootstrap, broker.pid, workdir)
+    import tests.bench_pipeline as bench_pipeline  # noqa: PLC0415 -- it imports this module
+
+    bench_pipeline._CHILDREN = _CHILDREN  # type: ignore[attr-defined]
+    pipeline = bench_pipeline.PipelineBench(args, broker.bootstrap, broker.pid, workdir)
     parts: dict[str, Callable[[], Any]] = {
+        "pipeline": pipeline.run,
         "throughput": bench.run_throughput,
         "latency": bench.run_latency,
         "memory": bench.run_memory,
@@ -1124,12 +1136,42 @@ async def _main(args: argparse.Namespace, broker: KafkaBroker, workdir: Path) ->
         tg.cancel_scope.cancel()
     if interrupted:
         return 130
+    pipeline.report()
     bench.report()
     cost.report()
+    draw_charts(args, pipeline, bench)
     return 1 if bench.failures else 0
 
 
-PARTS = ("throughput", "latency", "memory", "soak", "restart", "startup", "http2")
+def draw_charts(args: argparse.Namespace, pipeline: Any, bench: Bench) -> None:
+    """The figures of this run as PNG charts (tests/bench_charts.py), when matplotlib is there."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    try:
+        import matplotlib  # noqa: F401, PLC0415
+
+        from tests.bench_charts import draw  # noqa: PLC0415
+    except ImportError:
+        say("\ncharts: matplotlib is not installed (the bench extra): none drawn")
+        return
+    s = bench.sizes
+    figures = {
+        "caption": (
+            f"python -m tests.bench {' '.join(sys.argv[1:])}  |  {os.cpu_count()} cores,"
+            f" Python {sys.version.split()[0]}, Apache Kafka {_kafka_version()},"
+            f" {time.strftime('%Y-%m-%d')}"
+        ),
+        "pipeline": [asdict(r) for r in pipeline.runs],
+        "latency": [asdict(r) for r in bench.latency],
+        "latency_rate": f"{s.live_threads * s.live_rate:,.0f} events/s"
+        f" ({s.live_threads} threads x {s.live_rate:g}/s)",
+        "memory": [asdict(m) for m in bench.memory],
+    }
+    written = draw(figures, args.charts)
+    say(f"\ncharts: {', '.join(str(p) for p in written)}")
+
+
+PARTS = ("pipeline", "throughput", "latency", "memory", "soak", "restart", "startup", "http2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1156,6 +1198,17 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="startup part: checkpoint records per thread (> 1: a topic not compacted yet)",
+    )
+    parser.add_argument(
+        "--pipeline-threads",
+        type=lambda v: tuple(int(t) for t in v.split(",")),
+        help="pipeline part: the thread counts of the sweep (default 40,200,1000)",
+    )
+    parser.add_argument(
+        "--charts",
+        type=Path,
+        default=ROOT / ".cache" / "bench" / "charts",
+        help="where the PNG charts and their figures go (default .cache/bench/charts)",
     )
     parser.add_argument("--logs", type=Path, help="keep the logs (bridge, simulator) here")
     parser.add_argument("--py-spy", help="py-spy executable: profile the bridge's throughput runs")
