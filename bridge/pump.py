@@ -132,6 +132,8 @@ class Pump:
         #: The last event handed on: its ``processed_at`` and when (wall clock) it was read.
         self.last_event_time: str | None = None
         self.last_event_read_at: float | None = None
+        #: When the current stream went live (caught up), wall clock; None when not streaming.
+        self.live_since: float | None = None
         self.log = structlog.get_logger("bridge.pump").bind(
             session_id=self.thread.session_id, thread_id=self.thread.thread_id
         )
@@ -379,11 +381,13 @@ class Pump:
                         await self._backfill()
                     if not self._follow:
                         return  # drained while connecting: the final pass reads the rest
+                    self.live_since = time.time()
                     async for frame in frames:
                         await self._on_frame(frame)
                         if time.monotonic() - started > HEALTHY_AFTER_S:
                             self._backoff.reset()
             finally:
+                self.live_since = None
                 metrics.OPEN_STREAMS.dec()
         if time.monotonic() - started < 1.0 and self._follow:
             # The server closed at once: don't spin.

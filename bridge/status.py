@@ -17,7 +17,8 @@ built (a thread gone since is left out of the page, which keeps its place for pa
 Lag (``lag_s``), from the last event this process read of the thread (its ``processed_at``):
 
 - ``streaming``: that event's delay, the time it was read minus its ``processed_at``. On a live
-  stream the API sends what it has, so a quiet thread is not behind: its lag stays what it was.
+  stream the API sends what it has, so a quiet thread is not behind: its lag stays what it was;
+  an event read before the stream went live (the catch-up) leaves it at 0.
 - any other state: now minus its ``processed_at``. The thread is not on a live stream, so newer
   events may be waiting: this is the most it can be behind (a quiet thread shows how long it
   has been quiet).
@@ -178,8 +179,16 @@ def member_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def lag_s(state: str, processed_at: str | None, read_at: float | None, now: float) -> float | None:
+def lag_s(
+    state: str,
+    processed_at: str | None,
+    read_at: float | None,
+    now: float,
+    live_since: float | None = None,
+) -> float | None:
     """How far behind the thread is, in seconds (the module's docstring says what it means)."""
+    if state == "streaming" and live_since is not None and (read_at or 0.0) <= live_since:
+        return 0.0  # caught up when the stream went live, nothing newer since
     event_time = _epoch(processed_at)
     if event_time is None:
         return None
@@ -224,7 +233,7 @@ def _thread_row(pump: Pump, state: str, now: float) -> dict[str, Any]:
         "committed_event_id": pump.cursor.committed_id,
         "last_event_processed_at": pump.last_event_time,
         "last_event_read_at": _iso(pump.last_event_read_at),
-        "lag_s": lag_s(state, pump.last_event_time, pump.last_event_read_at, now),
+        "lag_s": lag_s(state, pump.last_event_time, pump.last_event_read_at, now, pump.live_since),
         "reconnects": pump.reconnects,
         "last_error": pump.last_error,
     }

@@ -198,12 +198,6 @@ class _RecordingAlerts(SupervisorAlerts):
         self.sent.append(alert_type)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: a pump that crashed stays in the status for backoff_max_s as "
-    "'connecting' with last_error null and reconnects unchanged (then restarts at 0): the "
-    "one thread an operator must see is shown as fine",
-)
 async def test_a_crashed_pump_says_so_in_the_status() -> None:
     """Scenario: a running thread whose events trip a bug (RuntimeError in the pump). The
     supervisor logs `bridge.pump.crashed`, alerts `bridge.pump_crashed` and waits
@@ -348,12 +342,6 @@ async def test_limit_zero_does_not_say_there_are_no_rows(
 # -- finding 8: a caught-up streaming thread reports its catch-up delay as lag -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 8: lag_s when streaming is the delay of the last event read, even "
-    "when that event was read by the backfill before the stream opened: a thread caught up "
-    "on its live stream shows the catch-up delay (here 10 minutes) for as long as it is quiet",
-)
 async def test_a_caught_up_streaming_thread_is_not_reported_behind() -> None:
     """Scenario: after 10 minutes down, the bridge resumes a running thread: the backfill
     reads its last event (processed 10 minutes ago), the stream opens after it, and the
@@ -394,11 +382,6 @@ class _SmallRecords(FakePublisher):
         return 4096
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 9: after a dead-lettered event (too large) last_event_id names it "
-    "while last_event_processed_at (and the lag from it) is the previous event's",
-)
 async def test_last_event_id_and_its_processed_at_are_the_same_events() -> None:
     """Scenario: a thread's event evt_0000 (processed 10 minutes ago) is published; the next,
     evt_0001 (processed 5 s ago), is larger than Kafka takes and goes to the DLQ: the
@@ -457,11 +440,6 @@ def _event_of(item: dict[str, Any]) -> Event | Rejected:
     return event_from_item(item)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 10: while a pump whose cursor the API lost reads the whole thread "
-    "again from the start (_rescan), it has no state: the row says 'connecting'",
-)
 async def test_a_rescan_from_the_start_is_shown_as_reading_the_list() -> None:
     """Scenario: a thread resumed at a checkpointed event the API no longer knows (400 on
     the stream, `bad_cursor`). The pump backs off, then `_rescan` reads the thread's whole
