@@ -40,14 +40,15 @@ from typing import Any, TextIO
 
 import anyio
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from bridge.api import QoderApi
-from bridge.checkpoints import Checkpoint, parse_checkpoint, read_checkpoints
+from bridge.checkpoints import Checkpoint, ensure_topics, parse_checkpoint, read_checkpoints
 from bridge.cli import add_settings_flags, settings_from_args
 from bridge.config import KafkaSettings, Settings, require_token
 from bridge.cursor import CHECKPOINT_RECENT_IDS
-from bridge.errors import ApiError, SinkError, SinkUnavailable
+from bridge.errors import ApiError, ConfigError, SinkError, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging
 from bridge.membership import Member, live_members
@@ -181,10 +182,27 @@ async def stored_checkpoints(kafka: KafkaSettings, session_id: str | None = None
             rows[key] = Stored(session, thread, checkpoint, written)
 
     try:
-        await read_checkpoints(kafka, keep)
+        # No topic, no checkpoints (and aiokafka trips over a consumer stopped right after it
+        # started with nothing assigned: not asked to read one).
+        if await _topic_exists(kafka, kafka.checkpoint_topic):
+            await read_checkpoints(kafka, keep)
     except SinkError as exc:
         raise ToolFailed(str(exc)) from exc
     return [rows[key] for key in sorted(rows)]
+
+
+async def _topic_exists(kafka: KafkaSettings, topic: str, *, timeout_s: float = 30) -> bool:
+    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
+    try:
+        with anyio.fail_after(timeout_s):
+            await admin.start()
+            return topic in await admin.list_topics()
+    except (KafkaError, TimeoutError) as exc:
+        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
+        raise SinkUnavailable(f"cannot list the topics: {cause}") from exc
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await admin.close()
 
 
 def _field(value: bytes | None, name: str) -> str | None:
@@ -320,6 +338,14 @@ async def _position(api: QoderApi, ref: ThreadRef, event_id: str | None) -> Posi
 async def _write(settings: Settings, session_id: str, positions: dict[ThreadRef, Position]) -> None:
     kafka = settings.kafka
     topic = kafka.checkpoint_topic
+    # Before a bridge's first start (--to-latest: begin from now on) the topic may not exist
+    # yet: created as the bridge creates it, compacted, never auto-created by a send.
+    try:
+        await ensure_topics(kafka)
+    except ConfigError as exc:
+        raise ToolFailed(str(exc), EXIT_USAGE) from exc
+    except SinkError as exc:
+        raise ToolFailed(str(exc)) from exc
     kwargs: dict[str, Any] = dict(
         kafka_client_kwargs(kafka),
         **producer_tuning_kwargs(kafka),

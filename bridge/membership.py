@@ -29,7 +29,7 @@ import anyio
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError, for_code
+from aiokafka.errors import GroupIdNotFound, KafkaError, for_code
 
 from bridge.config import KafkaSettings, Settings
 from bridge.errors import SinkUnavailable
@@ -126,32 +126,49 @@ async def live_members(kafka: KafkaSettings, *, timeout_s: float = 30) -> list[M
     ``Describe`` ACL on the group): the caller cannot tell, and must not guess "nobody".
     """
     admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
+    retry: list[str] = []  # why the last answer said to ask again
     try:
         with anyio.fail_after(timeout_s):
             await admin.start()
             while True:
-                try:
-                    responses = await admin.describe_consumer_groups([kafka.group_id])
-                    break
-                except KafkaError as exc:
-                    # No coordinator yet (a new cluster creates __consumer_offsets first).
-                    if not exc.retriable:
-                        raise
-                    await anyio.sleep(0.5)
+                members = await _describe(admin, kafka.group_id, retry)
+                if members is not None:
+                    return members
+                # No coordinator yet, or it moved (a new cluster creates __consumer_offsets
+                # on the first ask): ask again.
+                await anyio.sleep(0.5)
     except (KafkaError, TimeoutError, OSError) as exc:
         cause = describe_kafka_error(exc, kafka.bootstrap_servers)
+        if retry:
+            cause += f" (the last answer: {retry[-1]})"
         raise SinkUnavailable(f"cannot describe the group {kafka.group_id!r}: {cause}") from exc
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await admin.close()
+
+
+async def _describe(
+    admin: AIOKafkaAdminClient, group_id: str, retry: list[str]
+) -> list[Member] | None:
+    """The group's members; None when the answer says to ask again (why: in ``retry``)."""
+    try:
+        responses = await admin.describe_consumer_groups([group_id])
+    except KafkaError as exc:
+        if exc.retriable:
+            retry.append(type(exc).__name__)
+            return None
+        raise
     members: list[Member] = []
     for response in responses:
         for group in response.groups:
             code, members_raw = group[0], group[5]
+            if code == GroupIdNotFound.errno:
+                continue  # never joined by anyone: nobody is live
             if code != 0:
                 error: Any = for_code(code)
-                raise SinkUnavailable(
-                    f"cannot describe the group {kafka.group_id!r}: {error.__name__} ({code})"
-                )
+                if error.retriable:
+                    retry.append(error.__name__)
+                    return None
+                raise error(f"describing the group {group_id!r}")
             members.extend(Member(m[0], m[1], m[2]) for m in members_raw)
     return members

@@ -239,3 +239,41 @@ async def test_reset_is_refused_while_a_bridge_is_running_unless_forced(
         )
         no_thread = await cli(env, "checkpoints", "reset", "--session", session_id, "--to", last)
         assert no_thread.returncode == 2 and "--to needs --thread" in no_thread.stderr.decode()
+
+
+async def test_reset_to_latest_before_the_first_start_skips_the_history(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: before a bridge has ever run (list: no checkpoints), an operator sets one
+    session's threads to their latest event (publish from now on, not the history). The
+    checkpoint topic is created as
+    the bridge creates it (compacted), and the first bridge start publishes the other session
+    whole and nothing of that one."""
+    from tests.test_checkpoints import topic_configs  # noqa: PLC0415 -- the same look
+
+    async with running_simulator(SCENARIO, token=TOKEN) as sim:
+        env = env_for(sim, kafka_bootstrap, kafka_topics)
+        kafka = load_settings(env).kafka
+        skipped, published = sim.session_ids()
+        empty = await cli(env, "checkpoints", "list")
+        assert empty.returncode == 0
+        assert f"no checkpoints in {kafka_topics.checkpoints}" in empty.stdout.decode()
+        reset = await cli(
+            env, "checkpoints", "reset", "--session", skipped, "--to-latest", "--execute"
+        )
+        assert reset.returncode == 0, reset.stderr.decode()[-2000:]
+        assert "written: 3 checkpoint(s)" in reset.stdout.decode()
+        configs = await topic_configs(kafka_bootstrap, kafka_topics.checkpoints, ["cleanup.policy"])
+        assert configs == {"cleanup.policy": "compact"}
+
+        async with running_bridge(load_settings(env)):
+            with anyio.fail_after(60):
+                while True:
+                    rows = await stored_checkpoints(kafka)
+                    if len(rows) == 4 and all(r.checkpoint.drained_updated_at for r in rows):
+                        break  # every thread read after its cursor and drained
+                    await anyio.sleep(0.2)
+        records = await read_topic(kafka_bootstrap, kafka_topics.events)
+        thread = next(t for s, t in sim.all_threads() if s == published)
+        assert {r.key.decode() for r in records} == {f"{published}/{thread}"}
+        assert [r.value for r in records] == sim.thread_log(published, thread)
