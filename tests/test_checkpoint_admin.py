@@ -112,16 +112,26 @@ async def test_list_shows_what_the_bridge_stored(kafka_bootstrap, kafka_topics):
 async def test_reset_dry_run_then_execute_then_the_bridge_republishes_from_there(
     kafka_bootstrap, kafka_topics
 ):
-    """Scenario: after a bridge published a session of three threads, an operator moves one
-    thread back to its 4th event, another to its start and the third to its latest event.
-    The dry run prints before/after and writes nothing. After --execute, a bridge started on a
-    fresh events topic publishes exactly the first thread's events after the 4th and the
-    whole second thread, nothing of the third (nor of the other session)."""
+    """Scenario: after a bridge published a session of three threads and marked it settled
+    (a session it need not look at again), an operator moves one thread back to its 4th
+    event, another to its start and the third to its latest event. The dry run prints
+    before/after and writes nothing. After --execute, a bridge started on a fresh events topic
+    publishes exactly the first thread's events after the 4th and the whole second thread,
+    nothing of the third (nor of the other session)."""
     async with running_simulator(SCENARIO, token=TOKEN) as sim:
         env = env_for(sim, kafka_bootstrap, kafka_topics)
         kafka = load_settings(env).kafka
-        await deliver(sim, env, kafka_bootstrap, kafka_topics.events)
         session_id = sim.session_ids()[0]
+        async with running_bridge(load_settings(env)):
+            await wait_for_delivery(kafka_bootstrap, kafka_topics.events, sim, timeout_s=60)
+            with anyio.fail_after(30):
+                # The session's settled mark (keyed by the session alone): the next start
+                # would not look at it again unless the reset clears the mark.
+                while not any(
+                    r.key == session_id.encode()
+                    for r in await read_topic(kafka_bootstrap, kafka_topics.checkpoints)
+                ):
+                    await anyio.sleep(0.2)
         latest, first, start = [t for s, t in sim.all_threads() if s == session_id]
         first_ids = ids(sim.thread_log(session_id, first))
         before = await checkpoint_records(kafka_bootstrap, kafka_topics.checkpoints)
