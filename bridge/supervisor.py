@@ -43,8 +43,10 @@ LIVE_SESSION_STATUSES = ("running", "rescheduling", "processing")
 HINT_EVENT_PREFIXES = ("session.thread_", "session.status_", "session.deleted", "terminated")
 #: Hints that name a thread that runs: its pump starts at once, without a look (no request).
 THREAD_RUNNING_HINTS = frozenset({"session.thread_created", "session.thread_status_running"})
-#: Hints about the session itself: the next look asks for the session, not the listing's copy.
-SESSION_HINT_PREFIXES = ("session.status_", "session.deleted", "terminated")
+#: Hints that the session is over: the next look asks for the session, not the listing's copy.
+SESSION_OVER_HINT_PREFIXES = ("session.status_terminated", "session.deleted", "terminated")
+#: A session's own status change; with discovery, the running listing's diff makes the look.
+SESSION_STATUS_HINT_PREFIX = "session.status_"
 #: A thread-running hint is acted on at once only when this fresh (processed_at, against
 #: our clock): a stream that replays old lifecycle events makes a look, not a pump per thread.
 HINT_FRESH_S = 30.0
@@ -54,6 +56,9 @@ NEW_THREAD_GRACE_S = 10.0
 #: afresh (one that closes at once backs off like any failure).
 HINTS_HEALTHY_AFTER_S = 5.0
 COALESCE_S = 0.05
+#: A look a thread's lifecycle hint asks for waits this long for the rest of the burst (a turn
+#: ends with several): it only drains, a thread that starts is followed without a look.
+HINT_COALESCE_S = 1.0
 #: Running sessions are listed at least this often (one request), whatever the poll interval:
 #: a new session's coordinator reaches Kafka within about this long.
 RUNNING_LIST_INTERVAL_S = 2.0
@@ -153,6 +158,8 @@ class Supervisor:
         self._running_at = float("-inf")
         #: Sessions whose own status changed since the listing (a session hint): asked for.
         self._ask: set[str] = set()
+        #: Sessions whose pending look should not wait for a burst to end (it starts threads).
+        self._soon: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -213,8 +220,8 @@ class Supervisor:
                     },
                 )
                 self._running_at = anyio.current_time()
-                for revived in self._running.keys() - running.keys():
-                    self._trigger(revived)  # followed, and running again: look now
+                for changed in self._running.keys() ^ running.keys():
+                    self._trigger(changed)  # followed, and running again or stopped: look now
                 for session in sessions:
                     session_id = session.get("id")
                     if self._usable_id(session_id) and self._worth_a_look(session_id, session):
@@ -371,6 +378,8 @@ class Supervisor:
                         await self._settle(session_id, updated)
                     self._watched.discard(session_id)
                     self._triggers.pop(session_id, None)
+                    self._soon.discard(session_id)
+                    self._ask.discard(session_id)
                     tg.cancel_scope.cancel()
                     return
                 await self._wait_trigger(session_id)
@@ -398,12 +407,17 @@ class Supervisor:
     async def _wait_trigger(self, session_id: str) -> None:
         with anyio.move_on_after(self._settings.api.poll_interval_s):
             await self._triggers[session_id].wait()
-            await anyio.sleep(COALESCE_S)  # a burst of lifecycle events: one look
+            # A burst of lifecycle events: one look.
+            soon = session_id in self._soon
+            await anyio.sleep(COALESCE_S if soon else HINT_COALESCE_S)
+        self._soon.discard(session_id)
         self._triggers[session_id] = anyio.Event()
 
-    def _trigger(self, session_id: str) -> None:
+    def _trigger(self, session_id: str, *, soon: bool = True) -> None:
         trigger = self._triggers.get(session_id)
         if trigger is not None:
+            if soon:
+                self._soon.add(session_id)
             trigger.set()
 
     def _session_pumps(self, session_id: str) -> list[Pump]:
@@ -556,9 +570,11 @@ class Supervisor:
             if thread_id is not None and self._usable_id(thread_id, session_id):
                 self._thread_runs(ThreadRef(session_id, thread_id))
                 return
-        if kind.startswith(SESSION_HINT_PREFIXES):
-            self._ask.add(session_id)
-        self._trigger(session_id)
+        if kind.startswith(SESSION_OVER_HINT_PREFIXES):
+            self._ask.add(session_id)  # over: the listing would never say so
+        elif kind.startswith(SESSION_STATUS_HINT_PREFIX) and not self._settings.api.sessions:
+            return  # running or not: the running listing tells within 2 s, at no extra cost
+        self._trigger(session_id, soon=False)
 
     def _thread_runs(self, ref: ThreadRef) -> None:
         if ref.session_id not in self._watched:

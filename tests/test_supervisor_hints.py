@@ -141,11 +141,39 @@ async def test_a_look_at_a_session_the_running_listing_shows_asks_only_for_its_t
     assert api.calls["list_sessions"] >= 5  # the listing is what the look trusts
 
 
-async def test_a_session_hint_makes_the_next_look_ask_for_the_session(monkeypatch):
+async def test_a_thread_hint_drains_and_a_session_status_hint_costs_no_request(monkeypatch):
     """Scenario: the session stops running (status idle, its thread idle) and says so on its
-    stream (``session.status_idle``); the running listing is slow to show it (listed every
-    60 s here). The look the hint triggers asks for the session itself, sees it idle and
-    drains the thread within a second, not at the next listing."""
+    stream (``session.thread_status_idle``, ``session.status_idle``); the running listing is
+    slow to show it (listed every 60 s here). The thread's hint makes a look (its thread
+    list: one request), which drains the thread within a couple of seconds; the session's
+    own status hint makes none: with discovery, the running listing says whether it runs."""
+    monkeypatch.setattr(supervisor_module, "RUNNING_LIST_INTERVAL_S", 60.0)
+    world = World()
+    _running_session(world)
+    api, publisher = HintingApi(world), CommittingPublisher()
+    settings = _settings(poll_interval_s=60.0, full_scan_interval_s=3600.0)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: "sess_a" in api.connected and len(publisher.event_ids()) == 3, 3)
+        looked = api.calls.copy()
+        world.logs[("sess_a", "sthr_1")].append(_event(3))
+        world.sessions["sess_a"].update(status="idle", updated_at=_ts(5))
+        world.threads["sess_a"][0].update(status="idle", updated_at=_ts(5))
+        api.hint("sess_a", _lifecycle("session.thread_status_idle", "sthr_1"))
+        api.hint("sess_a", _lifecycle("session.status_idle", "sthr_1"))
+        await _until(lambda: not supervisor.pumps, 3)
+        await anyio.sleep(1.5)  # any other look would have come by now
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002", "evt_0003"]
+    assert api.calls["list_threads"] - looked["list_threads"] == 1
+    assert api.calls["get_session"] == looked["get_session"] == 0
+
+
+async def test_a_session_over_hint_makes_the_next_look_ask_for_the_session(monkeypatch):
+    """Scenario: the session is terminated and says so (``session.status_terminated``); the
+    running listing would never show it over. The look the hint makes asks for the session
+    itself, sees it over and drains its thread."""
     monkeypatch.setattr(supervisor_module, "RUNNING_LIST_INTERVAL_S", 60.0)
     world = World()
     _running_session(world)
@@ -156,11 +184,9 @@ async def test_a_session_hint_makes_the_next_look_ask_for_the_session(monkeypatc
         await tg.start(supervisor.run)
         await _until(lambda: "sess_a" in api.connected and len(publisher.event_ids()) == 3, 3)
         world.logs[("sess_a", "sthr_1")].append(_event(3))
-        world.sessions["sess_a"].update(status="idle", updated_at=_ts(5))
-        world.threads["sess_a"][0].update(status="idle", updated_at=_ts(5))
-        api.hint("sess_a", _lifecycle("session.thread_status_idle", "sthr_1"))
-        api.hint("sess_a", _lifecycle("session.status_idle", "sthr_1"))
-        await _until(lambda: not supervisor.pumps, 2)
+        world.sessions["sess_a"].update(status="terminated", updated_at=_ts(5))
+        api.hint("sess_a", _lifecycle("session.status_terminated", "sthr_1"))
+        await _until(lambda: not supervisor.pumps, 4)
         tg.cancel_scope.cancel()
     assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002", "evt_0003"]
     assert api.calls["get_session"] >= 1
