@@ -63,7 +63,7 @@ class Bridge:
         self.settings = settings
         self.health = HealthState()
         #: GET /status; the supervisor is set on it once it exists.
-        self.status = StatusView(self.health)
+        self.status = StatusView(self.health, group=settings.kafka.group_id)
         self.publisher = Publisher(settings, self.health)
         self._outer: anyio.CancelScope | None = None
         self._readers: anyio.CancelScope | None = None

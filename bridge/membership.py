@@ -111,6 +111,10 @@ async def keep_membership(settings: Settings) -> None:
                 retry_in_s=delay,
             )
             failures += 1
+        except Exception:
+            # Off the data path: whatever aiokafka raises here never takes the bridge down.
+            log.warning("bridge.membership.crashed", group=kafka.group_id, exc_info=True)
+            failures += 1
         finally:
             # LeaveGroup, so that a stopped bridge is not listed until the session timeout.
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):

@@ -408,6 +408,7 @@ def _document(
     member: str,
     now: float,
     reason: str | None,
+    group: str | None = None,
 ) -> dict[str, Any]:
     failing = health.failing_checks()
     end = page.before + len(page.positions)
@@ -416,7 +417,7 @@ def _document(
         "bridge_version": __version__,
         "generated_at": _iso(now),
         "listed_at": _iso(index.listed_at),
-        "member": {"id": member, "group": None, "shards": None},
+        "member": {"id": member, "group": group, "shards": None},
         "ready": not failing,
         "failing": failing,
         "reason": reason,
@@ -479,9 +480,13 @@ class StatusView:
     """What the HTTP server asks for ``/status``. The supervisor is set once it exists: the
     server starts first, so until then the answer has no rows and says why."""
 
-    def __init__(self, health: HealthState, member: str | None = None) -> None:
+    def __init__(
+        self, health: HealthState, member: str | None = None, group: str | None = None
+    ) -> None:
         self.health = health
         self.member = member or member_id()
+        #: The Kafka consumer group this bridge is a member of (BRIDGE_GROUP_ID).
+        self.group = group
         self.supervisor: Supervisor | None = None
         self._index: _Index | None = None
         self._listing: anyio.Lock | None = None  # made on the event loop, at the first request
@@ -505,7 +510,15 @@ class StatusView:
         rows, _ = await _run_sliced(_rows_steps(index, page, pumps, sessions, now))
         reason = None if supervisor is not None else NOT_STARTED
         doc = _document(
-            index, page, rows, query, self.health, member=self.member, now=now, reason=reason
+            index,
+            page,
+            rows,
+            query,
+            self.health,
+            member=self.member,
+            now=now,
+            reason=reason,
+            group=self.group,
         )
         return HTTPStatus.OK, await _encode(doc)
 

@@ -852,7 +852,7 @@ async def test_status_of_a_running_bridge_matches_the_topic(
                 assert len(finished) == 1  # the child done at once: in the topic, not followed
                 assert doc["member"] == {
                     "id": f"{os.uname().nodename}-{os.getpid()}",
-                    "group": None,
+                    "group": settings.kafka.group_id,
                     "shards": None,
                 }
                 assert (doc["version"], doc["reason"], doc["sessions_followed"]) == (1, None, 2)
