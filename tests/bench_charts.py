@@ -36,7 +36,8 @@ def draw(figures: dict[str, Any], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
-    caption = figures.get("caption", "")
+    # The command on one line, the machine on the next.
+    caption = figures.get("caption", "").replace("  |  ", "\n")
     written: list[Path] = []
 
     runs = figures.get("pipeline") or []
@@ -63,7 +64,7 @@ def draw(figures: dict[str, Any], out: Path) -> list[Path]:
         rate_ax.legend(fontsize=8)
         fig.suptitle("Throughput: the bridge and its baselines, same records, same producer")
         fig.text(0.01, 0.01, caption, fontsize=7, alpha=0.7)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         written.append(_save(fig, out / "throughput.png"))
 
     latency = figures.get("latency") or []
@@ -85,24 +86,33 @@ def draw(figures: dict[str, Any], out: Path) -> list[Path]:
         rate = figures.get("latency_rate", "")
         ax.set_title(f"Latency CDF at {rate}")
         fig.text(0.01, 0.01, caption, fontsize=7, alpha=0.7)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         written.append(_save(fig, out / "latency.png"))
 
     memory = figures.get("memory") or []
     if memory:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        points = sorted((m["open_bridge"] if m["threads"] else 0, m["rss"]) for m in memory)
+        # Streams open when RSS was read (the simulator's count when /metrics did not answer);
+        # a run whose streams did not all open is drawn hollow.
+        points = sorted(
+            (max(m["open_bridge"], m["open_simulator"], 0), m["rss"], m["open_s"] == m["open_s"])
+            for m in memory
+        )
         xs = [p[0] for p in points]
-        ax.plot(xs, [p[1] / 2**20 for p in points], marker="o", label="bridge RSS")
-        if len(points) > 1 and xs[-1] > xs[0]:
-            slope = (points[-1][1] - points[0][1]) / (xs[-1] - xs[0]) / 1024
+        ax.plot(xs, [p[1] / 2**20 for p in points], color="#1f77b4", label="bridge RSS")
+        for x, rss, all_open in points:
+            face = "#1f77b4" if all_open or x == 0 else "white"
+            ax.plot([x], [rss / 2**20], "o", color="#1f77b4", markerfacecolor=face)
+        full = [p for p in points if p[2] or p[0] == 0]
+        if len(full) > 1 and full[-1][0] > full[0][0]:
+            slope = (full[-1][1] - full[0][1]) / (full[-1][0] - full[0][0]) / 1024
             ax.set_title(f"RSS against open idle streams ({slope:.1f} KiB a stream)")
         ax.set_xlabel("open idle thread streams (heartbeats only)")
         ax.set_ylabel("RSS, MiB")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         fig.text(0.01, 0.01, caption, fontsize=7, alpha=0.7)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         written.append(_save(fig, out / "memory.png"))
     return written
 

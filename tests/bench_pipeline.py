@@ -107,6 +107,7 @@ class Run:
     cpu_s: float  # of the worker process over the window
     others: dict[str, float] = field(default_factory=dict)  # % of one core: sim, broker, other
     note: str = "all records once"
+    requests: float = math.nan  # the bridge's API requests, from its start to the last event
 
     @property
     def rate(self) -> float:
@@ -167,9 +168,10 @@ class PipelineBench:
 
     def _add(self, run: Run) -> None:
         self.runs.append(run)
+        requests = "" if math.isnan(run.requests) else f", {run.requests:,.0f} API requests"
         say(
             f"  {run.who}: {fmt(run.rate)} events/s, {fmt(run.cpu_us, '.1f')} µs CPU an event,"
-            f" {fmt(run.cores, '.2f')} cores ({run.note})"
+            f" {fmt(run.cores, '.2f')} cores{requests} ({run.note})"
         )
 
     async def bridge_run(
@@ -186,9 +188,12 @@ class PipelineBench:
                 bridge.profile(self.args.py_spy, self.workdir / f"pipeline-{threads}-{mode}.txt")
             meter: CpuMeter | None = None
 
+            requests = math.nan
+
             def check(metrics: dict[str, float]) -> bool:
-                nonlocal meter
+                nonlocal meter, requests
                 published = metrics.get(PUBLISHED, 0.0)
+                requests = metrics.get("qoder_bridge_api_requests_total", math.nan)
                 if published > 0 and meter is None:
                     meter = CpuMeter(
                         {"bridge": bridge.pid, "simulator": sim.proc.pid, "broker": self.broker_pid}
@@ -216,6 +221,7 @@ class PipelineBench:
             problems.append(f"exit code {code}")
         note = "; ".join(problems) or note
         run = Run(f"bridge {mode}", threads, int(n1 - n0), t1 - t0, c1 - c0, others, note)
+        run.requests = requests
         return run, records
 
     async def _child(self, argv: list[str], pids_extra: dict[str, int]) -> dict[str, Any]:
@@ -226,9 +232,23 @@ class PipelineBench:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
             _CHILDREN.append(proc)
             meter = CpuMeter({"worker": proc.pid, **pids_extra})
-            out, _ = await anyio.to_thread.run_sync(proc.communicate)
+            # Read while the child lives: once it has exited its /proc entry is gone.
+            usage: dict[str, float] = {}
+            out = b""
+
+            async def wait() -> None:
+                nonlocal out
+                out, _ = await anyio.to_thread.run_sync(proc.communicate)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                while proc.poll() is None:
+                    reading = meter.read()
+                    if not math.isnan(reading["worker"]):
+                        usage = reading
+                    await anyio.sleep(0.2)
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-        result["others"] = meter.read()
+        result["others"] = usage
         return result
 
     async def producer_run(self, records: list[Any], threads: int, *, transactional: bool) -> Run:
