@@ -114,7 +114,9 @@ class KafkaSettings:
     # zstd: smaller than gzip, a tenth of its CPU (aiokafka gzips at level 9); cramjam ships it.
     compression: str | None = "zstd"
     max_request_bytes: int = 1048576
-    linger_ms: int = 5
+    # 0: the publisher batches itself (a collection window, then every record in one go); a
+    # linger would only delay each batch, twice in at_least_once (records, then checkpoints).
+    linger_ms: int = 0
     # KAFKA_PRODUCER_*: Kafka producer property -> typed value, see PRODUCER_PROPERTIES.
     producer_overrides: tuple[tuple[str, str | int], ...] = ()
     # The consumer group every running bridge is a live member of (bridge/membership.py).

@@ -77,7 +77,7 @@ from tests.kafka_broker import KafkaBroker, KafkaTopics, create_topics, fetch_ja
 
 PARTITIONS = 6  # the bridge's default BRIDGE_TOPIC_PARTITIONS
 SAMPLE_S = 0.05  # how often the last stable offsets are sampled
-LINGER_MS = 5  # the bridge's default KAFKA_LINGER_MS
+LINGER_MS = 0  # the bridge's default KAFKA_LINGER_MS
 BATCH_BYTES = 256 * 1024  # the bridge producer's max_batch_size
 COMMIT_EVERY_S = 0.1  # the bridge's default BRIDGE_COMMIT_INTERVAL_MS
 THREADS_PER_SESSION = 40  # a coordinator and 39 children
