@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.experiments.exp_fencing [--rounds 5]
 
-The shard hand-off of docs/design/scale-out.md in miniature. Producer A (the old owner) opens a
+The shard hand-off of deploy/design/scale-out.md in miniature. Producer A (the old owner) opens a
 transaction and writes events and a checkpoint without committing; producer B (the new owner)
 starts with the same transactional.id. Measured and printed:
 
