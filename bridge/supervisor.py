@@ -59,6 +59,9 @@ COALESCE_S = 0.05
 #: A look a thread's lifecycle hint asks for waits this long for the rest of the burst (a turn
 #: ends with several): it only drains, a thread that starts is followed without a look.
 HINT_COALESCE_S = 1.0
+#: A running session whose hint stream stayed up is looked at every this many poll intervals
+#: (the safety net for a hint the server never sent); every poll interval otherwise.
+HEALTHY_HINTS_POLL_FACTOR = 4
 #: Running sessions are listed at least this often (one request), whatever the poll interval:
 #: a new session's coordinator reaches Kafka within about this long.
 RUNNING_LIST_INTERVAL_S = 2.0
@@ -160,6 +163,10 @@ class Supervisor:
         self._ask: set[str] = set()
         #: Sessions whose pending look should not wait for a burst to end (it starts threads).
         self._soon: set[str] = set()
+        #: Watched sessions seen running (they wait a poll of quiet before they are let go).
+        self._seen_live: set[str] = set()
+        #: Since when each running session's hint stream has been up (absent while it is not).
+        self._hints_up: dict[str, float] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -365,6 +372,8 @@ class Supervisor:
                 # reply) is found by the next look, not by a full scan minutes later.
                 quiet = not live and not self._session_pumps(session_id)
                 seen_live = seen_live or live
+                if live:
+                    self._seen_live.add(session_id)
                 quiet_since = (quiet_since or started) if quiet else None
                 # History (never seen running here) has no reply to wait for.
                 waited = quiet_since is not None and (
@@ -380,9 +389,15 @@ class Supervisor:
                     self._triggers.pop(session_id, None)
                     self._soon.discard(session_id)
                     self._ask.discard(session_id)
+                    self._seen_live.discard(session_id)
                     tg.cancel_scope.cancel()
                     return
-                await self._wait_trigger(session_id)
+                # Its hint stream up since before this look: lifecycle changes come as hints,
+                # and the safety net can be slower.
+                up = self._hints_up.get(session_id)
+                await self._wait_trigger(
+                    session_id, healthy=up is not None and up <= started and live
+                )
 
     async def _settle(self, session_id: str, updated_at: str) -> None:
         """Remember that the session settled, here and in the checkpoint topic: listed again
@@ -404,8 +419,9 @@ class Supervisor:
             task_status.started(scope)
             await self._hints(session_id)
 
-    async def _wait_trigger(self, session_id: str) -> None:
-        with anyio.move_on_after(self._settings.api.poll_interval_s):
+    async def _wait_trigger(self, session_id: str, *, healthy: bool = False) -> None:
+        poll = self._settings.api.poll_interval_s
+        with anyio.move_on_after(poll * HEALTHY_HINTS_POLL_FACTOR if healthy else poll):
             await self._triggers[session_id].wait()
             # A burst of lifecycle events: one look.
             soon = session_id in self._soon
@@ -532,6 +548,10 @@ class Supervisor:
             metrics.THREADS_FOLLOWED.set(len(self._pumps))
         if self._active.get(ref) and not pump.gone:
             self._trigger(ref.session_id)  # it runs again: look now
+        elif ref.session_id not in self._seen_live and not self._session_pumps(ref.session_id):
+            # History caught up: the look that lets it go (and marks it settled) comes now,
+            # not a poll later. (A session seen running waits its poll of quiet.)
+            self._trigger(ref.session_id)
 
     def _forget(self, cursor: ThreadCursor) -> None:
         """A drained thread leaves memory; what it needs if it runs again is its checkpoint,
@@ -599,10 +619,14 @@ class Supervisor:
                 if cursor is None:
                     cursor = await self._api.latest_session_event_id(session_id)
                 async with self._api.stream_session(session_id, cursor) as frames:
-                    async for frame in frames:
-                        if frame.id:
-                            cursor = frame.id
-                        self._hint(session_id, frame)
+                    self._hints_up[session_id] = anyio.current_time()
+                    try:
+                        async for frame in frames:
+                            if frame.id:
+                                cursor = frame.id
+                            self._hint(session_id, frame)
+                    finally:
+                        self._hints_up.pop(session_id, None)
                 if anyio.current_time() - opened >= HINTS_HEALTHY_AFTER_S:
                     backoff.reset()
             except BadCursor:

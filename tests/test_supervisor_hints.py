@@ -221,3 +221,42 @@ async def test_a_short_turn_soon_after_the_session_went_idle_is_read_within_a_po
                 await anyio.sleep(0.02)
         tg.cancel_scope.cancel()
     assert publisher.event_ids() == [f"evt_{n:04d}" for n in range(5)]
+
+
+async def test_history_that_needed_a_catch_up_settles_as_soon_as_it_is_read(monkeypatch):
+    """Scenario: the start's full listing finds an idle session whose thread has 3 events not
+    yet in Kafka (no checkpoint). Its look starts a catch-up pass; once that pass is stored,
+    the session is looked at again at once and let go, its settled mark written, not a poll
+    interval (60 s here) later: a restart soon after must not look at it again."""
+    world = World()
+    world.add("sess_h", "idle", "idle", 3, 1)
+    api, publisher = HintingApi(world), CommittingPublisher()
+    settings = _settings(poll_interval_s=60.0, full_scan_interval_s=3600.0)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: "sess_h" not in supervisor.sessions and publisher.items, 3)
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002"]
+    marks = [r for item in publisher.items for r in item.records if r.key == b"sess_h"]
+    assert len(marks) == 1 and b'"settled_updated_at"' in marks[0].value
+
+
+async def test_a_running_session_with_its_hint_stream_up_is_looked_at_less_often():
+    """Scenario: a configured running session, poll interval 0.2 s. While its session stream
+    is up, lifecycle changes come as hints, and the safety-net look comes every 4 polls
+    (0.8 s): about 3 looks in 2 s, where every poll would be 10."""
+    world = World()
+    _running_session(world)
+    api, publisher = HintingApi(world), CommittingPublisher()
+    settings = _settings(sessions=("sess_a",), poll_interval_s=0.2)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: "sess_a" in api.connected, 3)
+        await anyio.sleep(0.3)
+        looks = api.calls["list_threads"]
+        await anyio.sleep(2.0)
+        looks = api.calls["list_threads"] - looks
+        tg.cancel_scope.cancel()
+    assert 1 <= looks <= 4, looks
