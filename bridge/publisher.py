@@ -503,6 +503,13 @@ class Publisher:
                 cause = describe_kafka_error(exc, self._kafka.bootstrap_servers)
                 raise CommitOutcomeUnknown(f"the commit did not answer: {cause}", marker) from exc
             raise _translate(exc, self._kafka.bootstrap_servers) from exc
+        except AssertionError as exc:
+            # aiokafka asserts its transaction state: a producer whose sender routine died (a
+            # broker restart can do it) raises this from begin/commit. Broken, not fenced: a
+            # new producer settles whatever it left, as for a commit that did not answer.
+            if committing:
+                raise CommitOutcomeUnknown(f"the producer broke: {exc!r}", marker) from exc
+            raise SinkUnavailable(f"the producer broke: {exc!r}") from exc
 
     async def _send_checkpoints(
         self, producer: AIOKafkaProducer, checkpoints: list[Record]

@@ -145,3 +145,44 @@ def test_a_dead_letter_fits_its_limit_whatever_the_escaping() -> None:
     doc = json.loads(record.value)
     assert doc["truncated"] is True and doc["size_bytes"] == len(data)
     assert data.startswith(doc["data"].encode())
+
+
+@pytest.fixture
+def broken_producers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """Twice, a transaction call raises AssertionError, as aiokafka's transaction manager does
+    once its sender routine has died (a broker restart can do it): the second begin, and the
+    fourth commit (never sent)."""
+    begin, commit = AIOKafkaProducer.begin_transaction, AIOKafkaProducer.commit_transaction
+    calls: list[str] = []
+
+    async def broken_begin(self: AIOKafkaProducer) -> None:
+        calls.append("begin")
+        if len([c for c in calls if c.startswith("begin")]) == 2:
+            calls[-1] = "begin broken"
+            raise AssertionError("transaction state")
+        return await begin(self)  # type: ignore[no-any-return]
+
+    async def broken_commit(self: AIOKafkaProducer) -> None:
+        calls.append("commit")
+        if len([c for c in calls if c.startswith("commit")]) == 4:
+            calls[-1] = "commit broken"
+            raise AssertionError("transaction state")
+        return await commit(self)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(AIOKafkaProducer, "begin_transaction", broken_begin)
+    monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", broken_commit)
+    yield calls
+
+
+async def test_a_producer_broken_inside_aiokafka_is_replaced_and_nothing_is_lost(
+    kafka_bootstrap, kafka_topics, broken_producers
+):
+    """Scenario: transaction calls fail with aiokafka's AssertionError (a producer whose sender
+    died), at a begin and at a commit. The bridge replaces the producer, reads the batch's
+    threads again, drains with exit 0, and a read_committed consumer sees every event
+    exactly once. Before, the AssertionError escaped the publisher: exit 1."""
+    _records, delivery = await deliver_scenario(_SCENARIO, kafka_bootstrap, kafka_topics)
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0), (
+        delivery.summary()
+    )
+    assert "begin broken" in broken_producers and "commit broken" in broken_producers
