@@ -48,13 +48,14 @@ from bridge.checkpoints import Checkpoint, ensure_topics, parse_checkpoint, read
 from bridge.cli import add_settings_flags, settings_from_args
 from bridge.config import KafkaSettings, Settings, require_token
 from bridge.cursor import CHECKPOINT_RECENT_IDS
-from bridge.errors import ApiError, ConfigError, SinkError, SinkUnavailable
+from bridge.errors import ApiError, ApiUnavailable, ConfigError, SinkError, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging
 from bridge.membership import Member, live_members
 from bridge.records import ThreadRef, checkpoint_record
 from bridge.tooling import (
     EXIT_USAGE,
+    ApiRetry,
     ToolFailed,
     check_id,
     fail,
@@ -252,14 +253,16 @@ def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
 
 async def _reset(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
     kafka = settings.kafka
+    retry = ApiRetry(settings.api, "bridge.checkpoints.api_retry")
     async with open_api(settings) as api:
-        _session, threads = await session_threads(api, args.session, args.thread)
+        listed = await session_threads(api, args.session, args.thread, retry=retry)
+        threads = listed.threads
         positions: dict[ThreadRef, Position] = {}
         for ref in threads:
             if args.to_start:
                 positions[ref] = Position(None)
             else:
-                positions[ref] = await _position(api, ref, args.to)
+                positions[ref] = await _position(api, ref, args.to, retry)
     before = {(s.session_id, s.thread_id): s for s in await stored_checkpoints(kafka, args.session)}
 
     target = f"--to {args.to}" if args.to else "--to-start" if args.to_start else "--to-latest"
@@ -270,7 +273,15 @@ async def _reset(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         stored = before.get((ref.session_id, ref.thread_id))
         was = "(no checkpoint)" if stored is None else stored.checkpoint.last_event_id or "(start)"
         table.append((ref.thread_id, was, position.last_event_id or "(start)"))
+    for thread_id in listed.unusable:
+        table.append((thread_id, "-", "(not reset: the id cannot go into a URL)"))
     _print_table(table, out)
+    if listed.unusable:
+        print(
+            f"{len(listed.unusable)} thread(s) listed by the API cannot be reset (nor followed "
+            "by the bridge): their ids cannot go into a URL",
+            file=out,
+        )
     if any(p.last_event_id is None for p in positions.values()):
         print(
             "(start): no cursor; at its next start the bridge republishes the thread from its "
@@ -309,16 +320,32 @@ async def _reset(settings: Settings, args: argparse.Namespace, out: TextIO) -> i
         )
     await _write(settings, args.session, positions)
     print(f"written: {len(positions)} checkpoint(s) to {kafka.checkpoint_topic}", file=out)
+    if listed.unusable:
+        raise ToolFailed(f"not reset: thread(s) {', '.join(listed.unusable)} (unusable ids)")
     return 0
 
 
-async def _position(api: QoderApi, ref: ThreadRef, event_id: str | None) -> Position:
+async def _position(
+    api: QoderApi, ref: ThreadRef, event_id: str | None, retry: ApiRetry
+) -> Position:
     """The thread's list read from its start: up to ``event_id`` (which must be there), or to
-    its end (--to-latest), with the ids before it and the id-less items after it."""
+    its end (--to-latest), with the ids before it and the id-less items after it. A request the
+    API refuses for now reads the list again (``retry``)."""
+    while True:
+        try:
+            return await _read_position(api, ref, event_id, retry)
+        except ApiUnavailable as exc:
+            await retry.wait(exc, f"reading thread {ref.thread_id}")
+
+
+async def _read_position(
+    api: QoderApi, ref: ThreadRef, event_id: str | None, retry: ApiRetry
+) -> Position:
     ids: deque[str] = deque(maxlen=CHECKPOINT_RECENT_IDS)
     idless = 0
     try:
         async for page in api.thread_events(ref, None):
+            retry.answered()
             for item in page:
                 if item.id is None:
                     idless += 1
@@ -327,6 +354,8 @@ async def _position(api: QoderApi, ref: ThreadRef, event_id: str | None) -> Posi
                 idless = 0
                 if event_id is not None and item.id == event_id:
                     return Position(item.id, tuple(ids))
+    except ApiUnavailable:
+        raise
     except ApiError as exc:
         raise ToolFailed(f"cannot read thread {ref.thread_id}: {exc}") from exc
     if event_id is not None:

@@ -25,6 +25,13 @@ How it is exactly once, and resumable:
   idempotent: each batch's progress is written after its events are acknowledged. A crash
   between the two re-exports that batch on resume: nothing lost, at most one batch twice.
   Two processes of the same run are then not fenced: run one at a time.
+- The API's refusals (429 with Retry-After, 5xx, resets, timeouts) cost a retry of that one
+  request, as in the bridge's pumps (bridge.tooling.ApiRetry): the batch read so far stays, and
+  the run gives up only once the API has answered nothing for API_GIVE_UP_S. Kafka away ends the
+  attempt: the uncommitted batch is dropped, and the run goes on from its committed progress
+  (MAX_FAILURES attempts in a row that commit nothing, then it gives up).
+- A listed thread whose id cannot go into a URL is named (bridge.replay.thread_not_replayed)
+  and the run ends with exit 1 once the others are replayed: never a silent gap.
 
 This module reads and batches; bridge/replay_store.py keeps the run in Kafka (topics, producer,
 progress records); bridge/progress.py shows how far it got.
@@ -66,12 +73,21 @@ from bridge.replay_store import (
     ThreadProgress,
     now,
 )
-from bridge.tooling import EXIT_USAGE, ToolFailed, check_id, fail, open_api, session_threads
+from bridge.tooling import (
+    EXIT_FATAL,
+    EXIT_USAGE,
+    ApiRetry,
+    ToolFailed,
+    check_id,
+    fail,
+    open_api,
+    session_threads,
+)
 
 __all__ = ["HELP", "Replay", "ReplayRequest", "add_arguments", "main"]
 
 HELP = "re-export a session's history from the API into a topic (exactly once per run)"
-#: Failures in a row (Kafka or the API away) before the run gives up; progress resets it.
+#: Attempts in a row that Kafka ended before they committed anything: then the run gives up.
 MAX_FAILURES = 8
 _TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
@@ -131,6 +147,13 @@ def main(args: argparse.Namespace) -> int:
         )
         return 130
     print(job.summary())
+    if job.not_replayed:
+        print(
+            f"qoder-bridge replay: {len(job.not_replayed)} thread(s) of {request.session_id} "
+            f"not replayed, their ids cannot go into a URL: {', '.join(job.not_replayed)}",
+            file=sys.stderr,
+        )
+        return EXIT_FATAL
     return 0
 
 
@@ -193,6 +216,15 @@ class Replay:
         self._stream = stream
         self._restart_pending = request.restart
         self.log = log.bind(run=request.run_id, session_id=request.session_id)
+        self._api_retry = ApiRetry(
+            settings.api,
+            "bridge.replay.api_retry",
+            hint=f"the same command resumes run {request.run_id}",
+        )
+        #: Listed threads the run cannot read (their id cannot go into a URL), as repr.
+        self.not_replayed: list[str] = []
+        #: Threads the API no longer knew when they were read (deleted since the listing).
+        self.gone: list[str] = []
         self.events = 0
         self.skipped = 0
         self.threads = 0
@@ -204,6 +236,10 @@ class Replay:
         r = self.request
         what = f"{self.events:,} events of {self.threads_done} thread(s) of {r.session_id}"
         skipped = f"; {self.skipped} item(s) skipped (not events, see the log)" * bool(self.skipped)
+        if self.gone:
+            skipped += f"; {len(self.gone)} thread(s) gone from the API (deleted) when read"
+        if self.not_replayed:
+            skipped += f"; {len(self.not_replayed)} thread(s) NOT replayed (unusable ids)"
         if self.already_complete:
             return (
                 f"nothing to do: run {r.run_id} is complete ({what} in {r.topic}{skipped}); "
@@ -213,16 +249,21 @@ class Replay:
 
     async def run(self) -> None:
         async with open_api(self._settings) as api:
-            _session, threads = await session_threads(
-                api, self.request.session_id, self.request.thread_id
+            listed = await session_threads(
+                api, self.request.session_id, self.request.thread_id, retry=self._api_retry
             )
+            threads, self.not_replayed = listed.threads, listed.unusable
+            for thread_id in self.not_replayed:
+                self.log.warning(
+                    "bridge.replay.thread_not_replayed", thread_id=thread_id, reason="unusable_id"
+                )
             failures = 0
             while True:
                 before = self.events, self.threads_done
                 try:
                     await self._attempt(api, threads)
                     return
-                except (SinkUnavailable, ApiUnavailable) as exc:
+                except SinkUnavailable as exc:
                     if (self.events, self.threads_done) != before:
                         failures = 0
                     failures += 1
@@ -324,10 +365,29 @@ class Replay:
         batch: _Batch,
         commit: Callable[[], Awaitable[None]],
     ) -> None:
-        """Read the thread after its cursor into ``batch``, committing whenever it is due."""
+        """Read the thread after its cursor into ``batch``, committing whenever it is due. A
+        request the API refuses for now is tried again from the cursor in memory: what the
+        batch holds stays."""
+        while True:
+            try:
+                await self._read_pages(api, ref, thread, batch, commit)
+                return
+            except ApiUnavailable as exc:
+                await self._api_retry.wait(exc, f"reading thread {ref.thread_id}")
+
+    async def _read_pages(
+        self,
+        api: QoderApi,
+        ref: ThreadRef,
+        thread: ThreadProgress,
+        batch: _Batch,
+        commit: Callable[[], Awaitable[None]],
+    ) -> None:
+        # Items without an id after the cursor, already in a batch (committed or not).
         handled_idless = thread.idless_after
         try:
             async for page in api.thread_events(ref, thread.last_event_id):
+                self._api_retry.answered()
                 for item in page:
                     if item.id is not None:
                         thread.last_event_id, thread.idless_after = item.id, 0
@@ -347,6 +407,7 @@ class Replay:
                     await commit()
         except NotFound:
             self.log.warning("bridge.replay.thread_gone", thread_id=ref.thread_id)
+            self.gone.append(ref.thread_id)
         except BadCursor as exc:
             raise ToolFailed(
                 f"the API does not know event {thread.last_event_id} of thread {ref.thread_id} "

@@ -23,6 +23,8 @@ from typing import Any
 
 import anyio
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from structlog.testing import capture_logs
 
 from bridge.config import Settings, load_settings
 from bridge.records import Event, event_record
@@ -37,6 +39,7 @@ from tests.bridge_harness import (
     simulator_logs,
     wait_for_delivery,
 )
+from tests.kafka_broker import _partitions as partitions_of
 from tests.kafka_broker import read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -83,8 +86,7 @@ async def expected_records(settings: Settings, topic: str, session_id: str) -> d
     (value, headers), in the API's order."""
     expected: dict[str, list] = defaultdict(list)
     async with open_api(settings) as api:
-        _session, threads = await session_threads(api, session_id)
-        for ref in threads:
+        for ref in (await session_threads(api, session_id)).threads:
             async for page in api.thread_events(ref, None):
                 for event in page:
                     assert isinstance(event, Event)
@@ -341,3 +343,78 @@ async def test_replay_on_a_terminal_shows_a_progress_bar(kafka_bootstrap, kafka_
     assert f"{CHILDREN + 1}/{CHILDREN + 1} threads" in final, final
     assert "100%" in final and "400 events" in final and "events/s" in final
     assert "bridge.replay.progress" not in screen
+
+
+async def test_replay_names_a_thread_it_cannot_read_and_exits_1(kafka_bootstrap, kafka_topics):
+    """Scenario: the API lists, among 21 threads, one whose id is '..' (no URL path can name
+    it: it would resolve to the session's own path). The replay re-exports the 20 others, every
+    event once, names the one it could not read and exits 1: never a silent gap."""
+    target = kafka_topics.events + ".replayed"
+    async with running_simulator(SCENARIO, token=TOKEN) as sim:
+        (session,) = sim.world.sessions
+        thread = session.threads[1]
+        del session.thread_index[thread.id]
+        thread.id = ".."
+        session.thread_index[".."] = 1
+        env = replay_env(sim, kafka_bootstrap, kafka_topics)
+        done = await run_cli(env, "replay", "--session", session.id, "--topic", target)
+        assert done.returncode == 1, done.stderr.decode()[-2000:]
+        assert "1 thread(s) NOT replayed" in done.stdout.decode()
+        assert "not replayed" in done.stderr.decode() and "'..'" in done.stderr.decode()
+        records = await read_topic(kafka_bootstrap, target)
+        logs = {k: v for k, v in simulator_logs(sim).items() if not k.endswith("/..")}
+        result = compare(records, logs)
+        assert (result.lost, result.duplicated, result.misordered) == (0, 0, 0), result.summary()
+        assert len(logs) == CHILDREN and f"{session.id}/.." not in {r.key.decode() for r in records}
+
+
+async def end_offsets(bootstrap: str, topic: str, isolation_level: str) -> dict[int, int]:
+    """The topic's end offsets: its high watermarks read_uncommitted, its last stable offsets
+    (short of any transaction still open) read_committed."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, isolation_level=isolation_level
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
+        return {tp.partition: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
+    finally:
+        await consumer.stop()
+
+
+async def test_a_replay_stopped_while_it_commits_holds_nobody_back(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario: Ctrl-C reaches a replay while it commits (its records sent, the commit not
+    yet through). On its way out it aborts that transaction: read_committed readers of the
+    progress topic and of the target are not held back until the transaction's timeout (a
+    minute), and another run started at once goes through without waiting for it."""
+    target = kafka_topics.events + ".replayed"
+    async with running_simulator(SCENARIO, token=TOKEN) as sim:
+        (session_id,) = sim.session_ids()
+        settings = load_settings(replay_env(sim, kafka_bootstrap, kafka_topics))
+        stuck = anyio.Event()
+
+        async def commit_never_returns(self: AIOKafkaProducer) -> None:
+            stuck.set()
+            await anyio.sleep_forever()
+
+        monkeypatch.setattr(AIOKafkaProducer, "commit_transaction", commit_never_returns)
+        one = request_for(settings, session_id, thread_id=sim.all_threads()[0][1], topic=target)
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(Replay(settings, one).run)
+                await stuck.wait()
+                tg.cancel_scope.cancel()  # Ctrl-C
+        monkeypatch.undo()
+
+        for topic in (one.progress_topic, target):
+            assert await end_offsets(kafka_bootstrap, topic, "read_committed") == (
+                await end_offsets(kafka_bootstrap, topic, "read_uncommitted")
+            ), f"a transaction is still open on {topic}"
+        whole = request_for(settings, session_id, topic=target)
+        with capture_logs() as logs, anyio.fail_after(60):
+            await Replay(settings, whole).run()
+        assert not [e for e in logs if e["event"] == "bridge.replay.waiting"]
+        result = compare(await read_topic(kafka_bootstrap, target), simulator_logs(sim))
+        assert (result.lost, result.duplicated, result.misordered) == (0, 0, 0), result.summary()

@@ -20,6 +20,7 @@ import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import GroupAuthorizationFailedError
+from structlog.testing import capture_logs
 
 from bridge import membership
 from bridge.checkpoint_admin import stored_checkpoints
@@ -41,6 +42,7 @@ from tests.kafka_broker import KafkaTopics, read_topic
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
 UNCOMMITTED = "read_uncommitted"
+WAITING = "bridge.replay.waiting"
 
 CHILDREN = 20
 #: One session: a coordinator and 20 children, 400 events, there from the start.
@@ -63,7 +65,6 @@ async def cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[by
 # -- finding 1: one transient API error throws the whole attempt away -------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 1: replay gives up under API faults")
 async def test_replay_completes_under_api_faults_the_bridge_delivers_through(
     kafka_bootstrap, kafka_topics
 ):
@@ -103,9 +104,6 @@ def replay_request(settings: Any, session_id: str, topic: str, thread_id: str | 
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 2: another run's open transaction hides our progress"
-)
 async def test_a_killed_replay_of_another_run_does_not_make_this_one_export_twice(
     kafka_bootstrap, kafka_topics
 ):
@@ -117,7 +115,11 @@ async def test_a_killed_replay_of_another_run_does_not_make_this_one_export_twic
     sees each event once. Found: the progress is read to the end offsets read_committed, that
     is to the other run's open transaction (the last stable offset): the records this run
     committed after it are not seen, the run starts a new attempt and exports again what was
-    already committed."""
+    already committed.
+
+    (As fixed, no read_committed reader can get past that transaction before it ends: the
+    second process waits for it, naming the run, and exports nothing meanwhile; the test ends
+    the transaction, as its timeout would, once the process says it is waiting.)"""
     target = kafka_topics.events + ".replayed"
     async with running_simulator(scenario("lso"), token=TOKEN) as sim:
         (session_id,) = sim.session_ids()
@@ -159,16 +161,19 @@ async def test_a_killed_replay_of_another_run_does_not_make_this_one_export_twic
             assert first.events > 0
 
             written = len(await read_topic(kafka_bootstrap, target, isolation_level=UNCOMMITTED))
-            second = Replay(fast, ours)
-            with anyio.fail_after(60):
+            with capture_logs() as logs, anyio.fail_after(60):
+                second = Replay(fast, ours)
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(second.run)
-                    # Once it writes again (it has read its progress by then), the other run's
-                    # transaction ends, as at its timeout: the run can finish.
-                    while written == len(
-                        await read_topic(kafka_bootstrap, target, isolation_level=UNCOMMITTED)
-                    ):
+                    # It does not go on from a read that stopped at the other run's open
+                    # transaction: it waits for it to end, and says whose it is.
+                    while not (waits := [e for e in logs if e["event"] == WAITING]):
                         await anyio.sleep(0.05)
+                    assert waits[0]["blocking_run"] == other.run_id, waits
+                    assert written == len(
+                        await read_topic(kafka_bootstrap, target, isolation_level=UNCOMMITTED)
+                    ), "exported more before its progress was read whole"
+                    # The other run's transaction ends, as at its timeout: the run goes on.
                     await killed.abort_transaction()
         finally:
             await killed.stop()
@@ -191,10 +196,6 @@ def rename_thread(sim: Any, index: int, new_id: str) -> tuple[str, str]:
     return session.id, new_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: replay and reset silently skip threads the bridge follows",
-)
 async def test_replay_and_reset_cover_every_thread_the_bridge_follows(
     kafka_bootstrap, kafka_topics
 ):
