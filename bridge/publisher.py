@@ -65,7 +65,7 @@ ITEM_OVERHEAD_BYTES = 512
 RECORD_OVERHEAD_BYTES = 1024
 #: A checkpoint (32 recent ids and its fields) and its batch fit in this, with room to spare.
 MIN_CHECKPOINT_TOPIC_BYTES = 16 * 1024
-_FRACTION = re.compile(r"(\.\d{6})\d+")
+_FRACTION = re.compile(r"(\.[0-9]{6})[0-9]+")
 
 
 @dataclass(slots=True)
@@ -168,20 +168,34 @@ def _seconds_since(timestamp: str | None, now: float | None = None) -> float | N
     if len(timestamp) > 20 and timestamp[19] == "." and timestamp[-1] == "Z":
         whole = _whole_second(timestamp[:19])
         fraction = timestamp[19:-1]
-        if whole is not None and fraction[1:].isdigit():
+        # isascii: str.isdigit also takes "²" or "٣", which float() refuses.
+        digits = fraction[1:]
+        if whole is not None and digits.isascii() and digits.isdigit():
             return now - whole - float("0" + fraction[:10])
     try:
         moment = datetime.fromisoformat(_FRACTION.sub(r"\1", timestamp.replace("Z", "+00:00")))
-    except ValueError:
-        return None
-    return now - moment.timestamp()
+        return now - moment.timestamp()
+    except (ValueError, OverflowError):
+        return None  # a time the bridge cannot read has no lag; it never stops the bridge
+
+
+def _observe_lag(item: Outgoing, wall: float) -> None:
+    """The event's end-to-end lag, from its ``processed_at`` as the API wrote it. The batch has
+    committed by now: a field the bridge cannot read costs this figure, never the bridge."""
+    try:
+        lag = _seconds_since(item.event_time, wall)
+    except Exception:  # a bad event field after the commit: no lag, and go on
+        log.warning("bridge.publisher.lag_unreadable", event_id=item.event_id)
+        return
+    if lag is not None:
+        metrics.END_TO_END_LAG.observe(max(0.0, lag))
 
 
 @functools.lru_cache(maxsize=256)
 def _whole_second(prefix: str) -> float | None:
     try:
         return datetime.fromisoformat(prefix + "+00:00").timestamp()
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
@@ -614,9 +628,7 @@ class Publisher:
             if item.event_type is not None:
                 published[item.event_type] = published.get(item.event_type, 0) + 1
                 metrics.PUBLISH_LATENCY.observe(now - item.read_at)
-                lag = _seconds_since(item.event_time, wall)
-                if lag is not None:
-                    metrics.END_TO_END_LAG.observe(max(0.0, lag))
+                _observe_lag(item, wall)
         # Counted once a type a batch: a batch holds thousands of events of a dozen types.
         for event_type, count in published.items():
             metrics.events_published(event_type).inc(count)

@@ -125,3 +125,19 @@ def test_the_lag_of_an_event_is_read_from_its_timestamp(stamp: str, epoch: float
     now = time.time()
     assert _seconds_since(stamp, now) == pytest.approx(now - epoch, abs=1e-6)
     assert _seconds_since("not a time", now) is None
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-11-30T02:10:38.\u00b2Z",  # a superscript two: str.isdigit() says yes
+        "2026-11-30T02:10:38.\u0661\u0662\u0663\u0664\u0665\u0666\u0667Z",  # Arabic-Indic digits
+        "2026-11-30T02:10:38.\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2\u00b2+00:00",
+        "2026-13-30T02:10:38.1Z",
+        "\x00" * 25,
+    ],
+)
+def test_a_timestamp_the_bridge_cannot_read_has_no_lag(stamp: str) -> None:
+    """Scenario: processed_at is any string the API may send: the lag is None, never an
+    exception (it is read after the batch committed)."""
+    assert _seconds_since(stamp, time.time()) is None

@@ -102,12 +102,6 @@ def _scenario(seed: int, *, instant: bool = True, **faults: float) -> Scenario:
 # -- finding 1: the lag's fast timestamp parse -----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 1: _seconds_since's fast path takes str.isdigit() for ASCII digits; "
-    "float('0.²') raises ValueError in Publisher._committed, after the commit, and the "
-    "bridge stops (exit 1)",
-)
 async def test_an_event_with_an_odd_processed_at_fraction_does_not_stop_the_bridge(
     monkeypatch, kafka_bootstrap, kafka_topics
 ):
