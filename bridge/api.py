@@ -175,11 +175,82 @@ def _raw_page(body: bytes) -> Page | None:
             if not isinstance(event_id, str) or not event_id:
                 return None
             items.append(RawItem(fields, bytes(piece)))
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     # Some generations omit has_more; a next_page alone then means "more".
     more = bool(raw.next_page) if raw.has_more is None else raw.has_more
     return Page(items, raw.next_page or None, more, raw.last_id or None)
+
+
+def _envelope(body: Any) -> Page:
+    """A list response's envelope: its items, as decoded, and where the list goes on."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise ApiUnavailable("a list response without a `data` array")
+    next_page = body.get("next_page")
+    has_more = body.get("has_more")
+    last_id = body.get("last_id")
+    # Some generations omit has_more; a next_page alone then means "more".
+    more = bool(next_page) if has_more is None else bool(has_more)
+    return Page(
+        body["data"],
+        next_page if isinstance(next_page, str) and next_page else None,
+        more,
+        last_id if isinstance(last_id, str) and last_id else None,
+    )
+
+
+#: A JSON token: a string, a bracket, a colon or comma, a literal or number; a lone quote is an
+#: unterminated string.
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[][{}:,]|[^][{}:,"\s]+|"', re.DOTALL)
+
+
+def _split_page(body: bytes, path: str) -> Page | None:
+    """The careful path for event pages: the ``data`` array cut into its items' bytes by a
+    scanner (no decoding, no recursion), each item then decoded alone, so that one item no
+    decoder takes (invalid UTF-8, nested past the decoders' depth, a number past a float)
+    costs that item only. None if the body is no object with a ``data`` array of values."""
+    spans: list[bytes] = []
+    depth = 0
+    previous: list[bytes] = []  # the last two tokens at depth 1: a key and its colon
+    array: tuple[int, int] | None = None
+    item_start = -1
+    item_end = -1
+    in_data = False
+    for match in _TOKEN.finditer(body):
+        token = match.group()
+        if token == b'"':
+            return None  # an unterminated string
+        if in_data and depth == 2 and token in (b",", b"]"):
+            if item_start >= 0:
+                spans.append(body[item_start:item_end])
+                item_start = -1
+            elif token == b"," or spans:
+                return None  # an empty item: [,  ,,  ,]
+            if token == b"]":
+                in_data, depth = False, 1
+                array = (array[0] if array else 0, match.end())
+            continue
+        if in_data:
+            if item_start < 0:
+                item_start = match.start()
+            item_end = match.end()
+        if token in (b"{", b"["):
+            if depth == 0 and token != b"{":
+                return None
+            if depth == 1 and token == b"[" and previous == [b'"data"', b":"] and not array:
+                in_data, array = True, (match.start(), -1)
+            depth += 1
+        elif token in (b"}", b"]"):
+            depth -= 1
+            if depth < 0:
+                return None
+        elif depth == 1:
+            previous = [*previous[-1:], token]
+    if depth != 0 or array is None or array[1] < 0:
+        return None
+    envelope = _envelope(_json(body[: array[0]] + b"[]" + body[array[1] :], path))
+    items: list[Any] = [event_from_bytes(span) for span in spans]
+    return Page(items, envelope.next_page, envelope.has_more, envelope.last_id)
 
 
 class _PageTooLarge(Exception):
@@ -237,6 +308,26 @@ def event_from_item(item: Any) -> Event | Rejected:
     return Event(id=event_id, type=kind or "", data=data, fields=item)
 
 
+def event_from_bytes(data: bytes) -> Event | Rejected:
+    """An event from one item of a JSON page, its bytes as the API sent them, or why not."""
+    try:
+        fields = _ITEM.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        pass  # not for the fast decoder: the general one says what it is
+    else:
+        event_id = fields.get("id")
+        if isinstance(event_id, str) and event_id:
+            return event_from_raw(RawItem(fields, data))
+    try:
+        item = json.loads(data.decode("utf-8", "surrogateescape"))
+    except RecursionError:
+        # Valid JSON, maybe, but nested deeper than a decoder goes: this item alone.
+        return Rejected("too_deep", data, None, None, len(data))
+    except ValueError:
+        return Rejected("not_json", data, None, None, len(data))
+    return event_from_item(item)
+
+
 def _escapable(text: str) -> bool:
     """Every lone surrogate stands for a byte that was not UTF-8 (not a JSON ``\\ud800``)."""
     return all(0xDC80 <= ord(c) <= 0xDCFF for c in text if 0xD800 <= ord(c) <= 0xDFFF)
@@ -247,6 +338,8 @@ def _json(body: bytes, path: str) -> Any:
         return json.loads(body.decode("utf-8", "surrogateescape"))
     except ValueError as exc:
         raise ApiUnavailable(f"GET {path}: the response is not JSON") from exc
+    except RecursionError as exc:
+        raise ApiUnavailable(f"GET {path}: the response is nested too deep to read") from exc
 
 
 async def _read_capped(response: httpx.Response, limit_bytes: int | None) -> bytes:
@@ -367,6 +460,10 @@ def _scan_head(head: bytes) -> tuple[str | None, dict[str, Any]]:
 
 def _last_item_id(items: list[Any]) -> str | None:
     for each in reversed(items):
+        if isinstance(each, Event | Rejected):
+            if each.id:
+                return each.id
+            continue
         item = each.fields if isinstance(each, RawItem) else each
         if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
             return str(item["id"])
@@ -516,7 +613,7 @@ class QoderApi:
                 yield [big]
                 page = _salvage(big)
             else:
-                fast = _raw_page(body) if raw_items else None
+                fast = (_raw_page(body) or _split_page(body, path)) if raw_items else None
                 page = fast or self._page(_json(body, path))
                 limit = PAGE_LIMIT
                 yield page.items
@@ -535,19 +632,7 @@ class QoderApi:
 
     @staticmethod
     def _page(body: Any) -> Page:
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            raise ApiUnavailable("a list response without a `data` array")
-        next_page = body.get("next_page")
-        has_more = body.get("has_more")
-        last_id = body.get("last_id")
-        # Some generations omit has_more; a next_page alone then means "more".
-        more = bool(next_page) if has_more is None else bool(has_more)
-        return Page(
-            body["data"],
-            next_page if isinstance(next_page, str) and next_page else None,
-            more,
-            last_id if isinstance(last_id, str) and last_id else None,
-        )
+        return _envelope(body)
 
     async def list_sessions(
         self, *, include_archived: bool = True, statuses: tuple[str, ...] = ()
@@ -598,7 +683,12 @@ class QoderApi:
     def _event(self, item: Any) -> Event | Rejected:
         if isinstance(item, _PageTooLarge):
             return _oversize(item)
-        event = event_from_raw(item) if isinstance(item, RawItem) else event_from_item(item)
+        if isinstance(item, RawItem):
+            event: Event | Rejected = event_from_raw(item)
+        elif isinstance(item, Event | Rejected):
+            event = item  # from _split_page
+        else:
+            event = event_from_item(item)
         if isinstance(event, Event) and len(event.data) > self._max_event_bytes:
             # The page fitted, this item does not: the same rule as for a stream frame.
             size = len(event.data)

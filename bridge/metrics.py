@@ -161,13 +161,14 @@ API_ROUTES: tuple[ApiRoute, ...] = (
     "stream",
     "session_events",
 )
-DlqReason = Literal["not_json", "not_object", "missing_id", "invalid_utf8", "too_large"]
+DlqReason = Literal["not_json", "not_object", "missing_id", "invalid_utf8", "too_large", "too_deep"]
 DLQ_REASONS: tuple[DlqReason, ...] = (
     "not_json",
     "not_object",
     "missing_id",
     "invalid_utf8",
     "too_large",
+    "too_deep",
 )
 TransactionOutcome = Literal["committed", "aborted"]
 TRANSACTION_OUTCOMES: tuple[TransactionOutcome, ...] = ("committed", "aborted")

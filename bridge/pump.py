@@ -416,6 +416,9 @@ class Pump:
         except ValueError:
             await self._handle(Rejected("not_json", frame.data, own_id, frame.event, frame.size))
             return
+        except RecursionError:
+            await self._handle(Rejected("too_deep", frame.data, own_id, frame.event, frame.size))
+            return
         if not isinstance(fields, dict):
             await self._handle(Rejected("not_object", frame.data, own_id, None, frame.size))
             return

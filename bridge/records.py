@@ -70,7 +70,8 @@ class Event:
 class Rejected:
     """Something read from the API that cannot be published as an event, and why.
 
-    ``reason``: ``not_json``, ``not_object``, ``missing_id``, ``invalid_utf8``, ``too_large``.
+    ``reason``: ``not_json``, ``not_object``, ``missing_id``, ``invalid_utf8``, ``too_large``,
+    ``too_deep``.
     ``data`` is what was read (only its first bytes when too large); ``size`` the full size.
     """
 
@@ -88,6 +89,7 @@ REJECTION_MESSAGES = {
     "missing_id": "the event has no id",
     "invalid_utf8": "the event is not valid UTF-8",
     "too_large": "the event is larger than the bridge may read or Kafka may take",
+    "too_deep": "the event is nested deeper than the bridge's JSON decoders go",
 }
 
 

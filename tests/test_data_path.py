@@ -141,3 +141,31 @@ def test_a_timestamp_the_bridge_cannot_read_has_no_lag(stamp: str) -> None:
     """Scenario: processed_at is any string the API may send: the lag is None, never an
     exception (it is read after the batch committed)."""
     assert _seconds_since(stamp, time.time()) is None
+
+
+async def test_an_item_nested_past_the_decoders_depth_is_rejected_alone() -> None:
+    """Scenario: one item holds a value 1,500 arrays deep (valid JSON, past every decoder's
+    depth) between two good ones: it alone is a dead letter (``too_deep``), the others are
+    events with their bytes, and the page's cursor is read."""
+    deep = b"[" * 1500 + b"]" * 1500
+    items = [b'{"id":"evt_1","type":"a","n":1.0E-5}', b'{"id":"evt_2","d":' + deep + b"}"]
+    items.append(b'{"id":"evt_3","type":"a","s":"a,]}\\"["}')
+    body = b'{"data":[' + b",".join(items) + b'],"has_more":false}'
+    got = await _read(body)
+    assert [(type(e).__name__, e.id) for e in got] == [
+        ("Event", "evt_1"),
+        ("Rejected", None),
+        ("Event", "evt_3"),
+    ]
+    assert [e.data for e in got] == items
+    assert [e.reason for e in got if isinstance(e, Rejected)] == ["too_deep"]
+
+
+async def test_events_keep_their_bytes_beside_an_item_without_an_id() -> None:
+    """Scenario: an item without an id sends the page down the careful path: the events
+    beside it keep the API's bytes (1.0E-5, a 20-digit decimal), not a re-serialisation."""
+    good = b'{"id":"evt_1","type":"a","u":{"c":1.0E-5,"x":12345678901234567890.123}}'
+    body = b'{"data":[' + good + b',{"type":"a"}],"has_more":false}'
+    got = await _read(body)
+    assert [e.data for e in got] == [good, b'{"type":"a"}']
+    assert [e.reason for e in got if isinstance(e, Rejected)] == ["missing_id"]

@@ -136,12 +136,6 @@ async def test_an_event_with_an_odd_processed_at_fraction_does_not_stop_the_brid
 # -- finding 2: deep nesting ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 2: an item nested deeper than ~1000 levels raises RecursionError "
-    "out of _raw_page (msgspec) and json.loads alike, neither caught: the thread's pump "
-    "crashes and restarts on the same item forever, every later event of the thread is lost",
-)
 async def test_a_deeply_nested_event_does_not_stop_its_thread(
     monkeypatch, kafka_bootstrap, kafka_topics
 ):
@@ -185,12 +179,6 @@ async def test_a_deeply_nested_event_does_not_stop_its_thread(
 # -- finding 3: a page that falls back rewrites its good events -------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: a page with one item the fast path refuses re-serialises every "
-    "event on it (json.loads + json.dumps): numbers such as 1.0E-5 or a 20-digit decimal are "
-    "no longer the bytes, nor the value, the API sent",
-)
 async def test_events_keep_their_bytes_on_a_page_with_a_malformed_neighbour(
     monkeypatch, kafka_bootstrap, kafka_topics
 ):
