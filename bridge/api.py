@@ -325,7 +325,21 @@ def event_from_bytes(data: bytes) -> Event | Rejected:
         return Rejected("too_deep", data, None, None, len(data))
     except ValueError:
         return Rejected("not_json", data, None, None, len(data))
-    return event_from_item(item)
+    # The item's own bytes, never json.dumps of what was decoded: 1E400 would come back as
+    # Infinity (not JSON), 1.0E-5 as 1e-05.
+    kind = item.get("type") if isinstance(item, dict) else None
+    kind = kind if isinstance(kind, str) else None
+    event_id = item.get("id") if isinstance(item, dict) else None
+    event_id = event_id if isinstance(event_id, str) and event_id else None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Rejected("invalid_utf8", data, event_id, kind, len(data))
+    if not isinstance(item, dict):
+        return Rejected("not_object", data, None, None, len(data))
+    if event_id is None:
+        return Rejected("missing_id", data, None, kind, len(data))
+    return Event(id=event_id, type=kind or "", data=data, fields=item)
 
 
 def _escapable(text: str) -> bool:

@@ -169,3 +169,15 @@ async def test_events_keep_their_bytes_beside_an_item_without_an_id() -> None:
     got = await _read(body)
     assert [e.data for e in got] == [good, b'{"type":"a"}']
     assert [e.reason for e in got if isinstance(e, Rejected)] == ["missing_id"]
+
+
+async def test_a_number_past_a_float_is_published_as_the_api_wrote_it() -> None:
+    """Scenario: an item carries 1E400 (valid JSON, past a float): the fast decoder refuses it,
+    the general one reads inf; the event's value is still the API's bytes, never Infinity."""
+    big = b'{"id":"evt_1","type":"a","x_big":1E400}'
+    body = b'{"data":[{"id":"evt_0","type":"a"},' + big + b'],"has_more":false}'
+    got = await _read(body)
+    assert [(type(e).__name__, e.data) for e in got] == [
+        ("Event", b'{"id":"evt_0","type":"a"}'),
+        ("Event", big),
+    ]

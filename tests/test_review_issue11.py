@@ -215,12 +215,6 @@ async def test_events_keep_their_bytes_on_a_page_with_a_malformed_neighbour(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: a number past a float's range (1E400) makes msgspec refuse the "
-    "page; the general path reads it as inf and writes Infinity: the record's value is no "
-    "longer JSON",
-)
 async def test_a_number_past_the_float_range_is_published_as_sent(
     monkeypatch, kafka_bootstrap, kafka_topics
 ):
