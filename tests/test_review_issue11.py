@@ -294,12 +294,6 @@ def _section(title: str) -> str:
     return text[start : end if end >= 0 else None]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 5: records are zstd-compressed by default now (was gzip), but what "
-    "README tells consumers (Kafka records, Delivery guarantees: consumers 'any') says "
-    "nothing of it",
-)
 def test_the_readme_tells_consumers_the_records_are_zstd_compressed() -> None:
     """Scenario: a team upgrades the bridge; its records were gzip, they are zstd now (KAFKA_
     COMPRESSION's default changed with issue 11). A consumer whose client cannot read zstd
