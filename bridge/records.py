@@ -187,15 +187,27 @@ def alert_record(
         "event_type": event.type if event else None,
         "time": (event.time if event else None) or _now(),
     }
+    value = _document(doc)
     if event is not None:
-        doc["event"] = event.fields
+        # The event's own bytes (JSON, as the API sent them), not json.dumps of what was decoded
+        # from them: 1E400 would be Infinity, a lone surrogate escape would not encode.
+        value = value[:-1] + b',"event":' + event.data + b"}"
     if detail:
-        doc["detail"] = detail
+        value = value[:-1] + b',"detail":' + _document(detail) + b"}"
     key = (thread.key if thread else "bridge").encode()
     headers: Headers = [("content-type", b"application/json"), ("alert_type", alert_type.encode())]
     if thread is not None:
         headers.extend(_thread_headers(thread))
-    return Record(topic, key, canonical_json(doc), headers)
+    return Record(topic, key, value, headers)
+
+
+def _document(doc: dict[str, Any]) -> bytes:
+    """``canonical_json``, or with ASCII escapes where a string holds a lone surrogate (the
+    API's ``\\ud83d`` decoded): the same JSON value, still valid UTF-8."""
+    try:
+        return canonical_json(doc)
+    except UnicodeEncodeError:
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def dead_letter_record(

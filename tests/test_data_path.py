@@ -14,7 +14,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from bridge.api import QoderApi, RateLimiter
 from bridge.publisher import KeyPartitioner, _seconds_since
-from bridge.records import Event, Rejected, ThreadRef, event_record
+from bridge.records import Event, Rejected, ThreadRef, alert_record, event_record
 
 pytestmark = pytest.mark.anyio
 
@@ -181,3 +181,18 @@ async def test_a_number_past_a_float_is_published_as_the_api_wrote_it() -> None:
         ("Event", b'{"id":"evt_0","type":"a"}'),
         ("Event", big),
     ]
+
+
+async def test_a_lone_surrogate_escape_is_an_event_on_a_page_and_in_its_alert() -> None:
+    """Scenario: a JavaScript server writes half an emoji as the ASCII escape ``\\ud83d`` in a
+    session.error event (valid UTF-8 bytes): it is an event with its bytes, as from a stream,
+    and its alert copies it without failing; the alert is JSON with the same value."""
+    item = b'{"id":"evt_1","type":"session.error","processed_at":"t\\ud83d","m":"\\ud83d"}'
+    got = await _read(b'{"data":[' + item + b'],"has_more":false}')
+    assert [(type(e).__name__, e.data) for e in got] == [("Event", item)]
+    event = got[0]
+    assert isinstance(event, Event)
+    record = alert_record("alerts", THREAD, "qoder.session.error", "error", event=event)
+    doc = json.loads(record.value.decode("utf-8"))
+    assert doc["event"] == json.loads(item)
+    assert doc["time"] == "t\ud83d"

@@ -246,12 +246,6 @@ async def test_a_number_past_the_float_range_is_published_as_sent(
 # -- finding 4: a lone surrogate escape: an event on the stream, a dead letter on a page ------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 4: an ASCII \\ud83d escape (valid UTF-8 bytes) is published from a "
-    "stream frame but dead-lettered as invalid_utf8 from a page: the general path's "
-    "canonical_json cannot encode the surrogate it decoded",
-)
 async def test_a_lone_surrogate_escape_is_an_event_on_a_page_as_on_the_stream(
     monkeypatch, kafka_bootstrap, kafka_topics
 ):
