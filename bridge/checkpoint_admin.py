@@ -5,7 +5,9 @@
                                    (--to EVENT_ID | --to-start | --to-latest) [--execute] [--force]
 
 ``list`` reads BRIDGE_CHECKPOINT_TOPIC as the bridge does at start (read_committed, to the end,
-the last record of each key) and prints each thread's cursor, as a table or as JSON.
+the last record of each key) and prints each thread's cursor, and apart from them the sessions
+marked settled (keyed by the session alone: the bridge does not look at them again until their
+updated_at moves), as tables or as JSON.
 
 ``reset`` writes, for each thread, a checkpoint in the bridge's own format (the same key and
 value as bridge.records.checkpoint_record) that the bridge takes at its next start:
@@ -22,10 +24,18 @@ read_committed reader sees all of them or none.
 
 Nothing is written without --execute: the default is a dry run that prints the before/after
 table. A running bridge keeps its cursors in memory and would overwrite a reset with its next
-commit, so --execute refuses while the bridge's consumer group (BRIDGE_GROUP_ID) has live
-members, naming them (client id, host); --force writes anyway. How it finds out: every running
-bridge is a member of that group (bridge.membership); the group is described with Kafka's admin
-API. A bridge that was killed stays listed until the group's session timeout (10 s).
+commit. How --execute finds one out (bridge.reset_guard):
+- the consumer group BRIDGE_GROUP_ID: live members subscribed to this checkpoint topic (every
+  running bridge is one, bridge.membership), named (client id, host): refused; a group that
+  cannot be described: refused. A bridge that was killed stays listed until the group's session
+  timeout (10 s).
+- the topic: a bridge whose membership failed runs outside the group. When a checkpoint was
+  written within reset_guard.RECENT_S, the topic is watched for reset_guard.WATCH_S first: a
+  new checkpoint meanwhile is a bridge writing: refused.
+--force writes anyway. After writing, the topic is watched again for WATCH_S and the group
+described again: a checkpoint of a reset thread written after the reset (a bridge overwrote
+it), or, without --force, any checkpoint written or a member of ours that joined meanwhile, and
+the command exits 1 saying so.
 """
 
 from __future__ import annotations
@@ -33,41 +43,45 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import anyio
-from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from bridge.api import QoderApi
-from bridge.checkpoints import Checkpoint, ensure_topics, parse_checkpoint, read_checkpoints
+from bridge.checkpoints import (
+    Checkpoint,
+    is_session_key,
+    parse_checkpoint,
+    parse_settled,
+    read_checkpoints,
+)
 from bridge.cli import add_settings_flags, settings_from_args
 from bridge.config import KafkaSettings, Settings, require_token
-from bridge.cursor import CHECKPOINT_RECENT_IDS
-from bridge.errors import ApiError, ApiUnavailable, ConfigError, SinkError, SinkUnavailable
+from bridge.errors import SinkError, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging
-from bridge.membership import Member, live_members
-from bridge.records import ThreadRef, checkpoint_record
 from bridge.tooling import (
     EXIT_USAGE,
-    ApiRetry,
     ToolFailed,
     check_id,
     fail,
-    open_api,
-    session_threads,
-    until_visible,
 )
 
-__all__ = ["HELP", "Stored", "add_arguments", "main", "stored_checkpoints"]
+__all__ = [
+    "HELP",
+    "Settled",
+    "Stored",
+    "add_arguments",
+    "main",
+    "print_table",
+    "stored_checkpoints",
+    "stored_topic",
+]
 
 HELP = "list the bridge's checkpoints, or move threads' cursors (dry run unless --execute)"
-TRANSACTIONAL_ID_PREFIX = "qoder-bridge-reset."
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +107,15 @@ class Stored:
 
 
 @dataclass(frozen=True, slots=True)
-class Position:
-    """Where a reset puts a thread: the cursor and what the checkpoint carries with it."""
+class Settled:
+    """A session's settled mark: the bridge looks at the session again only once its
+    ``updated_at`` is past ``settled_updated_at``."""
 
-    last_event_id: str | None
-    recent_ids: tuple[str, ...] = ()
-    idless_after: int = 0
+    session_id: str
+    settled_updated_at: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"session_id": self.session_id, "settled_updated_at": self.settled_updated_at}
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -158,7 +175,10 @@ def main(args: argparse.Namespace) -> int:
         require_token(settings.api)
         producer_tuning_kwargs(settings.kafka)
         configure_logging(settings.log, quiet_third_party=True)
-        return anyio.run(_reset, settings, args, sys.stdout, backend="asyncio")
+        # The reset reads the topic with this module's reader: imported here, not at the top.
+        from bridge.checkpoint_reset import reset  # noqa: PLC0415
+
+        return anyio.run(reset, settings, args, sys.stdout, backend="asyncio")
     except ToolFailed as exc:
         return fail(f"checkpoints {args.checkpoints_action}", exc)
 
@@ -168,13 +188,32 @@ def main(args: argparse.Namespace) -> int:
 
 async def stored_checkpoints(kafka: KafkaSettings, session_id: str | None = None) -> list[Stored]:
     """Every thread's checkpoint (of ``session_id`` only, if given), sorted by key."""
+    rows, _marks = await stored_topic(kafka, session_id)
+    return rows
+
+
+async def stored_topic(
+    kafka: KafkaSettings, session_id: str | None = None
+) -> tuple[list[Stored], list[Settled]]:
+    """The topic as the bridge loads it: every thread's checkpoint and every session's settled
+    mark (of ``session_id`` only, if given), each sorted by key."""
     rows: dict[str, Stored] = {}
+    marks: dict[str, Settled] = {}
 
     def keep(records: list[tuple[str, bytes | None]]) -> None:
         for key, value in records:
-            session, sep, thread = key.partition("/")
-            if not sep or (session_id is not None and session != session_id):
-                continue  # a session's own record, or another session's
+            if is_session_key(key):
+                if session_id is not None and key != session_id:
+                    continue
+                mark = parse_settled(value)
+                if mark is None:
+                    marks.pop(key, None)  # a tombstone: the bridge looks at the session
+                else:
+                    marks[key] = Settled(key, mark)
+                continue
+            session, _, thread = key.partition("/")
+            if session_id is not None and session != session_id:
+                continue  # another session's
             checkpoint = parse_checkpoint(value)
             if checkpoint is None:
                 rows.pop(key, None)  # a tombstone: the bridge forgets the thread too
@@ -189,7 +228,7 @@ async def stored_checkpoints(kafka: KafkaSettings, session_id: str | None = None
             await read_checkpoints(kafka, keep)
     except SinkError as exc:
         raise ToolFailed(str(exc)) from exc
-    return [rows[key] for key in sorted(rows)]
+    return [rows[key] for key in sorted(rows)], [marks[key] for key in sorted(marks)]
 
 
 async def _topic_exists(kafka: KafkaSettings, topic: str, *, timeout_s: float = 30) -> bool:
@@ -216,14 +255,36 @@ def _field(value: bytes | None, name: str) -> str | None:
 
 
 async def _list(settings: Settings, session_id: str | None, as_json: bool, out: TextIO) -> int:
-    rows = await stored_checkpoints(settings.kafka, session_id)
+    rows, marks = await stored_topic(settings.kafka, session_id)
     if as_json:
-        print(json.dumps([row.to_json() for row in rows], indent=2), file=out)
+        doc = {
+            "threads": [row.to_json() for row in rows],
+            "settled_sessions": [mark.to_json() for mark in marks],
+        }
+        print(json.dumps(doc, indent=2), file=out)
         return 0
+    scope = f" of session {session_id}" if session_id else ""
     if not rows:
-        scope = f" of session {session_id}" if session_id else ""
         print(f"no checkpoints{scope} in {settings.kafka.checkpoint_topic}", file=out)
-        return 0
+    else:
+        _print_threads(rows, out)
+    if marks:
+        print(
+            f"\n{len(marks)} session(s) settled: the bridge does not look at them again until "
+            "their updated_at is past SETTLED_UPDATED_AT (a reset clears the mark)",
+            file=out,
+        )
+        print_table(
+            [("SESSION", "SETTLED_UPDATED_AT")]
+            + [(m.session_id, m.settled_updated_at) for m in marks],
+            out,
+        )
+    elif rows:
+        print(f"\nno session{scope} marked settled", file=out)
+    return 0
+
+
+def _print_threads(rows: list[Stored], out: TextIO) -> None:
     table = [("SESSION", "THREAD", "LAST_EVENT_ID", "DRAINED_UPDATED_AT", "WRITTEN_AT")]
     for row in rows:
         c = row.checkpoint
@@ -236,189 +297,12 @@ async def _list(settings: Settings, session_id: str | None, as_json: bool, out: 
                 row.written_at or "-",
             )
         )
-    _print_table(table, out)
-    return 0
+    print_table(table, out)
 
 
-def _print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+def print_table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(
             "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip(), file=out
         )
-
-
-# -- reset ----------------------------------------------------------------------------------
-
-
-async def _reset(settings: Settings, args: argparse.Namespace, out: TextIO) -> int:
-    kafka = settings.kafka
-    retry = ApiRetry(settings.api, "bridge.checkpoints.api_retry")
-    async with open_api(settings) as api:
-        listed = await session_threads(api, args.session, args.thread, retry=retry)
-        threads = listed.threads
-        positions: dict[ThreadRef, Position] = {}
-        for ref in threads:
-            if args.to_start:
-                positions[ref] = Position(None)
-            else:
-                positions[ref] = await _position(api, ref, args.to, retry)
-    before = {(s.session_id, s.thread_id): s for s in await stored_checkpoints(kafka, args.session)}
-
-    target = f"--to {args.to}" if args.to else "--to-start" if args.to_start else "--to-latest"
-    mode = "writing" if args.execute else "dry run, nothing is written"
-    print(f"session {args.session}: {len(threads)} thread(s), {target} ({mode})", file=out)
-    table = [("THREAD", "BEFORE", "AFTER")]
-    for ref, position in positions.items():
-        stored = before.get((ref.session_id, ref.thread_id))
-        was = "(no checkpoint)" if stored is None else stored.checkpoint.last_event_id or "(start)"
-        table.append((ref.thread_id, was, position.last_event_id or "(start)"))
-    for thread_id in listed.unusable:
-        table.append((thread_id, "-", "(not reset: the id cannot go into a URL)"))
-    _print_table(table, out)
-    if listed.unusable:
-        print(
-            f"{len(listed.unusable)} thread(s) listed by the API cannot be reset (nor followed "
-            "by the bridge): their ids cannot go into a URL",
-            file=out,
-        )
-    if any(p.last_event_id is None for p in positions.values()):
-        print(
-            "(start): no cursor; at its next start the bridge republishes the thread from its "
-            "first event",
-            file=out,
-        )
-    print(
-        "the bridge takes these at its next start and reads each thread after its new cursor, "
-        "even a thread it had finished",
-        file=out,
-    )
-
-    try:
-        members: list[Member] | None = await live_members(kafka)
-        unknown = ""
-    except SinkUnavailable as exc:
-        members, unknown = None, str(exc)
-    if members:
-        names = "; ".join(f"client id {m.client_id}, host {m.client_host}" for m in members)
-        owners = f"a bridge is running: {len(members)} live member(s) of {kafka.group_id}: {names}"
-    elif members is None:
-        owners = f"cannot tell whether a bridge is running ({unknown})"
-    else:
-        owners = f"no bridge is running: the group {kafka.group_id} has no live member"
-    print(owners, file=out)
-
-    if not args.execute:
-        if members or members is None:
-            print("--execute would be refused (see above) unless --force", file=out)
-        print("dry run: nothing written; add --execute to write", file=out)
-        return 0
-    if (members or members is None) and not args.force:
-        raise ToolFailed(
-            f"refused: {owners}. A running bridge would overwrite the reset with its own "
-            "cursors; stop it first, or --force"
-        )
-    await _write(settings, args.session, positions)
-    print(f"written: {len(positions)} checkpoint(s) to {kafka.checkpoint_topic}", file=out)
-    if listed.unusable:
-        raise ToolFailed(f"not reset: thread(s) {', '.join(listed.unusable)} (unusable ids)")
-    return 0
-
-
-async def _position(
-    api: QoderApi, ref: ThreadRef, event_id: str | None, retry: ApiRetry
-) -> Position:
-    """The thread's list read from its start: up to ``event_id`` (which must be there), or to
-    its end (--to-latest), with the ids before it and the id-less items after it. A request the
-    API refuses for now reads the list again (``retry``)."""
-    while True:
-        try:
-            return await _read_position(api, ref, event_id, retry)
-        except ApiUnavailable as exc:
-            await retry.wait(exc, f"reading thread {ref.thread_id}")
-
-
-async def _read_position(
-    api: QoderApi, ref: ThreadRef, event_id: str | None, retry: ApiRetry
-) -> Position:
-    ids: deque[str] = deque(maxlen=CHECKPOINT_RECENT_IDS)
-    idless = 0
-    try:
-        async for page in api.thread_events(ref, None):
-            retry.answered()
-            for item in page:
-                if item.id is None:
-                    idless += 1
-                    continue
-                ids.append(item.id)
-                idless = 0
-                if event_id is not None and item.id == event_id:
-                    return Position(item.id, tuple(ids))
-    except ApiUnavailable:
-        raise
-    except ApiError as exc:
-        raise ToolFailed(f"cannot read thread {ref.thread_id}: {exc}") from exc
-    if event_id is not None:
-        raise ToolFailed(f"event {event_id} is not in the list of thread {ref.thread_id}")
-    # --to-latest: every id-less item after the last id counts as handled, as the bridge's do.
-    return Position(ids[-1], tuple(ids), idless) if ids else Position(None)
-
-
-async def _write(settings: Settings, session_id: str, positions: dict[ThreadRef, Position]) -> None:
-    kafka = settings.kafka
-    topic = kafka.checkpoint_topic
-    # Before a bridge's first start (--to-latest: begin from now on) the topic may not exist
-    # yet: created as the bridge creates it, compacted, never auto-created by a send.
-    try:
-        await ensure_topics(kafka)
-    except ConfigError as exc:
-        raise ToolFailed(str(exc), EXIT_USAGE) from exc
-    except SinkError as exc:
-        raise ToolFailed(str(exc)) from exc
-    kwargs: dict[str, Any] = dict(
-        kafka_client_kwargs(kafka),
-        **producer_tuning_kwargs(kafka),
-        acks="all",
-        enable_idempotence=True,
-    )
-    transactional = settings.delivery.mode == "exactly_once"
-    if transactional:
-        kwargs["transactional_id"] = TRANSACTIONAL_ID_PREFIX + topic
-    producer = AIOKafkaProducer(**kwargs)
-    try:
-        with anyio.fail_after(60):
-            await producer.start()
-            if transactional:
-                await producer.begin_transaction()
-            acks = []
-            for ref, position in positions.items():
-                record = checkpoint_record(
-                    topic,
-                    ref,
-                    position.last_event_id,
-                    None,  # no drain mark: the bridge reads the thread after the cursor
-                    list(position.recent_ids),
-                    position.idless_after,
-                )
-                acks.append(await producer.send(topic, record.value, key=record.key))
-            # A session that settled is not looked at until its updated_at moves: forget it.
-            acks.append(await producer.send(topic, None, key=session_id.encode()))
-            written: dict[TopicPartition, int] = {}
-            for ack in acks:
-                meta = await ack
-                tp = TopicPartition(meta.topic, meta.partition)
-                written[tp] = max(written.get(tp, -1), meta.offset)
-            if transactional:
-                await producer.commit_transaction()
-    except (KafkaError, TimeoutError) as exc:
-        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
-        raise ToolFailed(f"cannot write the checkpoints to {topic}: {cause}") from exc
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            await producer.stop()
-    if transactional:
-        # Written means a bridge that starts now reads them, not only that Kafka logged them.
-        try:
-            await until_visible(kafka, written)
-        except SinkUnavailable as exc:
-            raise ToolFailed(f"written, but not yet visible to readers: {exc}") from exc

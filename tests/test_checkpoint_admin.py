@@ -13,7 +13,10 @@ from typing import Any
 
 import anyio
 import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import GroupAuthorizationFailedError
 
+from bridge import membership
 from bridge.checkpoint_admin import stored_checkpoints
 from bridge.config import KafkaSettings, load_settings
 from bridge.membership import live_members, member_client_id
@@ -53,11 +56,13 @@ def ids(log: list[bytes]) -> list[str]:
     return [json.loads(raw)["id"] for raw in log]
 
 
-async def deliver(sim: Any, env: dict[str, str], bootstrap: str, topic: str) -> None:
-    """A bridge runs until every event is in ``topic``, then drains and stops."""
-    async with running_bridge(load_settings(env)):
-        _records, delivery = await wait_for_delivery(bootstrap, topic, sim, timeout_s=60)
-        assert delivery.lost == 0, delivery.summary()
+async def settled(bootstrap: str, topic: str, *session_ids: str) -> None:
+    """Wait until the bridge has marked these sessions settled (keyed by the session alone)."""
+    with anyio.fail_after(30):
+        while not {s.encode() for s in session_ids} <= {
+            r.key for r in await read_topic(bootstrap, topic)
+        }:
+            await anyio.sleep(0.2)
 
 
 async def checkpoint_records(bootstrap: str, topic: str) -> list[tuple[int, bytes | None]]:
@@ -69,17 +74,22 @@ async def checkpoint_records(bootstrap: str, topic: str) -> list[tuple[int, byte
 
 async def test_list_shows_what_the_bridge_stored(kafka_bootstrap, kafka_topics):
     """Scenario: after a bridge published two sessions, `checkpoints list --json` shows each
-    thread's cursor at its last event, drained; --session narrows it; the table names each
-    thread with its cursor."""
+    thread's cursor at its last event, drained, and each session's settled mark; --session
+    narrows it; the table names each thread with its cursor, and the settled sessions below."""
     async with running_simulator(SCENARIO, token=TOKEN) as sim:
         env = env_for(sim, kafka_bootstrap, kafka_topics)
-        await deliver(sim, env, kafka_bootstrap, kafka_topics.events)
         first, second = sim.session_ids()
+        async with running_bridge(load_settings(env)):
+            await wait_for_delivery(kafka_bootstrap, kafka_topics.events, sim, timeout_s=60)
+            await settled(kafka_bootstrap, kafka_topics.checkpoints, first, second)
 
         listed = await cli(env, "checkpoints", "list", "--json")
         assert listed.returncode == 0, listed.stderr.decode()[-2000:]
-        rows = json.loads(listed.stdout)
+        doc = json.loads(listed.stdout)
+        rows = doc["threads"]
         assert {(r["session_id"], r["thread_id"]) for r in rows} == set(sim.all_threads())
+        assert {m["session_id"] for m in doc["settled_sessions"]} == {first, second}
+        assert all(m["settled_updated_at"] for m in doc["settled_sessions"])
         for row in rows:
             log = ids(sim.thread_log(row["session_id"], row["thread_id"]))
             assert row["last_event_id"] == log[-1]
@@ -89,12 +99,14 @@ async def test_list_shows_what_the_bridge_stored(kafka_bootstrap, kafka_topics):
         only = json.loads(
             (await cli(env, "checkpoints", "list", "--session", second, "--json")).stdout
         )
-        assert [(r["session_id"], r["last_event_id"]) for r in only] == [
-            (second, ids(sim.thread_log(second, only[0]["thread_id"]))[-1])
+        assert [(r["session_id"], r["last_event_id"]) for r in only["threads"]] == [
+            (second, ids(sim.thread_log(second, only["threads"][0]["thread_id"]))[-1])
         ]
+        assert [m["session_id"] for m in only["settled_sessions"]] == [second]
 
         table = (await cli(env, "checkpoints", "list", "--session", first)).stdout.decode()
-        lines = table.splitlines()
+        threads, marks = table.split("\n\n")
+        lines = threads.splitlines()
         assert lines[0].split() == [
             "SESSION",
             "THREAD",
@@ -107,6 +119,9 @@ async def test_list_shows_what_the_bridge_stored(kafka_bootstrap, kafka_topics):
             if session_id == first:
                 last = ids(sim.thread_log(session_id, thread_id))[-1]
                 assert any(line.split()[1:3] == [thread_id, last] for line in lines[1:])
+        assert "1 session(s) settled" in marks
+        assert marks.splitlines()[1].split() == ["SESSION", "SETTLED_UPDATED_AT"]
+        assert marks.splitlines()[2].split()[0] == first
 
 
 async def test_reset_dry_run_then_execute_then_the_bridge_republishes_from_there(
@@ -287,3 +302,45 @@ async def test_reset_to_latest_before_the_first_start_skips_the_history(
         thread = next(t for s, t in sim.all_threads() if s == published)
         assert {r.key.decode() for r in records} == {f"{published}/{thread}"}
         assert [r.value for r in records] == sim.thread_log(published, thread)
+
+
+class _GroupDenied(AIOKafkaConsumer):  # type: ignore[misc]
+    """The membership consumer on a broker that does not grant the bridge Read on its group."""
+
+    async def start(self) -> None:
+        raise GroupAuthorizationFailedError(self._group_id)
+
+
+#: One thread that runs for about 10 s: the bridge commits its cursor all along.
+RUNNING = Scenario(
+    name="running", seed=3, sessions=(SessionSpec(coordinator=ThreadSpec(events=150, rate=15)),)
+)
+
+
+async def test_a_forced_reset_under_a_bridge_outside_the_group_says_it_was_overwritten(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario: a bridge publishes a running thread but is not in the group (its membership
+    failed: it logs bridge.membership.failed). The dry run says the topic was written
+    seconds ago and that --execute watches it first. With --force the reset is written; the
+    bridge writes its own cursor over it within seconds: the command exits 1 saying the reset
+    was OVERWRITTEN, naming the thread, instead of 'written' and exit 0."""
+    monkeypatch.setattr(membership, "AIOKafkaConsumer", _GroupDenied)
+    async with running_simulator(RUNNING, token=TOKEN) as sim:
+        env = env_for(sim, kafka_bootstrap, kafka_topics)
+        ((session_id, thread_id),) = sim.all_threads()
+        argv = ["checkpoints", "reset", "--session", session_id, "--thread", thread_id]
+        async with running_bridge(load_settings(env)):
+            with anyio.fail_after(30):
+                while len(await read_topic(kafka_bootstrap, kafka_topics.events)) < 10:
+                    await anyio.sleep(0.2)
+            dry = await cli(env, *argv, "--to-start")
+            forced = await cli(env, *argv, "--to-start", "--execute", "--force")
+        out = dry.stdout.decode()
+        assert dry.returncode == 0 and "no bridge is running" in out
+        assert "the checkpoint topic was written" in out and "--execute first watches" in out
+        said = forced.stdout.decode() + forced.stderr.decode()
+        assert forced.returncode == 1, said
+        assert "written: 1 checkpoint(s)" in forced.stdout.decode()
+        assert "OVERWRITTEN" in forced.stderr.decode()
+        assert f"{session_id}/{thread_id}" in forced.stderr.decode()

@@ -251,9 +251,6 @@ RUNNING = Scenario(
 )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 4: reset writes under a bridge whose membership failed"
-)
 async def test_reset_is_not_lost_under_a_bridge_that_runs_outside_the_group(
     kafka_bootstrap, kafka_topics, monkeypatch
 ):
@@ -294,9 +291,6 @@ async def test_reset_is_not_lost_under_a_bridge_that_runs_outside_the_group(
 # -- finding 5: another deployment in the same group blocks the reset ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding 5: a bridge on another checkpoint topic blocks the reset"
-)
 async def test_a_bridge_of_another_deployment_in_the_group_does_not_block_a_reset(
     kafka_bootstrap, kafka_topics
 ):
@@ -338,7 +332,6 @@ async def test_a_bridge_of_another_deployment_in_the_group_does_not_block_a_rese
 # -- finding 6: list hides the settled marks ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 6: checkpoints list hides settled marks")
 async def test_list_shows_that_the_bridge_will_not_look_at_a_settled_session(
     kafka_bootstrap, kafka_topics
 ):
