@@ -5,10 +5,16 @@ so far, their rate, and an ETA drawn from the threads' pace (the API does not sa
 events a thread holds before it is read). On a terminal (stderr is a TTY) that is a tqdm bar
 redrawn in place; anywhere else (a pod's log, CI, a pipe) it is a ``bridge.replay.progress``
 log line every ``interval_s``, so a log collector never sees carriage returns.
+
+While the bar is drawn, the log lines written to the same terminal (warnings: an item skipped,
+a request retried) go above it, each on a line of its own: the log handlers on that stream
+write through ``tqdm.write`` (which clears the bar, writes the line and draws the bar again)
+until the bar is closed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -50,6 +56,8 @@ class ReplayProgress:
         self._interval_s = interval_s
         self._next_line = self._started + interval_s
         self._bar: Any = None
+        #: Log handlers writing above the bar, and the stream each had before.
+        self._redirected: list[tuple[logging.StreamHandler[Any], Any]] = []
         if _isatty(self._stream):
             # A terminal that reports no size (a bare pty) would get no bar at all.
             width, height = _size(self._stream)
@@ -65,6 +73,7 @@ class ReplayProgress:
                 bar_format=_BAR_FORMAT,
                 postfix=self._events_text(),
             )
+            self._redirect_logs()
 
     def update(self, threads_done: int, events: int) -> None:
         self._done, self._events = threads_done, events
@@ -82,8 +91,20 @@ class ReplayProgress:
             self._bar.set_postfix_str(self._events_text(), refresh=False)
             self._bar.close()
             self._bar = None
+            self._restore_logs()
         else:
             self._line()
+
+    def _redirect_logs(self) -> None:
+        above = _AboveTheBar(self._stream)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is self._stream:
+                self._redirected.append((handler, handler.setStream(above)))
+
+    def _restore_logs(self) -> None:
+        for handler, stream in self._redirected:
+            handler.setStream(stream)
+        self._redirected.clear()
 
     def _rate(self) -> float:
         elapsed = max(time.monotonic() - self._started, 1e-3)
@@ -109,6 +130,23 @@ class ReplayProgress:
             events_per_s=round(self._rate(), 1),
             eta_s=self._eta_s(),
         )
+
+
+class _AboveTheBar:
+    """What a log handler writes to while the bar is drawn: whole lines, through tqdm.write."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            tqdm.write(line, file=self._stream)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -389,7 +389,6 @@ def on_a_terminal(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     return process.wait(30), b"".join(chunks).decode(errors="replace")
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 7: log lines are glued to the progress bar")
 async def test_the_bar_and_the_log_lines_do_not_share_a_line(kafka_bootstrap, kafka_topics):
     """Scenario: an operator replays, in a terminal with the default log format (console on a
     TTY), a session whose lists hold items that cannot be events (no id, not an object): each
