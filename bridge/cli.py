@@ -47,12 +47,12 @@ __all__ = [
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 PROG = "qoder-bridge"
 DEFAULT_SCENARIO = "demo"
-#: Operators' tools: subcommand -> module with ``add_arguments(parser)``, ``HELP`` and
-#: ``main(args) -> exit code``. One line each, so the tools stay out of this file.
+#: Operators' tools: subcommand -> module of this package with ``add_arguments(parser)``,
+#: ``HELP`` and ``main(args) -> exit code``. One line each, so the tools stay out of this file.
 TOOLS: dict[str, str] = {
-    "status": "bridge.status_cli",
-    "replay": "bridge.replay",
-    "checkpoints": "bridge.checkpoint_admin",
+    "status": "status_cli",
+    "replay": "replay",
+    "checkpoints": "checkpoint_admin",
 }
 
 
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command in TOOLS:
-            tool: Any = importlib.import_module(TOOLS[args.command])
+            tool: Any = importlib.import_module(f"{__package__}.{TOOLS[args.command]}")
             return int(tool.main(args))
         return _simulate(args)
     except ConfigError as exc:
@@ -137,7 +137,7 @@ def build_parser() -> _Parser:
     )
     parser.commands = {"run": run, "check": check, "simulate": simulate}
     for name, module_name in TOOLS.items():
-        module: Any = importlib.import_module(module_name)
+        module: Any = importlib.import_module(f"{__package__}.{module_name}")
         tool = commands.add_parser(
             name, allow_abbrev=False, help=module.HELP, description=module.__doc__
         )
