@@ -257,6 +257,7 @@ class RunStore:
                 await committed.seek_to_beginning(*tps)
                 remaining = set(tps)
                 waiting: set[TopicPartition] = set()  # held back, with ours behind: wait
+                give_up_at = float("inf")
                 while remaining:
                     batches = await committed.getmany(*remaining, timeout_ms=500)
                     for records in batches.values():
@@ -272,15 +273,17 @@ class RunStore:
                             committed, latest, remaining - waiting, ends
                         )
                         remaining -= whole
+                        if held and not waiting:
+                            give_up_at = anyio.current_time() + wait_s
                         waiting |= held
+                    if waiting & remaining and anyio.current_time() >= give_up_at:
+                        raise ToolFailed(
+                            f"{self.waited_for} did not end within {wait_s:.0f} s; "
+                            "kafka-transactions.sh --describe-producers names its producer"
+                        )
                 if self.waited_for is not None:
                     log.info("bridge.replay.waited", topic=topic)
         except TimeoutError as exc:
-            if self.waited_for is not None:
-                raise ToolFailed(
-                    f"{self.waited_for} did not end within {wait_s:.0f} s; "
-                    "kafka-transactions.sh --describe-producers names its producer"
-                ) from exc
             cause = describe_kafka_error(exc, kafka.bootstrap_servers)
             raise SinkUnavailable(f"cannot read the progress from {topic}: {cause}") from exc
         except KafkaError as exc:
