@@ -13,7 +13,8 @@ updated_at moves), as tables or as JSON.
 value as bridge.records.checkpoint_record) that the bridge takes at its next start:
 - --to EVENT_ID: the cursor at that event, which must be in the thread's list (checked);
   the bridge republishes what follows it.
-- --to-start: no cursor; the bridge republishes the thread from its first event.
+- --to-start: no cursor; the bridge republishes the thread from its first event (and the
+  alerts of its alert-worthy events again).
 - --to-latest: the thread's last event id in the API now; the bridge skips everything so far.
 Each checkpoint also carries the ids up to the new cursor (to drop replays at the boundary, as
 the bridge's own do) and no drain mark, so the bridge reads the thread after the cursor even if
@@ -24,16 +25,16 @@ read_committed reader sees all of them or none.
 
 Nothing is written without --execute: the default is a dry run that prints the before/after
 table. A running bridge keeps its cursors in memory and would overwrite a reset with its next
-commit. How --execute finds one out (bridge.reset_guard):
+commit. How --execute finds one out (bridge/reset_guard.py):
 - the consumer group BRIDGE_GROUP_ID: live members subscribed to this checkpoint topic (every
   running bridge is one, bridge.membership), named (client id, host): refused; a group that
   cannot be described: refused. A bridge that was killed stays listed until the group's session
   timeout (10 s).
-- the topic: a bridge whose membership failed runs outside the group. When a checkpoint was
-  written within reset_guard.RECENT_S, the topic is watched for reset_guard.WATCH_S first: a
-  new checkpoint meanwhile is a bridge writing: refused.
---force writes anyway. After writing, the topic is watched again for WATCH_S and the group
-described again: a checkpoint of a reset thread written after the reset (a bridge overwrote
+- the topic: a bridge whose membership failed runs outside the group (it logs
+  bridge.membership.failed). When a checkpoint was written within the last 60 s, the topic is
+  watched for 3 s first: a new checkpoint meanwhile is a bridge writing: refused.
+--force writes anyway. After writing, the topic is watched 3 s more and the group described
+again: a checkpoint of a reset thread written after the reset (a bridge overwrote
 it), or, without --force, any checkpoint written or a member of ours that joined meanwhile, and
 the command exits 1 saying so.
 """
@@ -139,7 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         allow_abbrev=False,
         help="move threads' cursors; prints the change, writes only with --execute",
         description="Move threads' cursors for the bridge's next start. A dry run unless "
-        "--execute; refused while a bridge is live in BRIDGE_GROUP_ID unless --force.",
+        "--execute; refused while a bridge is live in BRIDGE_GROUP_ID on this checkpoint topic, "
+        "or writes to the topic while watched, unless --force; exit 1 if a bridge overwrote "
+        "the reset.",
     )
     reset.add_argument("--session", required=True, metavar="SESSION_ID", help="the session")
     reset.add_argument("--thread", metavar="THREAD_ID", help="only this thread (default: all)")
@@ -153,7 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     reset.add_argument("--execute", action="store_true", help="write (default: a dry run)")
     reset.add_argument(
-        "--force", action="store_true", help="write even while a bridge is live in the group"
+        "--force", action="store_true", help="write even while a bridge seems to run"
     )
     add_settings_flags(reset)
 
