@@ -167,6 +167,9 @@ class Supervisor:
         self._seen_live: set[str] = set()
         #: Since when each running session's hint stream has been up (absent while it is not).
         self._hints_up: dict[str, float] = {}
+        #: Sessions with a thread whose pump crashed since their last look: they settle only
+        #: after another look.
+        self._dirty: set[str] = set()
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -277,8 +280,8 @@ class Supervisor:
 
     def _usable_id(self, value: object, session_id: str | None = None) -> TypeGuard[str]:
         """An id that can go in a URL; any other is skipped, with one warning, never a crash."""
-        if isinstance(value, str) and _SAFE_ID.fullmatch(value):
-            return True
+        if isinstance(value, str) and _SAFE_ID.fullmatch(value) and value not in (".", ".."):
+            return True  # ("." and ".." would be resolved away in a URL path)
         text = repr(value)[:120]
         if text not in self._bad_ids and len(self._bad_ids) < _BAD_IDS_KEPT:
             self._bad_ids.add(text)
@@ -318,7 +321,22 @@ class Supervisor:
             backoff = Backoff(
                 self._settings.api.backoff_initial_s, self._settings.api.backoff_max_s
             )
+            #: History whose look found it not running and started catch-up passes: once they
+            #: are all stored, it settles as of that look, with no look more (if it ran since,
+            #: its updated_at moved past the mark and the next full listing brings it back).
+            settle_when_drained: str | None = None
             while True:
+                if (
+                    settle_when_drained is not None
+                    and not self._session_pumps(session_id)
+                    and session_id not in self._dirty
+                ):
+                    slog.info("bridge.session.settled", over=False, caught_up=True)
+                    await self._settle(session_id, settle_when_drained)
+                    self._let_go(session_id)
+                    tg.cancel_scope.cancel()
+                    return
+                settle_when_drained = None
                 started = anyio.current_time()
                 live = True  # until the API says otherwise
                 try:
@@ -385,19 +403,26 @@ class Supervisor:
                         self._finished.add(session_id)
                     elif (updated := _updated_at(session)) is not None:
                         await self._settle(session_id, updated)
-                    self._watched.discard(session_id)
-                    self._triggers.pop(session_id, None)
-                    self._soon.discard(session_id)
-                    self._ask.discard(session_id)
-                    self._seen_live.discard(session_id)
+                    self._let_go(session_id)
                     tg.cancel_scope.cancel()
                     return
+                if not live and not seen_live and not configured and session:
+                    settle_when_drained = _updated_at(session)
+                    self._dirty.discard(session_id)
                 # Its hint stream up since before this look: lifecycle changes come as hints,
                 # and the safety net can be slower.
                 up = self._hints_up.get(session_id)
                 await self._wait_trigger(
                     session_id, healthy=up is not None and up <= started and live
                 )
+
+    def _let_go(self, session_id: str) -> None:
+        self._watched.discard(session_id)
+        self._triggers.pop(session_id, None)
+        self._soon.discard(session_id)
+        self._ask.discard(session_id)
+        self._seen_live.discard(session_id)
+        self._dirty.discard(session_id)
 
     async def _settle(self, session_id: str, updated_at: str) -> None:
         """Remember that the session settled, here and in the checkpoint topic: listed again
@@ -536,6 +561,7 @@ class Supervisor:
             # One failing thread never disturbs the others; the next look restarts it.
             pump.log.exception("bridge.pump.crashed")
             pump.last_error = f"crashed: {type(exc).__name__}"
+            self._dirty.add(ref.session_id)
             pump.state = PumpState.BACKOFF  # what GET /status shows until it starts again
             await self._alerts.send("bridge.pump_crashed", "internal_error", ref)
             await anyio.sleep(self._settings.api.backoff_max_s)

@@ -227,7 +227,8 @@ async def test_history_that_needed_a_catch_up_settles_as_soon_as_it_is_read(monk
     """Scenario: the start's full listing finds an idle session whose thread has 3 events not
     yet in Kafka (no checkpoint). Its look starts a catch-up pass; once that pass is stored,
     the session is looked at again at once and let go, its settled mark written, not a poll
-    interval (60 s here) later: a restart soon after must not look at it again."""
+    interval (60 s here) later, and with no second look: a restart soon after must not look
+    at it again."""
     world = World()
     world.add("sess_h", "idle", "idle", 3, 1)
     api, publisher = HintingApi(world), CommittingPublisher()
@@ -240,6 +241,8 @@ async def test_history_that_needed_a_catch_up_settles_as_soon_as_it_is_read(monk
     assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002"]
     marks = [r for item in publisher.items for r in item.records if r.key == b"sess_h"]
     assert len(marks) == 1 and b'"settled_updated_at"' in marks[0].value
+    # One look (the session, its threads); settled as of that look once the pass was stored.
+    assert (api.calls["get_session"], api.calls["list_threads"]) == (1, 1)
 
 
 async def test_a_running_session_with_its_hint_stream_up_is_looked_at_less_often():
@@ -260,3 +263,35 @@ async def test_a_running_session_with_its_hint_stream_up_is_looked_at_less_often
         looks = api.calls["list_threads"] - looks
         tg.cancel_scope.cancel()
     assert 1 <= looks <= 4, looks
+
+
+class CrashOnceApi(HintingApi):
+    """The first read of the history thread's events trips a bug (not an API error)."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world)
+        self.crashed = False
+
+    async def thread_events(self, thread: Any, after_id: str | None) -> AsyncIterator[Any]:
+        if not self.crashed:
+            self.crashed = True
+            raise RuntimeError("a bug")
+        async for page in super().thread_events(thread, after_id):
+            yield page
+
+
+async def test_history_whose_catch_up_crashed_is_looked_at_again_before_it_settles():
+    """Scenario: the catch-up pass of an idle session's thread crashes (a bug). The session
+    must not settle as of its first look (that would leave its 3 events unread until it
+    changes): it is looked at again, read, and only then marked settled."""
+    world = World()
+    world.add("sess_h", "idle", "idle", 3, 1)
+    api, publisher = CrashOnceApi(world), CommittingPublisher()
+    settings = _settings(poll_interval_s=60.0, full_scan_interval_s=3600.0, backoff_max_s=0.1)
+    supervisor = Supervisor(settings, api, publisher, FakeAlerts(), {})  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        await tg.start(supervisor.run)
+        await _until(lambda: api.crashed and "sess_h" not in supervisor.sessions, 5)
+        tg.cancel_scope.cancel()
+    assert publisher.event_ids() == ["evt_0000", "evt_0001", "evt_0002"]
+    assert api.calls["list_threads"] == 2
