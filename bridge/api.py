@@ -709,13 +709,6 @@ class QoderApi:
             return Rejected("too_large", event.data[:EXCERPT_BYTES], event.id, event.type, size)
         return event
 
-    async def latest_session_event_id(self, session_id: str) -> str | None:
-        body = await self._get(
-            "session_events", f"/sessions/{session_id}/events", {"order": "desc", "limit": 1}
-        )
-        page = self._page(body)
-        return str(page.items[0].get("id")) if page.items else None
-
     def _stream_path(self, thread: ThreadRef, route: StreamRoute) -> str:
         base = f"/sessions/{thread.session_id}/threads/{thread.thread_id}"
         return base + ("/events" if route == "events" else "/stream")

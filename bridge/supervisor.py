@@ -642,8 +642,9 @@ class Supervisor:
         while True:
             opened = anyio.current_time()
             try:
-                if cursor is None:
-                    cursor = await self._api.latest_session_event_id(session_id)
+                # No cursor at first: no request to learn the latest id. A server that replays
+                # the history on a fresh connection sends old lifecycle events, which are not
+                # fresh: one look for the burst, no pump each (see _hint).
                 async with self._api.stream_session(session_id, cursor) as frames:
                     self._hints_up[session_id] = anyio.current_time()
                     try:
