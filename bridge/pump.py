@@ -231,22 +231,15 @@ class Pump:
                 self.log.warning("bridge.pump.bad_cursor", error=str(exc))
                 self._cursor_lost = True
             except NotFound as exc:
-                if anyio.current_time() < self.new_until:
-                    # Announced a moment ago: the thread's own endpoints may not know it yet.
-                    reason, delay = "not_found", self._backoff.next_delay()
-                    self.log.info("bridge.pump.thread_not_there_yet", error=str(exc))
-                    self._list_first = True
-                    self.reconnects += 1
-                    self.last_error = reason
-                    metrics.RECONNECTS.labels(reason=reason).inc()
-                    with self._state(PumpState.BACKOFF):
-                        await anyio.sleep(delay)
-                    continue
-                metrics.RECONNECTS.labels(reason="not_found").inc()
-                self.log.info("bridge.pump.thread_gone", error=str(exc))
-                await self._alerts.send("bridge.thread_unreachable", "not_found", self.thread)
-                self.gone = True
-                return True
+                if anyio.current_time() >= self.new_until:
+                    metrics.RECONNECTS.labels(reason="not_found").inc()
+                    self.log.info("bridge.pump.thread_gone", error=str(exc))
+                    await self._alerts.send("bridge.thread_unreachable", "not_found", self.thread)
+                    self.gone = True
+                    return True
+                # Announced a moment ago: the thread's own endpoints may not know it yet.
+                reason, delay = "not_found", self._backoff.next_delay()
+                self.log.info("bridge.pump.thread_not_there_yet", error=str(exc))
             except ListCursorStuck as exc:
                 reason, delay = "other", self._backoff.max_s
                 self.log.error("bridge.pump.list_stuck", error=str(exc))
