@@ -49,11 +49,11 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import anyio
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from bridge.checkpoints import (
     Checkpoint,
+    admin_client,
     is_session_key,
     parse_checkpoint,
     parse_settled,
@@ -235,17 +235,13 @@ async def stored_topic(
 
 
 async def _topic_exists(kafka: KafkaSettings, topic: str, *, timeout_s: float = 30) -> bool:
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
     try:
         with anyio.fail_after(timeout_s):
-            await admin.start()
-            return topic in await admin.list_topics()
+            async with admin_client(kafka) as admin:
+                return topic in await admin.list_topics()
     except (KafkaError, TimeoutError) as exc:
         cause = describe_kafka_error(exc, kafka.bootstrap_servers)
         raise SinkUnavailable(f"cannot list the topics: {cause}") from exc
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await admin.close()
 
 
 def _field(value: bytes | None, name: str) -> str | None:

@@ -112,7 +112,7 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
     """
     try:
         with anyio.fail_after(timeout_s):
-            async with _admin(kafka) as admin:
+            async with admin_client(kafka) as admin:
                 await _create_missing(admin, kafka, topic_specs(kafka))
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
@@ -122,7 +122,8 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
 
 
 @asynccontextmanager
-async def _admin(kafka: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+async def admin_client(kafka: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client, started, and closed however the block ends (5 s at most)."""
     admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
     try:
         await admin.start()
@@ -222,7 +223,7 @@ async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
     """The topic's partitions, from the admin API (a consumer's own metadata only knows the
     topics it is assigned). A topic that does not exist has none; any other error raises:
     believing "no checkpoints" by mistake would republish every thread from its start."""
-    async with _admin(kafka) as admin:
+    async with admin_client(kafka) as admin:
         (described,) = await admin.describe_topics([topic])
     code = described.get("error_code", 0)
     if code == UnknownTopicOrPartitionError.errno:
@@ -345,7 +346,7 @@ async def topic_record_limits(kafka: KafkaSettings, *, timeout_s: float = 30) ->
     limits: dict[str, int] = {}
     try:
         with anyio.fail_after(timeout_s):
-            async with _admin(kafka) as admin:
+            async with admin_client(kafka) as admin:
                 responses = await admin.describe_configs(
                     [
                         ConfigResource(ConfigResourceType.TOPIC, t, {"max.message.bytes": None})

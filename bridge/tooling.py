@@ -35,10 +35,10 @@ import certifi
 import httpx
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 
 from bridge.api import QoderApi, RateLimiter
+from bridge.checkpoints import admin_client
 from bridge.config import ApiSettings, KafkaSettings, Settings
 from bridge.errors import ApiError, ApiUnavailable, AuthRejected, NotFound, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs
@@ -243,17 +243,13 @@ async def topic_partitions(
     kafka: KafkaSettings, topic: str, *, timeout_s: float = 30
 ) -> list[TopicPartition] | None:
     """The topic's partitions, from the admin API; None when there is no such topic."""
-    admin = AIOKafkaAdminClient(**kafka_client_kwargs(kafka))
     try:
         with anyio.fail_after(timeout_s):
-            await admin.start()
-            (described,) = await admin.describe_topics([topic])
+            async with admin_client(kafka) as admin:
+                (described,) = await admin.describe_topics([topic])
     except (KafkaError, TimeoutError) as exc:
         cause = describe_kafka_error(exc, kafka.bootstrap_servers)
         raise SinkUnavailable(f"cannot describe the topic {topic}: {cause}") from exc
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await admin.close()
     code = described.get("error_code", 0)
     if code == UnknownTopicOrPartitionError.errno:
         return None
