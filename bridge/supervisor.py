@@ -170,6 +170,9 @@ class Supervisor:
         #: Sessions with a thread whose pump crashed since their last look: they settle only
         #: after another look.
         self._dirty: set[str] = set()
+        #: Finished sessions as the full listing showed them, for their first look (the
+        #: listing already answered what a session request would: one request saved each).
+        self._listed: dict[str, dict[str, Any]] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -193,10 +196,13 @@ class Supervisor:
             else:
                 tg.start_soon(self._discover)
 
-    def _watch(self, session_id: str, *, history: bool = False) -> None:
+    def _watch(self, session_id: str, *, listed: dict[str, Any] | None = None) -> None:
         if session_id in self._watched or session_id in self._finished:
             return
         assert self._tg is not None  # noqa: S101 -- run() set it
+        history = listed is not None and not _session_live(listed)
+        if history and listed is not None:
+            self._listed[session_id] = listed
         self._watched.add(session_id)
         self._triggers[session_id] = anyio.Event()
         self._tg.start_soon(self._watch_session, session_id, history, name=f"session {session_id}")
@@ -235,7 +241,7 @@ class Supervisor:
                 for session in sessions:
                     session_id = session.get("id")
                     if self._usable_id(session_id) and self._worth_a_look(session_id, session):
-                        self._watch(session_id, history=not _session_live(session))
+                        self._watch(session_id, listed=session)
                 self._alerts.token_accepted(started)
                 self._alerts.discovered()
                 backoff.reset()
@@ -325,17 +331,23 @@ class Supervisor:
             #: are all stored, it settles as of that look, with no look more (if it ran since,
             #: its updated_at moved past the mark and the next full listing brings it back).
             settle_when_drained: str | None = None
+            triggered = False
             while True:
-                if (
-                    settle_when_drained is not None
-                    and not self._session_pumps(session_id)
-                    and session_id not in self._dirty
-                ):
-                    slog.info("bridge.session.settled", over=False, caught_up=True)
-                    await self._settle(session_id, settle_when_drained)
-                    self._let_go(session_id)
-                    tg.cancel_scope.cancel()
-                    return
+                if settle_when_drained is not None and session_id not in self._dirty:
+                    pumps = self._session_pumps(session_id)
+                    if not pumps:
+                        slog.info("bridge.session.settled", over=False, caught_up=True)
+                        await self._settle(session_id, settle_when_drained)
+                        self._let_go(session_id)
+                        tg.cancel_scope.cancel()
+                        return
+                    if not triggered and not any(p.following for p in pumps):
+                        # Its catch-up is still queued behind the budget: a look now would
+                        # only queue behind it too (and, every poll, lengthen the queue). The
+                        # running listing or the last pump's end wakes it. (A thread found
+                        # running keeps the poll's safety net.)
+                        triggered = await self._wait_trigger(session_id)
+                        continue
                 settle_when_drained = None
                 started = anyio.current_time()
                 live = True  # until the API says otherwise
@@ -412,7 +424,7 @@ class Supervisor:
                 # Its hint stream up since before this look: lifecycle changes come as hints,
                 # and the safety net can be slower.
                 up = self._hints_up.get(session_id)
-                await self._wait_trigger(
+                triggered = await self._wait_trigger(
                     session_id, healthy=up is not None and up <= started and live
                 )
 
@@ -423,6 +435,7 @@ class Supervisor:
         self._ask.discard(session_id)
         self._seen_live.discard(session_id)
         self._dirty.discard(session_id)
+        self._listed.pop(session_id, None)
 
     async def _settle(self, session_id: str, updated_at: str) -> None:
         """Remember that the session settled, here and in the checkpoint topic: listed again
@@ -444,15 +457,18 @@ class Supervisor:
             task_status.started(scope)
             await self._hints(session_id)
 
-    async def _wait_trigger(self, session_id: str, *, healthy: bool = False) -> None:
+    async def _wait_trigger(self, session_id: str, *, healthy: bool = False) -> bool:
+        """Until something calls for a look, or the poll's safety net; whether it was called."""
         poll = self._settings.api.poll_interval_s
+        trigger = self._triggers[session_id]
         with anyio.move_on_after(poll * HEALTHY_HINTS_POLL_FACTOR if healthy else poll):
-            await self._triggers[session_id].wait()
+            await trigger.wait()
             # A burst of lifecycle events: one look.
             soon = session_id in self._soon
             await anyio.sleep(COALESCE_S if soon else HINT_COALESCE_S)
         self._soon.discard(session_id)
         self._triggers[session_id] = anyio.Event()
+        return trigger.is_set()
 
     def _trigger(self, session_id: str, *, soon: bool = True) -> None:
         trigger = self._triggers.get(session_id)
@@ -468,6 +484,10 @@ class Supervisor:
         """The session: from the last listing of running sessions while it is in it, fresh and
         no session hint came since (no request); asked for otherwise (it stopped running, or
         it is configured, or the listing is late)."""
+        listed = self._listed.pop(session_id, None)
+        if listed is not None and session_id not in self._ask:
+            # The full listing that brought it: its threads, listed next, say if it runs now.
+            return listed
         fresh = anyio.current_time() - self._running_at < 2 * RUNNING_LIST_INTERVAL_S
         listed = self._running.get(session_id)
         if fresh and listed is not None and session_id not in self._ask:

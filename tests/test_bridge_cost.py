@@ -181,3 +181,49 @@ async def test_sessions_that_settled_cost_no_request_after_a_restart(kafka_boots
     ids = [e["id"] for e in events]
     assert len(ids) >= published
     assert len(ids) == len(set(ids))  # nothing of the history published again
+
+
+async def test_a_catch_up_slower_than_the_poll_costs_one_look_per_session(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: 60 finished sessions of two threads each, read under a request budget so
+    tight that the catch-up takes several poll intervals (as 3,000 sessions do under the
+    default budget). Each finished session costs its thread list and one page per thread,
+    and settles (its mark in the checkpoint topic) once its threads are stored. Before, a
+    session whose catch-up outlasted a poll interval looked again (session and thread list,
+    queued behind the catch-up), every poll: the queue grew with its own looks, and at a
+    restart 5 s after the events were in, most sessions had not settled."""
+    history = 60
+    spec = SessionSpec(ThreadSpec(events=3, rate=0), (ThreadSpec(events=2, rate=0),))
+    scenario = Scenario(name="slow-catch-up", seed=62, sessions=(spec,) * history)
+    async with running_simulator(scenario, token=TOKEN) as sim:
+        settings = bridge_settings(
+            sim.base_url,
+            kafka_bootstrap,
+            kafka_topics,
+            BRIDGE_API_MAX_RPS="25",  # 60 x 3 requests: 7 s, seven poll intervals
+        )
+        before = {r: _requests_to(r) for r in ("session", "threads", "events")}
+        async with running_bridge(settings):
+            with anyio.fail_after(60):
+                while True:
+                    marks = {
+                        r["session_id"]
+                        for r in await read_json(kafka_bootstrap, kafka_topics.checkpoints)
+                        if "settled_updated_at" in r
+                    }
+                    if len(marks) >= history:
+                        break
+                    await anyio.sleep(0.5)
+        asked = {r: _requests_to(r) - n for r, n in before.items()}
+        _records, delivery = await wait_for_delivery(
+            kafka_bootstrap, kafka_topics.events, sim, timeout_s=1
+        )
+    print(f"\n{history} sessions caught up with {asked}; {delivery.summary()}")
+    assert (delivery.lost, delivery.duplicated, delivery.misordered) == (0, 0, 0)
+    assert len(delivery.by_key) == 2 * history
+    # The full listing already gave each session: no session request, one thread list, one
+    # page per thread.
+    assert asked["session"] == 0, asked
+    assert asked["threads"] == history, asked
+    assert asked["events"] == 2 * history, asked
