@@ -49,6 +49,7 @@ from bridge.reset_guard import (
     last_write,
     writes,
 )
+from bridge.shards import shard_of
 from bridge.tooling import (
     EXIT_USAGE,
     ApiRetry,
@@ -299,9 +300,14 @@ async def _write(
                     list(position.recent_ids),
                     position.idless_after,
                 )
-                acks.append(await producer.send(topic, record.value, key=record.key))
+                acks.append(
+                    await producer.send(
+                        topic, record.value, key=record.key, partition=record.partition
+                    )
+                )
             # A session that settled is not looked at until its updated_at moves: forget it.
-            acks.append(await producer.send(topic, None, key=session_id.encode()))
+            shard = shard_of(session_id)
+            acks.append(await producer.send(topic, None, key=session_id.encode(), partition=shard))
             written: dict[TopicPartition, int] = {}
             for ack in acks:
                 meta = await ack

@@ -35,6 +35,7 @@ from bridge.config import KafkaSettings
 from bridge.errors import ConfigError, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs
 from bridge.records import Record, canonical_json
+from bridge.shards import SHARDS, shard_of
 
 log = structlog.get_logger("bridge.checkpoints")
 
@@ -61,7 +62,14 @@ class TopicSpec:
 
 
 #: The checkpoint topic keeps one record per thread; the operator's configs go over these.
-CHECKPOINT_TOPIC_CONFIGS = {"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"}
+#: Small segments: the active one is never compacted, and a new owner of a shard reads its
+#: partition from the start (a minute of updates, not a gigabyte, on top of one per thread).
+CHECKPOINT_TOPIC_CONFIGS = {
+    "cleanup.policy": "compact",
+    "min.compaction.lag.ms": "60000",
+    "segment.bytes": "16777216",
+    "segment.ms": "3600000",
+}
 
 
 def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
@@ -84,9 +92,9 @@ def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
         ),
         TopicSpec(
             kafka.checkpoint_topic,
-            kafka.checkpoint_topic_partitions,
+            SHARDS,  # a partition per shard, always (bridge/shards.py)
             {**CHECKPOINT_TOPIC_CONFIGS, **dict(kafka.checkpoint_topic_config)},
-            "BRIDGE_CHECKPOINT_TOPIC_PARTITIONS",
+            "BRIDGE_CHECKPOINT_TOPIC",
             "BRIDGE_CHECKPOINT_TOPIC_CONFIG",
         ),
     ]
@@ -114,11 +122,37 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
         with anyio.fail_after(timeout_s):
             async with admin_client(kafka) as admin:
                 await _create_missing(admin, kafka, topic_specs(kafka))
+                partitions = await _partition_count(admin, kafka.checkpoint_topic)
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
             f"cannot create topics on {kafka.bootstrap_servers}: "
             f"{describe_kafka_error(exc, kafka.bootstrap_servers)}"
         ) from exc
+    check_shard_partitions(kafka.checkpoint_topic, partitions)
+
+
+async def _partition_count(admin: AIOKafkaAdminClient, topic: str) -> int:
+    """The topic's partitions, once the broker's metadata knows it (a topic created a moment
+    ago may be described without them)."""
+    while True:
+        (described,) = await admin.describe_topics([topic])
+        count = len(described.get("partitions") or ())
+        if described.get("error_code", 0) == 0 and count:
+            return count
+        await anyio.sleep(0.2)
+
+
+def check_shard_partitions(topic: str, partitions: int) -> None:
+    """Refuse a checkpoint topic whose partitions are not the shards: every session's
+    checkpoints would be looked for in the wrong place."""
+    if partitions != SHARDS:
+        raise ConfigError(
+            f"BRIDGE_CHECKPOINT_TOPIC: {topic!r} has {partitions} partition(s); the bridge "
+            f"keeps each session's checkpoints in one of {SHARDS} shards, a partition each, "
+            "and needs exactly that many. Stop every bridge and run `qoder-bridge checkpoints "
+            "migrate` (it moves the checkpoints into a topic of 32 partitions), or name a new "
+            "topic (the bridge creates it; every thread is then read from its start)"
+        )
 
 
 @asynccontextmanager
@@ -187,7 +221,9 @@ def is_session_key(key: str) -> bool:
 
 def settled_record(topic: str, session_id: str, updated_at: str) -> Record:
     doc = {"session_id": session_id, "settled_updated_at": updated_at}
-    return Record(topic, session_id.encode(), canonical_json(doc), [])
+    return Record(
+        topic, session_id.encode(), canonical_json(doc), [], partition=shard_of(session_id)
+    )
 
 
 def parse_settled(value: bytes | None) -> str | None:

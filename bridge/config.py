@@ -103,7 +103,6 @@ class KafkaSettings:
     ssl_keyfile: Path | None = None
     topic_partitions: int = 6
     alerts_topic_partitions: int = 1
-    checkpoint_topic_partitions: int = 1
     dlq_topic_partitions: int = 1
     replication_factor: int = 1
     # Topic configs (retention.ms, min.insync.replicas, ...) for topics the bridge creates.
@@ -612,12 +611,6 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "BRIDGE_ALERTS_TOPIC_PARTITIONS",
         "kafka.alerts_topic_partitions",
         "partitions of the alerts topic when the bridge creates it",
-        _int(1),
-    ),
-    EnvVar(
-        "BRIDGE_CHECKPOINT_TOPIC_PARTITIONS",
-        "kafka.checkpoint_topic_partitions",
-        "partitions of the checkpoint topic when the bridge creates it",
         _int(1),
     ),
     EnvVar(

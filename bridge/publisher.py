@@ -574,7 +574,11 @@ class Publisher:
     @staticmethod
     async def _send_record(producer: AIOKafkaProducer, record: Record) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = await producer.send(
-            record.topic, record.value, key=record.key, headers=record.headers
+            record.topic,
+            record.value,
+            key=record.key,
+            headers=record.headers,
+            partition=record.partition,
         )
         return future
 

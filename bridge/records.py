@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from bridge.shards import shard_of
+
 Headers = list[tuple[str, bytes]]
 
 #: Alerts that copy a Qoder event, by event type. ``session.status_idle`` is an alert only when
@@ -102,6 +104,8 @@ class Record:
     #: Bytes of key, value and headers, counted once (the budget and the limits ask often);
     #: a builder that knows it passes it, else it is counted here.
     size: int = field(default=-1, repr=False, compare=False)
+    #: Where the record must go (a checkpoint: its session's shard); None: by its key.
+    partition: int | None = None
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -282,4 +286,5 @@ def checkpoint_record(
         "idless_after": idless_after,
         "written_at": _now(),
     }
-    return Record(topic, thread.key.encode(), canonical_json(doc), [])
+    value = canonical_json(doc)
+    return Record(topic, thread.key.encode(), value, [], partition=shard_of(thread.session_id))

@@ -34,6 +34,7 @@ from bridge.records import (
     dead_letter_record,
     event_record,
 )
+from bridge.shards import SHARDS
 from tests.asyncapi import (
     ROLES,
     ContractError,
@@ -113,7 +114,7 @@ def test_channels_are_the_bridge_topics_with_their_defaults() -> None:
         "events": (defaults.topic, defaults.topic_partitions),
         "alerts": (defaults.alerts_topic, defaults.alerts_topic_partitions),
         "deadLetters": (defaults.dlq_topic, defaults.dlq_topic_partitions),
-        "checkpoints": (defaults.checkpoint_topic, defaults.checkpoint_topic_partitions),
+        "checkpoints": (defaults.checkpoint_topic, SHARDS),
     }
     for role, (topic, partitions) in addresses.items():
         binding = channels[role]["bindings"]["kafka"]

@@ -106,7 +106,7 @@ async def test_topics_are_created_with_their_own_partitions_and_configs(
     assert await partitions(bootstrap, kafka_topics.events) == 4
     assert await partitions(bootstrap, kafka_topics.dlq) == 2
     assert await partitions(bootstrap, kafka_topics.alerts) == 1
-    assert await partitions(bootstrap, kafka_topics.checkpoints) == 1
+    assert await partitions(bootstrap, kafka_topics.checkpoints) == 32  # the shards, always
     events = await topic_configs(
         bootstrap, kafka_topics.events, ["retention.ms", "min.insync.replicas"]
     )
@@ -147,3 +147,34 @@ async def test_a_topic_config_the_broker_refuses_is_a_config_error(kafka_bootstr
     with pytest.raises(ConfigError, match=r"^BRIDGE_DLQ_TOPIC_CONFIG: the broker refused") as info:
         await ensure_topics(settings.kafka)
     assert "retention.msec" in str(info.value)
+
+
+async def test_a_checkpoint_topic_that_is_not_32_shards_is_refused_with_the_way_out(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: an operator upgrades a bridge whose checkpoint topic was created with one
+    partition (the old default). The bridge shards sessions over 32 partitions of that topic:
+    it refuses to start (a ConfigError, exit 2) naming the topic, the count it found and the
+    migration command, instead of looking for checkpoints in the wrong partitions."""
+    from aiokafka.admin import NewTopic  # noqa: PLC0415
+
+    from bridge.checkpoints import admin_client  # noqa: PLC0415
+    from bridge.errors import ConfigError  # noqa: PLC0415
+
+    settings = load_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "BRIDGE_TOPIC": kafka_topics.events,
+            "BRIDGE_ALERTS_TOPIC": kafka_topics.alerts,
+            "BRIDGE_CHECKPOINT_TOPIC": kafka_topics.checkpoints,
+            "BRIDGE_DLQ_TOPIC": kafka_topics.dlq,
+        }
+    )
+    async with admin_client(settings.kafka) as admin:
+        await admin.create_topics([NewTopic(kafka_topics.checkpoints, 1, 1)])
+    with pytest.raises(ConfigError) as refused:
+        await ensure_topics(settings.kafka)
+    message = str(refused.value)
+    assert message.startswith("BRIDGE_CHECKPOINT_TOPIC: ")
+    assert f"{kafka_topics.checkpoints!r} has 1 partition(s)" in message
+    assert "qoder-bridge checkpoints migrate" in message
