@@ -47,9 +47,13 @@ __all__ = [
     "PUMPS",
     "PUMP_STATES",
     "READY",
+    "REBALANCES",
     "RECONNECTS",
     "RECONNECT_REASONS",
     "REGISTRY",
+    "SHARDS_FENCED",
+    "SHARDS_OWNED",
+    "SHARD_RESUME",
     "STREAMS_WAITING",
     "STREAM_LIMIT",
     "THREADS_FOLLOWED",
@@ -278,6 +282,28 @@ FULL_SCANS = Counter(
 INFLIGHT_BYTES = Gauge(
     "qoder_bridge_inflight_bytes",
     "Bytes handed to the producer and not yet acknowledged.",
+    registry=REGISTRY,
+)
+SHARDS_OWNED = Gauge(
+    "qoder_bridge_shards_owned",
+    "Shards (of 32) this member owns and follows: summed over the members, 32 when all is well.",
+    registry=REGISTRY,
+)
+REBALANCES = Counter(
+    "qoder_bridge_rebalances_total",
+    "Assignments of shards this member received from the group (one per group rebalance).",
+    registry=REGISTRY,
+)
+SHARD_RESUME = Histogram(
+    "qoder_bridge_shard_resume_seconds",
+    "From an assignment to the shard being followed: producer started (fencing the previous "
+    "owner) and the shard's checkpoints read.",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    registry=REGISTRY,
+)
+SHARDS_FENCED = Counter(
+    "qoder_bridge_shards_fenced_total",
+    "Shards this member lost because another member's producer fenced it (it was a zombie).",
     registry=REGISTRY,
 )
 READY = Gauge("qoder_bridge_ready", "1 when /readyz answers 200, else 0.", registry=REGISTRY)
