@@ -167,9 +167,9 @@ class Supervisor:
         self._seen_live: set[str] = set()
         #: Since when each running session's hint stream has been up (absent while it is not).
         self._hints_up: dict[str, float] = {}
-        #: Sessions with a thread whose pump crashed since their last look: they settle only
-        #: after another look.
-        self._dirty: set[str] = set()
+        #: Threads whose pump crashed and has not been started again: their session does not
+        #: settle until a look has started them again (and they drained).
+        self._dirty: set[ThreadRef] = set()
         #: Finished sessions as the full listing showed them, for their first look (the
         #: listing already answered what a session request would: one request saved each).
         self._listed: dict[str, dict[str, Any]] = {}
@@ -333,7 +333,8 @@ class Supervisor:
             settle_when_drained: str | None = None
             triggered = False
             while True:
-                if settle_when_drained is not None and session_id not in self._dirty:
+                dirty = self._has_dirty(session_id)
+                if settle_when_drained is not None and not dirty:
                     pumps = self._session_pumps(session_id)
                     if not pumps:
                         slog.info("bridge.session.settled", over=False, caught_up=True)
@@ -351,6 +352,9 @@ class Supervisor:
                 settle_when_drained = None
                 started = anyio.current_time()
                 live = True  # until the API says otherwise
+                if session_id in self._running:
+                    # Running again (the listing woke it): its look goes before the history's.
+                    BACKGROUND.set(False)
                 try:
                     session = await self._reconcile(session_id)
                     over, live = _session_over(session), _session_live(session)
@@ -400,7 +404,11 @@ class Supervisor:
                     hints = None
                 # Let go once quiet for a poll interval: a turn that follows soon after (a
                 # reply) is found by the next look, not by a full scan minutes later.
-                quiet = not live and not self._session_pumps(session_id)
+                quiet = (
+                    not live
+                    and not self._session_pumps(session_id)
+                    and not self._has_dirty(session_id)
+                )
                 seen_live = seen_live or live
                 if live:
                     self._seen_live.add(session_id)
@@ -420,7 +428,6 @@ class Supervisor:
                     return
                 if not live and not seen_live and not configured and session:
                     settle_when_drained = _updated_at(session)
-                    self._dirty.discard(session_id)
                 # Its hint stream up since before this look: lifecycle changes come as hints,
                 # and the safety net can be slower.
                 up = self._hints_up.get(session_id)
@@ -434,7 +441,7 @@ class Supervisor:
         self._soon.discard(session_id)
         self._ask.discard(session_id)
         self._seen_live.discard(session_id)
-        self._dirty.discard(session_id)
+        self._dirty = {ref for ref in self._dirty if ref.session_id != session_id}
         self._listed.pop(session_id, None)
 
     async def _settle(self, session_id: str, updated_at: str) -> None:
@@ -476,6 +483,9 @@ class Supervisor:
             if soon:
                 self._soon.add(session_id)
             trigger.set()
+
+    def _has_dirty(self, session_id: str) -> bool:
+        return any(ref.session_id == session_id for ref in self._dirty)
 
     def _session_pumps(self, session_id: str) -> list[Pump]:
         return [p for ref, p in self._pumps.items() if ref.session_id == session_id]
@@ -535,6 +545,9 @@ class Supervisor:
                 pump.drain(updated_at)
             elif _newer(updated_at, cursor.pending_drained_updated_at or cursor.drained_updated_at):
                 self._start(cursor, follow=False).drain(updated_at)
+        # A crashed pump this look did not start again has nothing left to read (or its
+        # thread is gone); one still waiting out its crash keeps the session unsettled.
+        self._dirty = {r for r in self._dirty if r.session_id != session_id or r in self._pumps}
         metrics.THREADS_FOLLOWED.set(len(self._pumps))
         return session
 
@@ -570,18 +583,21 @@ class Supervisor:
             follow=follow,
         )
         self._pumps[cursor.thread] = pump
+        self._dirty.discard(cursor.thread)
         self._tg.start_soon(self._run_pump, pump, name=f"pump {cursor.thread.key}")
         return pump
 
     async def _run_pump(self, pump: Pump) -> None:
         ref = pump.thread
+        crashed = False
         try:
             await pump.run()
         except Exception as exc:
             # One failing thread never disturbs the others; the next look restarts it.
             pump.log.exception("bridge.pump.crashed")
             pump.last_error = f"crashed: {type(exc).__name__}"
-            self._dirty.add(ref.session_id)
+            self._dirty.add(ref)
+            crashed = True
             pump.state = PumpState.BACKOFF  # what GET /status shows until it starts again
             await self._alerts.send("bridge.pump_crashed", "internal_error", ref)
             await anyio.sleep(self._settings.api.backoff_max_s)
@@ -592,8 +608,8 @@ class Supervisor:
             if self._pumps.get(ref) is pump:
                 del self._pumps[ref]
             metrics.THREADS_FOLLOWED.set(len(self._pumps))
-        if self._active.get(ref) and not pump.gone:
-            self._trigger(ref.session_id)  # it runs again: look now
+        if crashed or (self._active.get(ref) and not pump.gone):
+            self._trigger(ref.session_id)  # it runs again, or must be started again: look now
         elif ref.session_id not in self._seen_live and not self._session_pumps(ref.session_id):
             # History caught up: the look that lets it go (and marks it settled) comes now,
             # not a poll later. (A session seen running waits its poll of quiet.)

@@ -32,13 +32,6 @@ pytestmark = pytest.mark.anyio
 # -- finding 1: a catch-up that crashed settles unread with the default timings ---------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 1: with poll_interval_s below backoff_max_s (15 s and 30 s by "
-    "default) the look the crash asks for comes while the crashed pump still waits in "
-    "_pumps: it drains the dead pump (no new pass) and clears _dirty, and when the dead pump "
-    "leaves, its end settles the session with the thread unread",
-)
 async def test_a_crashed_catch_up_is_read_before_its_session_settles_at_the_default_ratio():
     """Scenario: an idle session found by the full listing, one thread with 3 events not yet
     in Kafka; its catch-up pass crashes once (a bug), the next read works. Timings in the
@@ -88,13 +81,6 @@ class CrashOnceSlowApi(HintingApi):
             yield page
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 2: since 8c80743 a history session with another catch-up still "
-    "running makes no look once the dead pump has left (the poll's timeout no longer looks): "
-    "the crashed thread's pass is never started again, and the other pass's end settles the "
-    "session with it unread; before, the next poll's look restarted it",
-)
 async def test_a_crashed_catch_up_is_read_again_while_another_thread_still_catches_up():
     """Scenario: an idle session found by the full listing with two threads not yet in Kafka:
     ``sthr_1`` (3 events), whose catch-up crashes once (a bug), and ``sthr_2`` (2 events),
@@ -155,14 +141,6 @@ def _run(world: World, session_id: str, thread_id: str, events: int) -> list[str
     return [e["id"] for e in log]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding 3: the look the running listing's diff makes for a watched history "
-    "session is BACKGROUND (it was history when its watcher started): its thread list waits "
-    "behind every queued catch-up request, so a session that runs again during the catch-up "
-    "is followed only once the backlog ahead of it is served (seconds here, minutes at 3,000 "
-    "sessions), where a new session is followed within a listing",
-)
 async def test_a_history_session_that_runs_again_during_the_catch_up_is_followed_at_once():
     """Scenario: a cold start on 1,200 finished sessions, each with one thread not yet in
     Kafka, read under a budget of 200 requests/s (each session costs its thread list and one
