@@ -8,6 +8,7 @@ tests/deploy_tools.py. Locally a missing tool skips its tests; in CI (CI=true) i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import os
@@ -40,7 +41,9 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest with schemas.
 KUBE_VERSIONS = ("1.27.0", "1.37.0")
-POD_NAME = "qkb-qoder-kafka-bridge-0"
+# Two pods of the Deployment, as the kubelet would name them.
+POD_NAME = "qkb-qoder-kafka-bridge-7d9f8c6b5-x2x7k"
+OTHER_POD_NAME = "qkb-qoder-kafka-bridge-7d9f8c6b5-q8mzp"
 
 # The metric names the dashboard and rules may use (bridge/metrics.py implements them).
 METRICS = {
@@ -66,6 +69,10 @@ METRICS = {
     "qoder_bridge_inflight_bytes": "gauge",
     "qoder_bridge_ready": "gauge",
     "qoder_bridge_build_info": "gauge",
+    "qoder_bridge_shards_owned": "gauge",
+    "qoder_bridge_rebalances_total": "counter",
+    "qoder_bridge_shard_resume_seconds": "histogram",
+    "qoder_bridge_shards_fenced_total": "counter",
 }
 #: Series of prometheus_client's standard collectors that the dashboard may show too.
 STANDARD_SERIES = {"process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"}
@@ -370,11 +377,12 @@ COMBOS: dict[str, dict[str, Any]] = {
             },
         },
         "qoder": {"sessions": ["sess_01abc", "sess_02def"]},
-        "delivery": {"transactionalIdPrefix": "prod-eu."},
         "networkPolicy": {"kafka": {"cidrs": ["10.20.0.0/16"]}},
         "extraEnv": [{"name": "BRIDGE_STALL_TIMEOUT_S", "value": "60"}],
     },
     "at_least_once": {"delivery": {"mode": "at_least_once"}, "topics": {"alerts": ""}},
+    "scaled_out": {"replicas": 3, "kafka": {"groupId": "prod-eu.qoder-bridge"}},
+    "paused": {"replicas": 0},
     "monitoring_off": {
         "metrics": {"serviceMonitor": {"enabled": False}, "prometheusRule": {"enabled": False}},
         "networkPolicy": {"enabled": False},
@@ -414,18 +422,18 @@ def combo(request: pytest.FixtureRequest) -> str:
 
 
 def container(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    (bridge,) = objects["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    (bridge,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
     return dict(bridge)
 
 
-def pod_env(objects: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The bridge's environment as the kubelet would build it for pod POD_NAME."""
+def pod_env(objects: dict[str, dict[str, Any]], pod_name: str = POD_NAME) -> dict[str, str]:
+    """The bridge's environment as the kubelet would build it for the pod ``pod_name``."""
     env = dict(objects["ConfigMap"]["data"])
     for var in container(objects)["env"]:
         if "value" in var:
             env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
         elif var["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.name":
-            env[var["name"]] = POD_NAME
+            env[var["name"]] = pod_name
         elif "secretKeyRef" in var["valueFrom"]:
             env[var["name"]] = "from-secret-" + var["valueFrom"]["secretKeyRef"]["name"]
     return env
@@ -451,15 +459,11 @@ def test_chart_renders_valid_kubernetes_objects(helm: Path, combo: str, tmp_path
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
                 pytest.fail(f"{kind} invalid for Kubernetes {version}: {exc}")
-    expected = {"StatefulSet", "ConfigMap", "Service"}
+    expected = {"Deployment", "ConfigMap", "Service"}
     if combo != "monitoring_off":
-        expected |= {
-            "ServiceAccount",
-            "PodDisruptionBudget",
-            "NetworkPolicy",
-            "ServiceMonitor",
-            "PrometheusRule",
-        }
+        expected |= {"ServiceAccount", "NetworkPolicy", "ServiceMonitor", "PrometheusRule"}
+    if combo not in ("monitoring_off", "paused"):
+        expected.add("PodDisruptionBudget")
     assert set(objects) == expected
 
 
@@ -473,7 +477,7 @@ def test_chart_environment_is_what_the_bridge_accepts(
     objects = render(helm, values, tmp_path)
     env = pod_env(objects)
     known = {v.name for v in config.ENV_VARS} | {a for v in config.ENV_VARS for a in v.aliases}
-    assert set(env) - {"POD_NAME"} <= known
+    assert set(env) <= known
     # The kubelet would mount the Secrets' files at these paths; the test makes them under
     # tmp_path, because the bridge checks that TLS files exist.
     mounts = [m["mountPath"] for m in container(objects)["volumeMounts"] if m.get("readOnly")]
@@ -492,8 +496,11 @@ def test_chart_environment_is_what_the_bridge_accepts(
     assert settings.shutdown.drain_timeout_s == 20
     assert settings.http.port == 8080
     assert settings.log.format == "json"
-    prefix = values.get("delivery", {}).get("transactionalIdPrefix", "")
-    assert settings.delivery.transactional_id == prefix + POD_NAME
+    # The group is the release's own unless set: two releases never share one by accident.
+    group = values.get("kafka", {}).get("groupId") or "qkb-qoder-kafka-bridge"
+    assert settings.kafka.group_id == group
+    # The pod's name only names the member (client id suffix).
+    assert settings.delivery.transactional_id == POD_NAME
     assert settings.delivery.mode == values.get("delivery", {}).get("mode", "exactly_once")
     if combo == "sasl_ssl_scram":
         assert settings.kafka.security_protocol == "SASL_SSL"
@@ -509,17 +516,19 @@ def test_chart_environment_is_what_the_bridge_accepts(
         assert settings.kafka.alerts_topic is None
 
 
-def test_statefulset_gives_one_stable_bridge_that_drains(helm: Path, tmp_path: Path) -> None:
-    """Defaults: one pod with a stable name as transactional id, ordered rollouts, a grace
-    period longer than the drain deadline, probes on /livez and /readyz, a locked-down pod."""
+def test_deployment_gives_one_member_that_drains(helm: Path, tmp_path: Path) -> None:
+    """Defaults: one member, rollouts that start the new pod before stopping the old one (the
+    group always has a member), a grace period longer than the drain deadline, probes on
+    /livez and /readyz, a locked-down pod."""
     objects = render(helm, {}, tmp_path)
-    sts = objects["StatefulSet"]["spec"]
-    pod = sts["template"]["spec"]
+    deployment = objects["Deployment"]["spec"]
+    pod = deployment["template"]["spec"]
     bridge = container(objects)
-    assert sts["replicas"] == 1
-    assert sts["podManagementPolicy"] == "OrderedReady"
-    assert sts["updateStrategy"]["type"] == "RollingUpdate"
-    assert sts["serviceName"] == objects["Service"]["metadata"]["name"]
+    assert deployment["replicas"] == 1
+    assert deployment["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     drain = float(objects["ConfigMap"]["data"]["BRIDGE_DRAIN_TIMEOUT_S"])
     assert pod["terminationGracePeriodSeconds"] == drain + 20 == 40
 
@@ -547,14 +556,73 @@ def test_statefulset_gives_one_stable_bridge_that_drains(helm: Path, tmp_path: P
     assert str(Path(token_file).parent) in mounts
 
     assert objects["Service"]["spec"]["ports"][0]["port"] == 8080
-    assert objects["PodDisruptionBudget"]["spec"]["selector"] == sts["selector"]
+    assert objects["PodDisruptionBudget"]["spec"]["selector"] == deployment["selector"]
+
+
+def test_three_replicas_keep_two_up_spread_over_nodes(helm: Path, tmp_path: Path) -> None:
+    """replicas 3: three members, a PodDisruptionBudget that lets one go at a time (two keep
+    every shard owned), and spread constraints over nodes and zones that select exactly the
+    release's pods of one revision."""
+    objects = render(helm, {"replicas": 3}, tmp_path)
+    deployment = objects["Deployment"]["spec"]
+    assert deployment["replicas"] == 3
+    pdb = objects["PodDisruptionBudget"]["spec"]
+    assert pdb == {"maxUnavailable": 1, "selector": deployment["selector"]}
+    pod = deployment["template"]["spec"]
+    labels = deployment["template"]["metadata"]["labels"]
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in spread.values():
+        assert constraint["maxSkew"] == 1
+        # Soft: a cluster with fewer nodes than replicas still runs every member.
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert constraint["labelSelector"] == deployment["selector"]
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+        assert constraint["matchLabelKeys"] == ["pod-template-hash"]
+
+
+def test_replicas_zero_pauses_without_a_budget_that_blocks(helm: Path, tmp_path: Path) -> None:
+    """replicas 0: a Deployment of no pod and no PodDisruptionBudget left to block a drain,
+    even one asking for minAvailable 1."""
+    values = {"replicas": 0, "podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": None}}
+    objects = render(helm, values, tmp_path)
+    assert objects["Deployment"]["spec"]["replicas"] == 0
+    assert "PodDisruptionBudget" not in objects
+
+
+def test_every_replica_has_the_same_configuration(helm: Path, tmp_path: Path) -> None:
+    """Members share sessions only if they run the same configuration: two pods of a
+    three-replica release load the same Settings, but for the pod name that names the member
+    (its client id); and the bridge needs no per-pod value: without it the rest loads the same."""
+    config = importlib.import_module("bridge.config")
+    objects = render(helm, {"replicas": 3}, tmp_path)
+    one, other = pod_env(objects, POD_NAME), pod_env(objects, OTHER_POD_NAME)
+    differ = {name for name in one.keys() | other.keys() if one.get(name) != other.get(name)}
+    assert differ == {"BRIDGE_TRANSACTIONAL_ID"}
+    per_pod = [v for v in container(objects)["env"] if "fieldRef" in v.get("valueFrom", {})]
+    assert [v["name"] for v in per_pod] == ["BRIDGE_TRANSACTIONAL_ID"]
+
+    def settings(env: dict[str, str]) -> Any:
+        return config.load_settings(env, stderr_isatty=False)
+
+    def named(loaded: Any, name: str) -> Any:
+        delivery = dataclasses.replace(loaded.delivery, transactional_id=name)
+        return dataclasses.replace(loaded, delivery=delivery)
+
+    first, second = settings(one), settings(other)
+    assert first.delivery.transactional_id == POD_NAME
+    assert second.delivery.transactional_id == OTHER_POD_NAME
+    assert named(second, POD_NAME) == first
+    del one["BRIDGE_TRANSACTIONAL_ID"]
+    assert named(settings(one), POD_NAME) == first
+    assert first.kafka.group_id == "qkb-qoder-kafka-bridge"
 
 
 def test_drain_deadline_sets_the_grace_period(helm: Path, tmp_path: Path) -> None:
     """One value drives both BRIDGE_DRAIN_TIMEOUT_S and terminationGracePeriodSeconds."""
     objects = render(helm, {"shutdown": {"drainTimeoutSeconds": 45}}, tmp_path)
     assert objects["ConfigMap"]["data"]["BRIDGE_DRAIN_TIMEOUT_S"] == "45"
-    assert objects["StatefulSet"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 65
+    assert objects["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 65
 
 
 def test_sasl_ssl_secrets_are_references_and_files(helm: Path, tmp_path: Path) -> None:
@@ -567,7 +635,7 @@ def test_sasl_ssl_secrets_are_references_and_files(helm: Path, tmp_path: Path) -
         "name": "kafka-bridge-scram",
         "key": "password",
     }
-    volumes = {v["name"]: v for v in objects["StatefulSet"]["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes["kafka-ca"]["secret"]["secretName"] == "kafka-ca"
     assert volumes["kafka-ca"]["secret"]["items"] == [{"key": "ca.pem", "path": "ca.crt"}]
     assert volumes["kafka-client"]["secret"]["secretName"] == "kafka-bridge-tls"
@@ -597,7 +665,9 @@ def test_network_policy_allows_only_dns_api_kafka_and_metrics(helm: Path, tmp_pa
         ({"kafka": {"sasl": {"mechanism": "PLAIN"}}}, "kafka.sasl.mechanism"),
         ({"kafka": {"tls": {"caSecret": {"name": "ca"}}}}, "kafka.tls"),
         ({"kafka": {"bootstrapServers": "kafka"}}, "kafka.bootstrapServers"),
-        ({"replicas": 2}, "replicas"),
+        ({"replicas": 33}, "replicas"),
+        ({"replicas": -1}, "replicas"),
+        ({"delivery": {"transactionalIdPrefix": "prod-eu."}}, "kafka.groupId"),
         ({"delivery": {"mode": "sometimes"}}, "delivery"),
         ({"qoder": {"token": {"existingSecret": ""}}}, "existingSecret"),
         ({"qoder": {"sessions": ["thr_1"]}}, "sessions"),
