@@ -37,6 +37,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* BRIDGE_GROUP_ID: kafka.groupId, else the release's full name. Its members share the
+sessions, and its transactional ids are <group>-<shard>: two releases on one Kafka cluster
+must not share it. */}}
+{{- define "qkb.groupId" -}}
+{{- default (include "qkb.fullname" .) .Values.kafka.groupId }}
+{{- end }}
+
 {{- define "qkb.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
@@ -76,6 +83,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- if and (or .Values.kafka.tls.caSecret.name .Values.kafka.tls.clientCertSecret.name) (not (hasSuffix "SSL" $protocol)) }}
 {{- fail (printf "kafka.tls secrets are set but kafka.securityProtocol=%s; use SSL or SASL_SSL" $protocol) }}
+{{- end }}
+{{- if .Values.delivery.transactionalIdPrefix }}
+{{- fail "delivery.transactionalIdPrefix is gone: transactional ids are <kafka.groupId>-<shard> now, whatever the pods are called. Set kafka.groupId instead (default: the release's full name; two releases on one Kafka cluster need different ones)" }}
 {{- end }}
 {{- if not .Values.qoder.token.existingSecret }}
 {{- fail "qoder.token.existingSecret is required: without a token the bridge would run its built-in simulator" }}
