@@ -737,6 +737,9 @@ def test_rules_cover_the_failure_modes_with_real_metrics() -> None:
         "QoderBridgeReconnectStorm",
         "QoderBridgeDLQGrowing",
         "QoderBridgeTransactionsAborting",
+        "QoderBridgeShardsUnowned",
+        "QoderBridgeNoMembers",
+        "QoderBridgeShardsFenced",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in {"warning", "critical"}
@@ -763,6 +766,23 @@ def alert_cases() -> list[dict[str, Any]]:
 
     def case(input_series: list[dict[str, str]], *checks: dict[str, Any]) -> dict[str, Any]:
         return {"interval": "1m", "input_series": input_series, "alert_rule_test": list(checks)}
+
+    # Members of one release: job qkb in namespace bridge, one instance each.
+    def member(name: str, pod: str, values: str, **labels: str) -> dict[str, str]:
+        extra = "".join(f',{k}="{v}"' for k, v in labels.items())
+        target = f'job="qkb",namespace="bridge",instance="{pod}:8080"'
+        return {"series": f"{name}{{{target}{extra}}}", "values": values}
+
+    def group_fires(alert: str, at: str, severity: str) -> dict[str, Any]:
+        exp = {"job": "qkb", "namespace": "bridge", "severity": severity}
+        return {"eval_time": at, "alertname": alert, "exp_alerts": [{"exp_labels": exp}]}
+
+    ksm = {"job": "kube-state-metrics", "instance": "ksm:8080"}
+    ksm |= {"namespace": "bridge", "deployment": "qkb"}
+
+    def replicas(values: str) -> dict[str, str]:
+        labels = ",".join(f'{k}="{v}"' for k, v in ksm.items())
+        return {"series": f"kube_deployment_spec_replicas{{{labels}}}", "values": values}
 
     lag = "qoder_bridge_end_to_end_lag_seconds_bucket"
     return [
@@ -853,6 +873,69 @@ def alert_cases() -> list[dict[str, Any]]:
             [series("qoder_bridge_ready", "1 1 0x20")],
             silent("QoderBridgeNotReady", "5m"),
             fires("QoderBridgeNotReady", "15m", "warning"),
+        ),
+        # Scale-out: three members of job qkb share 32 shards. One dies at 10m and the two
+        # others take its 10 shards; a one-minute dip (a rebalance scraped mid-way) is no alert.
+        case(
+            [
+                member("qoder_bridge_shards_owned", "a", "11x10 16x20"),
+                member("qoder_bridge_shards_owned", "b", "11x3 5 11x6 16x20"),
+                member("qoder_bridge_shards_owned", "c", "10x10 stale"),
+            ],
+            silent("QoderBridgeShardsUnowned", "5m"),
+            silent("QoderBridgeShardsUnowned", "25m"),
+            silent("QoderBridgeShardsDoublyOwned", "25m"),
+        ),
+        # ... the dead member's shards find no owner: 22 of 32 for good.
+        case(
+            [
+                member("qoder_bridge_shards_owned", "a", "11x30"),
+                member("qoder_bridge_shards_owned", "b", "11x30"),
+                member("qoder_bridge_shards_owned", "c", "10x5 stale"),
+            ],
+            silent("QoderBridgeShardsUnowned", "7m"),
+            group_fires("QoderBridgeShardsUnowned", "15m", "critical"),
+        ),
+        # A zombie that keeps claiming its 11 shards next to their new owners.
+        case(
+            [
+                member("qoder_bridge_shards_owned", "a", "16x30"),
+                member("qoder_bridge_shards_owned", "b", "16x30"),
+                member("qoder_bridge_shards_owned", "c", "11x30"),
+            ],
+            group_fires("QoderBridgeShardsDoublyOwned", "15m", "warning"),
+            silent("QoderBridgeShardsUnowned", "15m"),
+        ),
+        # replicas 1 wanted (kube-state-metrics), the only member gone at 10m (crash loop).
+        case(
+            [
+                replicas("1x60"),
+                member("qoder_bridge_build_info", "a", "1x10 stale", version="0.2.0"),
+                member("qoder_bridge_shards_owned", "a", "32x10 stale"),
+            ],
+            silent("QoderBridgeNoMembers", "9m"),
+            {
+                "eval_time": "20m",
+                "alertname": "QoderBridgeNoMembers",
+                "exp_alerts": [{"exp_labels": {**ksm, "job": "qkb", "severity": "critical"}}],
+            },
+        ),
+        # replicas 0 at 10m: a pause. Nothing owns a shard and nothing fires.
+        case(
+            [
+                replicas("1x10 0x50"),
+                member("qoder_bridge_build_info", "a", "1x10 stale", version="0.2.0"),
+                member("qoder_bridge_shards_owned", "a", "32x10 stale"),
+            ],
+            silent("QoderBridgeNoMembers", "30m"),
+            silent("QoderBridgeShardsUnowned", "30m"),
+        ),
+        # A member frozen past the session timeout: its 11 shards fenced at 3m.
+        case(
+            [series("qoder_bridge_shards_fenced_total", "0 0 0 11x30")],
+            silent("QoderBridgeShardsFenced", "2m"),
+            fires("QoderBridgeShardsFenced", "5m", "warning"),
+            silent("QoderBridgeShardsFenced", "25m"),
         ),
     ]
 
