@@ -3,6 +3,10 @@
     qoder-bridge checkpoints list [--session S] [--json]
     qoder-bridge checkpoints reset --session S [--thread T]
                                    (--to EVENT_ID | --to-start | --to-latest) [--execute] [--force]
+    qoder-bridge checkpoints migrate [--fence-transactional-id ID ...] [--execute] [--force]
+
+``migrate`` moves the checkpoints of a topic from before scale-out into the 32 partitions the
+bridge needs (bridge/checkpoint_migrate.py), with every old bridge stopped.
 
 ``list`` reads BRIDGE_CHECKPOINT_TOPIC as the bridge does at start (read_committed, to the end,
 the last record of each key) and prints each thread's cursor, and apart from them the sessions
@@ -64,6 +68,7 @@ from bridge.config import KafkaSettings, Settings, require_token
 from bridge.errors import SinkError, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
 from bridge.logs import configure_logging
+from bridge.shards import SHARDS
 from bridge.tooling import (
     EXIT_USAGE,
     ToolFailed,
@@ -82,7 +87,10 @@ __all__ = [
     "stored_topic",
 ]
 
-HELP = "list the bridge's checkpoints, or move threads' cursors (dry run unless --execute)"
+HELP = (
+    "list the bridge's checkpoints, move threads' cursors, or migrate an old checkpoint topic "
+    "(dry run unless --execute)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +168,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_settings_flags(reset)
 
+    migrate = actions.add_parser(
+        "migrate",
+        allow_abbrev=False,
+        help=f"move an old checkpoint topic's checkpoints into {SHARDS} partitions, one per "
+        "shard; prints the plan, migrates only with --execute",
+        description=f"Move the checkpoints of an old checkpoint topic into {SHARDS} partitions "
+        "(a partition per shard): copy to <topic>.migrating, delete and recreate the topic, copy "
+        "back, delete the copy; a rerun after a crash finishes the job. Stop every old bridge "
+        "first. A dry run unless --execute; refused while a bridge is live in BRIDGE_GROUP_ID "
+        "on this checkpoint topic, unless --force.",
+    )
+    migrate.add_argument(
+        "--fence-transactional-id",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an old bridge's BRIDGE_TRANSACTIONAL_ID, fenced first so that it can commit "
+        "nothing more (repeatable)",
+    )
+    migrate.add_argument("--execute", action="store_true", help="migrate (default: a dry run)")
+    migrate.add_argument(
+        "--force", action="store_true", help="migrate even while a bridge seems to run"
+    )
+    add_settings_flags(migrate)
+
 
 def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     kafka_client_kwargs(settings.kafka)  # TLS files: a ConfigError (exit 2) before any I/O
     try:
+        if args.checkpoints_action == "migrate":
+            producer_tuning_kwargs(settings.kafka)
+            configure_logging(settings.log, quiet_third_party=True)
+            from bridge.checkpoint_migrate import migrate  # noqa: PLC0415
+
+            return anyio.run(migrate, settings, args, sys.stdout, backend="asyncio")
         check_id("--session", args.session)
         if args.checkpoints_action == "list":
             configure_logging(settings.log, quiet_third_party=True)
