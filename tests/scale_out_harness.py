@@ -325,7 +325,8 @@ def failovers(
             if not killed_at <= line["t"] < until:
                 continue
             if line.get("event") == "bridge.shards.assigned":
-                for shard in line.get("gained") or line.get("shards") or []:
+                gained = line["gained"] if "gained" in line else line.get("shards", [])
+                for shard in gained:
                     if shard in shards and shard not in assigned:
                         assigned[shard] = line["t"]
             elif line.get("event") == "bridge.shard.acquired":
