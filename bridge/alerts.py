@@ -14,14 +14,14 @@ import structlog
 
 from bridge import metrics
 from bridge.health import HealthState
-from bridge.publisher import Outgoing, Publisher
+from bridge.publisher import Outgoing, Sink
 from bridge.records import ThreadRef, alert_record
 
 log = structlog.get_logger("bridge.alerts")
 
 
 class BridgeAlerts:
-    def __init__(self, publisher: Publisher, topic: str | None, health: HealthState) -> None:
+    def __init__(self, publisher: Sink, topic: str | None, health: HealthState) -> None:
         self._publisher = publisher
         self._topic = topic
         self._health = health

@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
+from typing import TypeVar
 
 import anyio
 import anyio.abc
@@ -30,14 +31,14 @@ from bridge import __version__, metrics
 from bridge.alerts import BridgeAlerts
 from bridge.api import QoderApi, RateLimiter
 from bridge.checkpoint_index import CheckpointIndex
-from bridge.checkpoints import ensure_topics, read_checkpoints
+from bridge.checkpoints import ensure_topics
 from bridge.config import Settings
 from bridge.errors import ConfigError, ProducerFenced, SinkForbidden, SinkUnavailable
 from bridge.health import HealthState, serve_http
 from bridge.kafka_watch import watch_kafka
-from bridge.membership import keep_membership
-from bridge.publisher import Publisher
+from bridge.ownership import ShardAssignor, keep_ownership
 from bridge.secrets import TokenProvider
+from bridge.sharding import ShardedPublisher, ShardManager
 from bridge.status import StatusView
 from bridge.summary import log_summary
 from bridge.supervisor import Supervisor
@@ -45,6 +46,7 @@ from bridge.supervisor import Supervisor
 log = structlog.get_logger("bridge.app")
 
 EXIT_OK, EXIT_FATAL = 0, 1
+_E = TypeVar("_E", bound=BaseException)
 #: JSON requests get a pool of their own; streams are spread over pools of about this many
 #: (twice as many slots, so an uneven hash never makes a stream wait for a slot).
 JSON_POOL_SIZE = 64
@@ -64,7 +66,7 @@ class Bridge:
         self.health = HealthState()
         #: GET /status; the supervisor is set on it once it exists.
         self.status = StatusView(self.health, group=settings.kafka.group_id)
-        self.publisher = Publisher(settings, self.health)
+        self.publisher = ShardedPublisher(settings, self.health)
         self._outer: anyio.CancelScope | None = None
         self._readers: anyio.CancelScope | None = None
         self._draining = False
@@ -181,25 +183,29 @@ class Bridge:
                     delivery=settings.delivery.mode,
                 )
                 await self._until_kafka("topics", lambda: ensure_topics(settings.kafka))
-                # A live member of BRIDGE_GROUP_ID from now on (off the data path). Not before
-                # the topics exist: a broker that auto-creates would make an uncompacted one.
-                tg.start_soon(keep_membership, settings)
                 await tg.start(self._publisher_then_stop)
                 checkpoints = CheckpointIndex()
                 stack.callback(checkpoints.close)
-
-                async def load() -> None:
-                    checkpoints.clear()  # a retried read starts over
-                    await read_checkpoints(settings.kafka, checkpoints.load)
-
-                await self._until_kafka("checkpoints", load)
                 alerts = BridgeAlerts(self.publisher, settings.kafka.alerts_topic, self.health)
                 supervisor = Supervisor(settings, api, self.publisher, alerts, checkpoints)
+                supervisor.own_nothing()  # only what the group assigns
+                owner = ShardManager(settings, self.publisher, checkpoints)
+                owner.follow, owner.unfollow = supervisor.follow, supervisor.unfollow
                 self.status.supervisor = supervisor
+                self.status.shards = lambda: sorted(owner.held)
                 if not self._draining:
                     async with anyio.create_task_group() as readers:
                         self._readers = readers.cancel_scope
                         await readers.start(supervisor.run)
+                        readers.start_soon(owner.run)
+                        # A member of BRIDGE_GROUP_ID from now on: its assignments are the
+                        # shards it follows. Not before the topics exist (a broker that
+                        # auto-creates would make an uncompacted one). It leaves the group at
+                        # the very end of a drain, once everything it read is committed.
+                        assignor = ShardAssignor(lambda: owner.held)
+                        tg.start_soon(
+                            keep_ownership, settings, assignor, owner.assigned, self.health
+                        )
                         log.info("bridge.ready_to_read")
                     # Every reader has stopped: nothing can be submitted any more.
                     self.publisher.close()
@@ -221,15 +227,16 @@ async def _run(settings: Settings) -> int:
     try:
         code = await bridge.run()
     except* ProducerFenced as group:
-        # Stop publishing at once and let the orchestrator restart us; never write outside a
-        # transaction.
-        log.error("bridge.fatal.fenced", error=str(group.exceptions[0]))
+        # A shard's producer fenced is dropped (bridge/sharding.py); one anywhere else is a
+        # bug: stop publishing at once and let the orchestrator restart us.
+        log.error("bridge.fatal.fenced", error=str(_first(group)))
     except* SinkForbidden as group:
-        log.error("bridge.fatal.forbidden", error=str(group.exceptions[0]))
+        log.error("bridge.fatal.forbidden", error=str(_first(group)))
     return code
 
 
-def _first(group: BaseExceptionGroup[ConfigError]) -> ConfigError:
+def _first(group: BaseExceptionGroup[_E]) -> _E:
+    """The first exception of a group, however deep the task groups nested it."""
     first = group.exceptions[0]
     return _first(first) if isinstance(first, BaseExceptionGroup) else first
 

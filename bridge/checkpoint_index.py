@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, MutableMapping
 from pathlib import Path
 
 from bridge.checkpoints import Checkpoint, is_session_key, parse_checkpoint, parse_settled
+from bridge.shards import shard_of
 
 _SCHEMA = """
 create table if not exists checkpoints (key text primary key, session text, value blob);
@@ -36,6 +37,7 @@ class CheckpointIndex(MutableMapping[str, Checkpoint]):
         self._db.execute("pragma journal_mode = off")
         self._db.execute("pragma synchronous = off")
         self._db.executescript(_SCHEMA)
+        self._db.create_function("shard_of", 1, shard_of, deterministic=True)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -99,6 +101,12 @@ class CheckpointIndex(MutableMapping[str, Checkpoint]):
     def __iter__(self) -> Iterator[str]:
         for (key,) in self._db.execute("select key from checkpoints"):
             yield key
+
+    def forget_shard(self, shard: int) -> None:
+        """Everything of the shard's sessions: read again from its partition when it is owned
+        again (another member may have moved it on meanwhile)."""
+        self._db.execute("delete from checkpoints where shard_of(session) = ?", (shard,))
+        self._db.execute("delete from settled where shard_of(session) = ?", (shard,))
 
     def clear(self) -> None:
         self._db.execute("delete from checkpoints")

@@ -11,7 +11,7 @@ restarts too.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +72,7 @@ CHECKPOINT_TOPIC_CONFIGS = {
 }
 
 
-def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
+def topic_specs(kafka: KafkaSettings, checkpoint_partitions: int = SHARDS) -> list[TopicSpec]:
     """The bridge's topics with their partitions and configs (``BRIDGE_*_TOPIC_PARTITIONS``,
     ``BRIDGE_*_TOPIC_CONFIG``)."""
     specs = [
@@ -92,7 +92,7 @@ def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
         ),
         TopicSpec(
             kafka.checkpoint_topic,
-            SHARDS,  # a partition per shard, always (bridge/shards.py)
+            checkpoint_partitions,  # a partition per shard (bridge/shards.py)
             {**CHECKPOINT_TOPIC_CONFIGS, **dict(kafka.checkpoint_topic_config)},
             "BRIDGE_CHECKPOINT_TOPIC",
             "BRIDGE_CHECKPOINT_TOPIC_CONFIG",
@@ -111,7 +111,9 @@ def topic_specs(kafka: KafkaSettings) -> list[TopicSpec]:
     return specs
 
 
-async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
+async def ensure_topics(
+    kafka: KafkaSettings, *, timeout_s: float = 60, shard_topic: bool = True
+) -> None:
     """Create the bridge's topics when they are missing, with their partitions and configs.
 
     Topics that exist are left as they are. Raises ConfigError, naming the setting, when the
@@ -121,7 +123,10 @@ async def ensure_topics(kafka: KafkaSettings, *, timeout_s: float = 60) -> None:
     try:
         with anyio.fail_after(timeout_s):
             async with admin_client(kafka) as admin:
-                await _create_missing(admin, kafka, topic_specs(kafka))
+                specs = topic_specs(kafka, SHARDS if shard_topic else 1)
+                await _create_missing(admin, kafka, specs)
+                if not shard_topic:
+                    return  # a replay's progress topic in the checkpoint topic's place
                 partitions = await _partition_count(admin, kafka.checkpoint_topic)
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
@@ -297,9 +302,11 @@ async def read_checkpoints(
     keep: Callable[[list[tuple[str, bytes | None]]], None],
     *,
     timeout_s: float = 120,
+    shards: Iterable[int] | None = None,
 ) -> int:
     """Hand every committed checkpoint record to ``keep``, batch by batch, in topic order per
-    key, up to the end of the topic as it was when reading began; the number of records."""
+    key, up to the end of the topic as it was when reading began; the number of records.
+    ``shards``: only those partitions (a member acquiring them)."""
     consumer = AIOKafkaConsumer(
         **kafka_client_kwargs(kafka),
         isolation_level="read_committed",
@@ -310,7 +317,10 @@ async def read_checkpoints(
     count = 0
     try:
         with anyio.fail_after(timeout_s):
-            partitions = await _partitions(kafka, kafka.checkpoint_topic)
+            if shards is None:
+                partitions = await _partitions(kafka, kafka.checkpoint_topic)
+            else:
+                partitions = sorted(shards)
             await consumer.start()
             tps = [TopicPartition(kafka.checkpoint_topic, p) for p in partitions]
             if tps:
@@ -335,7 +345,8 @@ async def read_checkpoints(
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await consumer.stop()
-    log.info("bridge.checkpoints.loaded", records=count)
+    if shards is None:
+        log.info("bridge.checkpoints.loaded", records=count)
     return count
 
 

@@ -685,14 +685,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(
         "BRIDGE_TRANSACTIONAL_ID",
         "delivery.transactional_id",
-        "Kafka transactional.id; unique per running bridge (Kubernetes: the pod name)",
+        "this member's name in the group (its client id; Kubernetes: the pod name); the "
+        "producers' transactional ids are `<BRIDGE_GROUP_ID>-<shard>`",
         _text,
     ),
     EnvVar(
         "BRIDGE_GROUP_ID",
         "kafka.group_id",
-        "Kafka consumer group every running bridge joins; `qoder-bridge checkpoints reset` "
-        "asks it which bridges are live",
+        "Kafka consumer group every running bridge joins: its members share the sessions by "
+        "shard, and `qoder-bridge checkpoints reset` asks it which bridges are live",
         _text,
     ),
     EnvVar(

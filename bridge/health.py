@@ -52,6 +52,8 @@ class HealthState:
     ``api_authorized``            the API accepted the token last time      the alerts (token)
     ``discovery_ok``              no configured session is missing (404)    the supervisor
                                   and listing the sessions works
+    ``group_member``              the bridge is a member of its group       the ownership
+                                  (shards come only from the group)         consumer
     ``not_draining``              no SIGTERM yet                            the app
     ============================  ========================================  ==================
 
@@ -67,6 +69,7 @@ class HealthState:
         "kafka_reachable",
         "api_authorized",
         "discovery_ok",
+        "group_member",
         "not_draining",
     )
 
@@ -78,6 +81,8 @@ class HealthState:
         self._discovery_ok = True
         self._discovery_error: str | None = None
         self._missing_sessions: dict[str, str] = {}
+        self._group_member = True
+        self._group_error: str | None = None
         self._draining = False
         self._publish()
 
@@ -128,6 +133,12 @@ class HealthState:
         self._discovery_error = None if value else cause
         self._publish()
 
+    def set_group_member(self, value: bool, cause: str | None = None) -> None:
+        """Whether the bridge is in its group (out of it, it follows nothing new)."""
+        self._group_member = value
+        self._group_error = None if value else cause
+        self._publish()
+
     def session_missing(self, session_id: str, cause: str = "not found (HTTP 404)") -> bool:
         """A configured session answered 404; True the first time (warn and alert then)."""
         new = session_id not in self._missing_sessions
@@ -163,6 +174,7 @@ class HealthState:
             "kafka_reachable": self._kafka_reachable,
             "api_authorized": self._api_authorized,
             "discovery_ok": self.discovery_ok,
+            "group_member": self._group_member,
             "not_draining": not self._draining,
         }
         return [name for name in self.CHECKS if not results[name]]
@@ -172,6 +184,8 @@ class HealthState:
         out: dict[str, str] = {}
         if not self._kafka_reachable and self._kafka_error:
             out["kafka_reachable"] = self._kafka_error
+        if not self._group_member and self._group_error:
+            out["group_member"] = self._group_error
         if not self.discovery_ok:
             reasons = [f"session {sid}: {why}" for sid, why in self._missing_sessions.items()]
             if not self._discovery_ok and self._discovery_error:

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import structlog
@@ -85,6 +85,8 @@ class Outgoing:
     drain: bool = False
     read_at: float = field(default_factory=time.monotonic)
     size: int = 0
+    #: The session of an item without a cursor (a settled mark): it goes to its shard.
+    session_id: str | None = None
 
     def __post_init__(self) -> None:
         self.size = ITEM_OVERHEAD_BYTES + sum(r.size for r in self.records)
@@ -214,6 +216,14 @@ def _translate(exc: BaseException, bootstrap: str) -> SinkError:
     return TransactionAborted(f"the batch failed: {describe_kafka_error(exc, bootstrap)}")
 
 
+class Sink(Protocol):
+    """What the readers (pumps, supervisor, alerts) need of a publisher."""
+
+    async def submit(self, item: Outgoing) -> None: ...
+
+    def record_limit(self, topic: str) -> int: ...
+
+
 class PublisherClosed(Exception):
     """The bridge is draining: nothing more is taken. What was not taken is read again."""
 
@@ -237,13 +247,29 @@ class RecordsRejected(SinkError):
 
 
 class Publisher:
-    def __init__(self, settings: Settings, health: HealthState) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        health: HealthState,
+        *,
+        budget: ByteBudget | None = None,
+        transactional_id: str | None = None,
+        shard: int | None = None,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
+        """``transactional_id``: a transactional producer with that id (exactly_once), else an
+        idempotent one; ``shard``: the shard it writes for (it reports nothing to the health
+        state, which the member's own publisher does)."""
         self._settings = settings
         self._kafka = settings.kafka
         self._delivery = settings.delivery
-        self._transactional = settings.delivery.mode == "exactly_once"
+        self._transactional_id = transactional_id
+        self._transactional = transactional_id is not None
         self._health = health
-        self._budget = ByteBudget(settings.delivery.max_in_flight_bytes)
+        self.shard = shard
+        self._report = shard is None
+        self._stop_timeout_s = stop_timeout_s
+        self._budget = budget or ByteBudget(settings.delivery.max_in_flight_bytes)
         self._send, self._recv = anyio.create_memory_object_stream[Outgoing](math.inf)
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = KeyPartitioner()
@@ -251,8 +277,7 @@ class Publisher:
         self._topic_limits: dict[str, int] = {}
         #: True once everything submitted before close() was published.
         self.drained = False
-        self._last_commit = time.monotonic()
-        metrics.CHECKPOINT_AGE.set_function(lambda: time.monotonic() - self._last_commit)
+        self.last_commit = time.monotonic()
 
     # -- the pumps' side -------------------------------------------------------------------
 
@@ -292,12 +317,13 @@ class Publisher:
             smallest = min(self._topic_limits.values()) - RECORD_OVERHEAD_BYTES
             kwargs["max_batch_size"] = max(1024, min(kwargs["max_batch_size"], smallest))
         if self._transactional:
-            kwargs["transactional_id"] = self._delivery.transactional_id
+            kwargs["transactional_id"] = self._transactional_id
             kwargs["transaction_timeout_ms"] = self._delivery.transaction_timeout_ms
         return AIOKafkaProducer(**kwargs)
 
     async def _start_producer(self) -> None:
-        self._topic_limits = await topic_record_limits(self._kafka)
+        if not self._topic_limits:  # a shard's publisher has them from the member's
+            self._topic_limits = await topic_record_limits(self._kafka)
         topic = self._kafka.checkpoint_topic
         limit = self._topic_limits.get(topic)
         if limit is not None and limit < MIN_CHECKPOINT_TOPIC_BYTES:
@@ -317,15 +343,20 @@ class Publisher:
                 raise _translate(exc, self._kafka.bootstrap_servers) from exc
             raise
         self._producer = producer
-        self._health.producer_connected = True
-        log.info("bridge.publisher.connected", transactional=self._transactional)
+        if self._report:
+            self._health.producer_connected = True
+        if self._report:
+            log.info("bridge.publisher.connected", transactional=self._transactional)
+        else:
+            log.debug("bridge.publisher.connected", shard=self.shard)
 
     async def _stop_producer(self) -> None:
         producer, self._producer = self._producer, None
-        self._health.producer_connected = False
+        if self._report:
+            self._health.producer_connected = False
         if producer is not None:
             # A broker that is away cannot take the close: do not wait for it.
-            timeout_s = 10 if self._health.kafka_reachable else 1
+            timeout_s = self._stop_timeout_s if self._health.kafka_reachable else 1
             with anyio.CancelScope(shield=True), anyio.move_on_after(timeout_s):
                 await producer.stop()
 
@@ -353,7 +384,7 @@ class Publisher:
             while (batch := await self._collect()) is not None:
                 await self._publish_until_done(batch)
             self.drained = True
-            log.info("bridge.publisher.drained")
+            (log.info if self._report else log.debug)("bridge.publisher.drained", shard=self.shard)
         finally:
             await self._stop_producer()
 
@@ -394,9 +425,7 @@ class Publisher:
                 try:
                     await self._publish(live)
                 except ProducerFenced:
-                    log.error(
-                        "bridge.publisher.fenced", transactional_id=self._delivery.transactional_id
-                    )
+                    log.error("bridge.publisher.fenced", transactional_id=self._transactional_id)
                     raise
                 except SinkForbidden as exc:
                     log.error("bridge.publisher.forbidden", error=str(exc))
@@ -489,6 +518,7 @@ class Publisher:
             dedupe_key=item.dedupe_key,
             drain=item.drain,
             read_at=item.read_at,
+            session_id=item.session_id,
         )
 
     async def _publish(self, batch: list[Outgoing]) -> None:
@@ -613,7 +643,7 @@ class Publisher:
 
     def _committed(self, batch: list[Outgoing]) -> None:
         now = time.monotonic()
-        self._last_commit = now
+        self.last_commit = now
         if self._transactional:
             metrics.TRANSACTIONS.labels(outcome="committed").inc()
         settled: set[ThreadCursor] = set()

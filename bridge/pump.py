@@ -36,7 +36,7 @@ from bridge.errors import (
     StreamRefused,
     StreamStalled,
 )
-from bridge.publisher import Outgoing, Publisher, PublisherClosed
+from bridge.publisher import Outgoing, PublisherClosed, Sink
 from bridge.records import (
     DELTA_FRAME_TYPES,
     Event,
@@ -90,7 +90,7 @@ class Pump:
         self,
         cursor: ThreadCursor,
         api: QoderApi,
-        publisher: Publisher,
+        publisher: Sink,
         alerts: BridgeAlerts,
         settings: Settings,
         limits: PumpLimits,

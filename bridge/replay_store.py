@@ -150,7 +150,7 @@ class RunStore:
         producer: with ``exactly_once`` that fences an earlier process of this run and settles
         its open transaction, so what :meth:`load` reads next is the whole truth."""
         try:
-            await ensure_topics(self.kafka)
+            await ensure_topics(self.kafka, shard_topic=False)
         except ConfigError as exc:
             raise ToolFailed(str(exc), EXIT_USAGE) from exc
         limit = (await topic_record_limits(self.kafka)).get(self.request.topic)

@@ -409,6 +409,7 @@ def _document(
     now: float,
     reason: str | None,
     group: str | None = None,
+    shards: list[int] | None = None,
 ) -> dict[str, Any]:
     failing = health.failing_checks()
     end = page.before + len(page.positions)
@@ -417,7 +418,7 @@ def _document(
         "bridge_version": __version__,
         "generated_at": _iso(now),
         "listed_at": _iso(index.listed_at),
-        "member": {"id": member, "group": group, "shards": None},
+        "member": {"id": member, "group": group, "shards": shards},
         "ready": not failing,
         "failing": failing,
         "reason": reason,
@@ -488,6 +489,8 @@ class StatusView:
         #: The Kafka consumer group this bridge is a member of (BRIDGE_GROUP_ID).
         self.group = group
         self.supervisor: Supervisor | None = None
+        #: The shards this member owns now (set by the bridge once it is a member).
+        self.shards: Callable[[], list[int]] | None = None
         self._index: _Index | None = None
         self._listing: anyio.Lock | None = None  # made on the event loop, at the first request
 
@@ -519,6 +522,7 @@ class StatusView:
             now=now,
             reason=reason,
             group=self.group,
+            shards=self.shards() if self.shards is not None else None,
         )
         return HTTPStatus.OK, await _encode(doc)
 

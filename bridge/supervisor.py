@@ -29,9 +29,10 @@ from bridge.checkpoints import Checkpoint, settled_record
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import ApiError, ApiRequestRejected, AuthRejected, BadCursor, NotFound
-from bridge.publisher import Outgoing, Publisher, PublisherClosed
+from bridge.publisher import Outgoing, PublisherClosed, Sink
 from bridge.pump import Backoff, Pump, PumpLimits, PumpState
 from bridge.records import ThreadRef
+from bridge.shards import SHARDS, shard_of
 from bridge.slots import StreamSlots
 from bridge.sse import Frame
 
@@ -65,6 +66,9 @@ HEALTHY_HINTS_POLL_FACTOR = 4
 #: Running sessions are listed at least this often (one request), whatever the poll interval:
 #: a new session's coordinator reaches Kafka within about this long.
 RUNNING_LIST_INTERVAL_S = 2.0
+#: A shard acquired: its history is listed this much later, so that a burst of acquisitions
+#: (a start, a rebalance) makes one full listing, not one a shard.
+FOLLOW_SCAN_DELAY_S = 1.0
 #: What an id must look like to be put in a URL path (sess_..., sthr_...: letters, digits, _).
 _SAFE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
 #: Bad ids remembered (warned once each), at most this many.
@@ -126,7 +130,7 @@ class Supervisor:
         self,
         settings: Settings,
         api: QoderApi,
-        publisher: Publisher,
+        publisher: Sink,
         alerts: BridgeAlerts,
         checkpoints: CheckpointIndex | Mapping[str, Checkpoint],
     ) -> None:
@@ -173,6 +177,16 @@ class Supervisor:
         #: Finished sessions as the full listing showed them, for their first look (the
         #: listing already answered what a session request would: one request saved each).
         self._listed: dict[str, dict[str, Any]] = {}
+        #: The shards whose sessions this bridge follows (bridge/sharding.py); None: all of
+        #: them (a bridge without a group, as in the unit tests).
+        self._owned: set[int] | None = None
+        #: Set when the owned shards change: discovery lists again soon.
+        self._owned_changed = anyio.Event()
+        self._scan_wakeup = anyio.Event()
+        self._full_due = float("-inf")
+        #: Each watched session's and each pump's scope: a released shard cancels them.
+        self._session_scopes: dict[str, anyio.CancelScope] = {}
+        self._pump_scopes: dict[ThreadRef, anyio.CancelScope] = {}
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -190,14 +204,59 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             task_status.started()
+            if self._owned is not None:
+                # A member: shards come and go, and their sessions with them.
+                tg.start_soon(anyio.sleep_forever)
             if self._settings.api.sessions:
                 for session_id in self._settings.api.sessions:
                     self._watch(session_id)
             else:
                 tg.start_soon(self._discover)
 
+    # -- ownership: the shards this member follows --------------------------------------------
+
+    def owns(self, session_id: str) -> bool:
+        return self._owned is None or shard_of(session_id) in self._owned
+
+    def own_nothing(self) -> None:
+        """From now on only the shards given by :meth:`follow` (a member of a group)."""
+        if self._owned is None:
+            self._owned = set()
+
+    def follow(self, shard: int) -> None:
+        """The shard is this member's now (its checkpoints are loaded): follow its sessions.
+        Its running sessions come with the next running listing; a full listing, a second
+        from now so that a burst of acquired shards makes one, finds its history."""
+        if self._owned is None or shard in self._owned:
+            return
+        self._owned.add(shard)
+        self._full_due = min(self._full_due, anyio.current_time() + FOLLOW_SCAN_DELAY_S)
+        self._owned_changed.set()
+        self._scan_wakeup.set()
+        for session_id in self._settings.api.sessions:
+            if shard_of(session_id) == shard:
+                self._watch(session_id)
+
+    def unfollow(self, shard: int) -> None:
+        """The shard is not this member's any more: stop its sessions' pumps and watchers now.
+        What they read and did not commit, the next owner reads again from the checkpoint."""
+        if self._owned is None:
+            self._owned = set(range(SHARDS))
+        self._owned.discard(shard)
+        for ref in [r for r in self._pump_scopes if shard_of(r.session_id) == shard]:
+            self._pump_scopes.pop(ref).cancel()
+        for session_id in [s for s in self._session_scopes if shard_of(s) == shard]:
+            self._session_scopes.pop(session_id).cancel()
+            self._let_go(session_id)
+        for ref in [r for r in self._cursors if shard_of(r.session_id) == shard]:
+            del self._cursors[ref]
+            self._active.pop(ref, None)
+        self._owned_changed.set()
+
     def _watch(self, session_id: str, *, listed: dict[str, Any] | None = None) -> None:
         if session_id in self._watched or session_id in self._finished:
+            return
+        if not self.owns(session_id):
             return
         assert self._tg is not None  # noqa: S101 -- run() set it
         history = listed is not None and not _session_live(listed)
@@ -205,7 +264,18 @@ class Supervisor:
             self._listed[session_id] = listed
         self._watched.add(session_id)
         self._triggers[session_id] = anyio.Event()
-        self._tg.start_soon(self._watch_session, session_id, history, name=f"session {session_id}")
+        scope = self._session_scopes[session_id] = anyio.CancelScope()
+        self._tg.start_soon(
+            self._watch_scoped, scope, session_id, history, name=f"session {session_id}"
+        )
+
+    async def _watch_scoped(self, scope: anyio.CancelScope, session_id: str, history: bool) -> None:
+        try:
+            with scope:
+                await self._watch_session(session_id, history)
+        finally:
+            if self._session_scopes.get(session_id) is scope:
+                del self._session_scopes[session_id]
 
     async def _discover(self) -> None:
         """Follow the sessions with work going on; the rest of the history costs nothing.
@@ -218,13 +288,18 @@ class Supervisor:
         """
         api = self._settings.api
         backoff = Backoff(api.backoff_initial_s, api.backoff_max_s)
-        full_due = anyio.current_time()
+        self._full_due = anyio.current_time()
         while True:
+            if self._owned is not None and not self._owned:
+                # A member with no shard yet (or any more): nothing of the account is its own.
+                self._owned_changed = anyio.Event()
+                await self._owned_changed.wait()
+                continue
             started = anyio.current_time()
             # One request finds new and revived sessions: worth doing more often than the
             # per-session safety net, so a new session's first event is not a poll away.
             delay: float | None = None  # the listing's own pace, unless it failed
-            full = started >= full_due
+            full = started >= self._full_due
             try:
                 sessions = await self._list(full=full)
                 running, self._running = (
@@ -246,7 +321,7 @@ class Supervisor:
                 self._alerts.discovered()
                 backoff.reset()
                 if full:
-                    full_due = started + api.full_scan_interval_s
+                    self._full_due = started + api.full_scan_interval_s
                     metrics.FULL_SCANS.inc()
             except AuthRejected as exc:
                 await self._alerts.token_rejected(str(exc))
@@ -266,7 +341,11 @@ class Supervisor:
                     if self._statuses_filter
                     else api.poll_interval_s
                 )
-            await anyio.sleep(delay)
+            with anyio.move_on_after(delay):
+                await self._scan_wakeup.wait()
+                # A shard was acquired: its full listing is due a moment later.
+                await anyio.sleep(max(0.0, self._full_due - anyio.current_time()))
+            self._scan_wakeup = anyio.Event()
 
     async def _list(self, *, full: bool) -> list[dict[str, Any]]:
         if full:
@@ -454,7 +533,9 @@ class Supervisor:
         # Stopping: the next start looks at the session once more, that is all.
         with contextlib.suppress(PublisherClosed):
             await self._publisher.submit(
-                Outgoing(None, 0, [settled_record(topic, session_id, updated_at)])
+                Outgoing(
+                    None, 0, [settled_record(topic, session_id, updated_at)], session_id=session_id
+                )
             )
 
     async def _hints_scope(
@@ -584,14 +665,18 @@ class Supervisor:
         )
         self._pumps[cursor.thread] = pump
         self._dirty.discard(cursor.thread)
-        self._tg.start_soon(self._run_pump, pump, name=f"pump {cursor.thread.key}")
+        scope = self._pump_scopes[cursor.thread] = anyio.CancelScope()
+        self._tg.start_soon(self._run_pump, pump, scope, name=f"pump {cursor.thread.key}")
         return pump
 
-    async def _run_pump(self, pump: Pump) -> None:
+    async def _run_pump(self, pump: Pump, scope: anyio.CancelScope) -> None:
         ref = pump.thread
         crashed = False
         try:
-            await pump.run()
+            with scope:
+                await pump.run()
+            if scope.cancelled_caught:
+                return  # its shard was released: the next owner goes on from the checkpoint
         except Exception as exc:
             # One failing thread never disturbs the others; the next look restarts it.
             pump.log.exception("bridge.pump.crashed")
@@ -607,6 +692,8 @@ class Supervisor:
         finally:
             if self._pumps.get(ref) is pump:
                 del self._pumps[ref]
+            if self._pump_scopes.get(ref) is scope:
+                del self._pump_scopes[ref]
             metrics.THREADS_FOLLOWED.set(len(self._pumps))
         if crashed or (self._active.get(ref) and not pump.gone):
             self._trigger(ref.session_id)  # it runs again, or must be started again: look now
