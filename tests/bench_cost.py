@@ -472,14 +472,20 @@ async def checkpoint_keys(bootstrap: str, topic: str) -> int:
     keys: set[bytes] = set()
     await consumer.start()
     try:
-        tp = TopicPartition(topic, 0)
-        consumer.assign([tp])
-        await consumer.seek_to_beginning(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        while await consumer.position(tp) < end:
-            batches = await consumer.getmany(tp, timeout_ms=500)
-            for records in batches.values():
-                keys.update(r.key for r in records)
+        # Every shard's partition (32 of them).
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            await consumer._client.force_metadata_update()
+            partitions = consumer.partitions_for_topic(topic) or {0}
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            while await consumer.position(tp) < ends[tp]:
+                batches = await consumer.getmany(tp, timeout_ms=500)
+                for records in batches.values():
+                    keys.update(r.key for r in records)
     finally:
         await consumer.stop()
     return len(keys)

@@ -40,6 +40,7 @@ def bridge_env(sim_url: str, bootstrap: str, topics: Any, **extra: str) -> dict[
         "BRIDGE_CHECKPOINT_TOPIC": topics.checkpoints,
         "BRIDGE_DLQ_TOPIC": topics.dlq,
         "BRIDGE_TRANSACTIONAL_ID": topics.transactional_id,
+        "BRIDGE_GROUP_ID": topics.group,
         "BRIDGE_HTTP_HOST": "127.0.0.1",
         "BRIDGE_HTTP_PORT": "0",
         "BRIDGE_POLL_INTERVAL_S": "1",

@@ -327,6 +327,11 @@ class KafkaTopics:
     dlq: str
     transactional_id: str
 
+    @property
+    def group(self) -> str:
+        """The test's own BRIDGE_GROUP_ID: its bridges share shards with nobody else's."""
+        return self.transactional_id.removesuffix(".txn") + ".group"
+
     @classmethod
     def unique(cls, label: str) -> KafkaTopics:
         stem = re.sub(r"[^A-Za-z0-9_-]+", "-", label).strip("-")[:80] or "test"
@@ -346,7 +351,8 @@ class KafkaTopics:
     async def create(self, bootstrap: str, *, partitions: int = 3) -> None:
         """Create the four topics the way the bridge would: checkpoints compacted."""
         await create_topics(bootstrap, [self.events, self.alerts, self.dlq], partitions=partitions)
-        await create_topics(bootstrap, [self.checkpoints], partitions=partitions, compacted=True)
+        # The checkpoint topic's partitions are the bridge's 32 shards, always.
+        await create_topics(bootstrap, [self.checkpoints], partitions=32, compacted=True)
 
 
 @pytest.fixture

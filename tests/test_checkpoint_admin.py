@@ -13,10 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import GroupAuthorizationFailedError
 
-from bridge import membership
 from bridge.checkpoint_admin import stored_checkpoints
 from bridge.config import KafkaSettings, load_settings
 from bridge.membership import live_members, member_client_id
@@ -304,13 +301,6 @@ async def test_reset_to_latest_before_the_first_start_skips_the_history(
         assert [r.value for r in records] == sim.thread_log(published, thread)
 
 
-class _GroupDenied(AIOKafkaConsumer):  # type: ignore[misc]
-    """The membership consumer on a broker that does not grant the bridge Read on its group."""
-
-    async def start(self) -> None:
-        raise GroupAuthorizationFailedError(self._group_id)
-
-
 #: One thread that runs for about 10 s: the bridge commits its cursor all along.
 RUNNING = Scenario(
     name="running", seed=3, sessions=(SessionSpec(coordinator=ThreadSpec(events=150, rate=15)),)
@@ -318,24 +308,25 @@ RUNNING = Scenario(
 
 
 async def test_a_forced_reset_under_a_bridge_outside_the_group_says_it_was_overwritten(
-    kafka_bootstrap, kafka_topics, monkeypatch
+    kafka_bootstrap, kafka_topics
 ):
-    """Scenario: a bridge publishes a running thread but is not in the group (its membership
-    failed: it logs bridge.membership.failed). The dry run says the topic was written
-    seconds ago and that --execute watches it first. With --force the reset is written; the
-    bridge writes its own cursor over it within seconds: the command exits 1 saying the reset
-    was OVERWRITTEN, naming the thread, instead of 'written' and exit 0."""
-    monkeypatch.setattr(membership, "AIOKafkaConsumer", _GroupDenied)
+    """Scenario: a bridge publishes a running thread, but the operator runs the reset with
+    another BRIDGE_GROUP_ID than the bridge's (a misconfiguration: the tool asks a group in
+    which no bridge is live). The dry run says the topic was written seconds ago and that
+    --execute watches it first. With --force the reset is written; the bridge writes its own
+    cursor over it within seconds: the command exits 1 saying the reset was OVERWRITTEN,
+    naming the thread, instead of 'written' and exit 0."""
     async with running_simulator(RUNNING, token=TOKEN) as sim:
         env = env_for(sim, kafka_bootstrap, kafka_topics)
         ((session_id, thread_id),) = sim.all_threads()
         argv = ["checkpoints", "reset", "--session", session_id, "--thread", thread_id]
+        elsewhere = {**env, "BRIDGE_GROUP_ID": env["BRIDGE_GROUP_ID"] + ".elsewhere"}
         async with running_bridge(load_settings(env)):
             with anyio.fail_after(30):
                 while len(await read_topic(kafka_bootstrap, kafka_topics.events)) < 10:
                     await anyio.sleep(0.2)
-            dry = await cli(env, *argv, "--to-start")
-            forced = await cli(env, *argv, "--to-start", "--execute", "--force")
+            dry = await cli(elsewhere, *argv, "--to-start")
+            forced = await cli(elsewhere, *argv, "--to-start", "--execute", "--force")
         out = dry.stdout.decode()
         assert dry.returncode == 0 and "no bridge is running" in out
         assert "the checkpoint topic was written" in out and "--execute first watches" in out

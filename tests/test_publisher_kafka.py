@@ -28,7 +28,7 @@ _SCENARIO = Scenario(
     name="steady",
     seed=41,
     heartbeat_interval_s=0.5,
-    sessions=(SessionSpec(ThreadSpec(events=80, rate=40), (ThreadSpec(events=60, rate=40),) * 3),),
+    sessions=(SessionSpec(ThreadSpec(events=80, rate=15), (ThreadSpec(events=60, rate=15),) * 3),),
 )
 
 

@@ -16,6 +16,7 @@ from bridge.cursor import ThreadCursor
 from bridge.logs import configure_logging
 from bridge.publisher import Outgoing
 from bridge.records import Event, ThreadRef, event_record
+from bridge.shards import shard_of
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
 from tests.bridge_harness import (
     TOKEN,
@@ -115,6 +116,16 @@ async def test_a_read_that_completes_as_the_drain_begins_is_still_published(
     class LateReader:
         def __init__(self, _settings: Any, _api: Any, publisher: Any, *_: Any) -> None:
             self.publisher = publisher
+            self.owned: set[int] = set()
+
+        def own_nothing(self) -> None:
+            pass
+
+        def follow(self, shard: int) -> None:
+            self.owned.add(shard)
+
+        def unfollow(self, shard: int) -> None:
+            self.owned.discard(shard)
 
         async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
             task_status.started()
@@ -139,7 +150,10 @@ async def test_a_read_that_completes_as_the_drain_begins_is_still_published(
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
-            while bridge._readers is None:
+            # The read is of a thread this bridge owns: its shard is acquired first.
+            while (
+                bridge.status.shards is None or shard_of("sess_late") not in bridge.status.shards()
+            ):
                 await anyio.sleep(0.01)
             bridge.drain()
             drain_begun.set()
