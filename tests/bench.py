@@ -1102,12 +1102,16 @@ async def _main(args: argparse.Namespace, broker: KafkaBroker, workdir: Path) ->
 
     bench_pipeline._CHILDREN = _CHILDREN  # type: ignore[attr-defined]
     pipeline = bench_pipeline.PipelineBench(args, broker.bootstrap, broker.pid, workdir)
+    import tests.bench_failover as bench_failover  # noqa: PLC0415 -- scale-out, issue 10
+
+    failover = bench_failover.FailoverBench(args, broker.bootstrap, workdir)
     parts: dict[str, Callable[[], Any]] = {
         "pipeline": pipeline.run,
         "throughput": bench.run_throughput,
         "latency": bench.run_latency,
         "memory": bench.run_memory,
         **{name: (lambda run=run: run(cost)) for name, run in cost_parts.items()},
+        **{name: (lambda run=run: run(failover)) for name, run in bench_failover.PARTS.items()},
     }
     interrupted = False
 
@@ -1139,6 +1143,7 @@ async def _main(args: argparse.Namespace, broker: KafkaBroker, workdir: Path) ->
     pipeline.report()
     bench.report()
     cost.report()
+    failover.report()
     draw_charts(args, pipeline, bench)
     return 1 if bench.failures else 0
 
@@ -1171,7 +1176,18 @@ def draw_charts(args: argparse.Namespace, pipeline: Any, bench: Bench) -> None:
     say(f"\ncharts: {', '.join(str(p) for p in written)}")
 
 
-PARTS = ("pipeline", "throughput", "latency", "memory", "soak", "restart", "startup", "http2")
+PARTS = (
+    "pipeline",
+    "throughput",
+    "latency",
+    "memory",
+    "soak",
+    "restart",
+    "startup",
+    "http2",
+    "failover",
+    "idle_members",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1184,7 +1200,9 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: [p.strip() for p in v.split(",") if p.strip()],
         help="comma list of: throughput (with the producer baselines), latency, memory; soak"
         " (an account of 3,000 sessions), restart (1,000 running threads), startup (100,000"
-        " checkpoints), http2 (HTTP/2 vs HTTP/1.1): see tests/bench_cost.py",
+        " checkpoints), http2 (HTTP/2 vs HTTP/1.1): see tests/bench_cost.py; failover (SIGKILL"
+        " of one of 3 members), idle_members (10,000 idle threads over 4 members): see"
+        " tests/bench_failover.py",
     )
     parser.add_argument(
         "--soak-s",
