@@ -182,6 +182,14 @@ async def _create_missing(
     admin: AIOKafkaAdminClient, kafka: KafkaSettings, specs: list[TopicSpec]
 ) -> None:
     existing = set(await admin.list_topics())
+    if f"{kafka.checkpoint_topic}.migrating" in existing:
+        # Half-way through `checkpoints migrate`: a topic made now would be an empty one, and
+        # every thread would be published again from its start.
+        raise ConfigError(
+            f"BRIDGE_CHECKPOINT_TOPIC: {kafka.checkpoint_topic!r} is being migrated (the topic "
+            f"{kafka.checkpoint_topic + '.migrating'!r} exists): finish it with `qoder-bridge "
+            "checkpoints migrate --execute` before starting a bridge"
+        )
     missing = [spec for spec in specs if spec.name not in existing]
     if not missing:
         return

@@ -178,3 +178,33 @@ async def test_a_checkpoint_topic_that_is_not_32_shards_is_refused_with_the_way_
     assert message.startswith("BRIDGE_CHECKPOINT_TOPIC: ")
     assert f"{kafka_topics.checkpoints!r} has 1 partition(s)" in message
     assert "qoder-bridge checkpoints migrate" in message
+
+
+async def test_a_bridge_does_not_start_half_way_through_a_checkpoint_migration(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: `checkpoints migrate` was interrupted after it deleted the old checkpoint
+    topic (its copy, `<topic>.migrating`, holds every checkpoint). A bridge started now would
+    create an empty checkpoint topic and publish every thread again from its start; instead it
+    refuses, exit 2, saying how to finish the migration."""
+    from aiokafka.admin import NewTopic  # noqa: PLC0415
+
+    from bridge.checkpoints import admin_client  # noqa: PLC0415
+    from bridge.errors import ConfigError  # noqa: PLC0415
+
+    settings = load_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "BRIDGE_TOPIC": kafka_topics.events,
+            "BRIDGE_ALERTS_TOPIC": kafka_topics.alerts,
+            "BRIDGE_CHECKPOINT_TOPIC": kafka_topics.checkpoints,
+            "BRIDGE_DLQ_TOPIC": kafka_topics.dlq,
+        }
+    )
+    async with admin_client(settings.kafka) as admin:
+        await admin.create_topics([NewTopic(kafka_topics.checkpoints + ".migrating", 32, 1)])
+    with pytest.raises(ConfigError) as refused:
+        await ensure_topics(settings.kafka)
+    assert "checkpoints migrate --execute" in str(refused.value)
+    async with admin_client(settings.kafka) as admin:
+        assert kafka_topics.checkpoints not in await admin.list_topics()  # nothing created
