@@ -3,6 +3,7 @@ and the topics the bridge creates, as the broker describes them."""
 
 from __future__ import annotations
 
+import anyio
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -203,6 +204,9 @@ async def test_a_bridge_does_not_start_half_way_through_a_checkpoint_migration(
     )
     async with admin_client(settings.kafka) as admin:
         await admin.create_topics([NewTopic(kafka_topics.checkpoints + ".migrating", 32, 1)])
+        with anyio.fail_after(30):  # (left behind minutes ago, in the story)
+            while kafka_topics.checkpoints + ".migrating" not in await admin.list_topics():
+                await anyio.sleep(0.1)
     with pytest.raises(ConfigError) as refused:
         await ensure_topics(settings.kafka)
     assert "checkpoints migrate --execute" in str(refused.value)
