@@ -4,14 +4,17 @@ the members on the asker's checkpoint topic count; a membership that fails is a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import GroupAuthorizationFailedError
 from structlog.testing import capture_logs
 
-from bridge import membership
-from bridge.membership import keep_membership, live_members, member_client_id
+from bridge import ownership
+from bridge.membership import live_members, member_client_id
+from bridge.ownership import ShardAssignor, keep_ownership
 from bridge.simulator import running_simulator
 from tests.bridge_harness import TOKEN, bridge_settings, running_bridge
 from tests.kafka_broker import KafkaTopics
@@ -57,11 +60,11 @@ async def test_only_members_on_this_checkpoint_topic_are_listed(kafka_bootstrap,
     theirs = bridge_settings(url, kafka_bootstrap, other, BRIDGE_GROUP_ID=group)
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(keep_membership, theirs)
+            tg.start_soon(_member, theirs)
             while not await live_members(theirs.kafka):
                 await anyio.sleep(0.2)
             assert await live_members(ours.kafka) == []
-            tg.start_soon(keep_membership, ours)
+            tg.start_soon(_member, ours)
             while not (members := await live_members(ours.kafka)):
                 await anyio.sleep(0.2)
             assert [m.client_id for m in members] == [member_client_id(ours)]
@@ -69,6 +72,11 @@ async def test_only_members_on_this_checkpoint_topic_are_listed(kafka_bootstrap,
             listed = await live_members(theirs.kafka)
             assert [m.client_id for m in listed] == [member_client_id(theirs)]
             tg.cancel_scope.cancel()
+
+
+async def _member(settings: Any) -> None:
+    """A bridge's membership alone: shards assigned, nothing done with them."""
+    await keep_ownership(settings, ShardAssignor(), lambda assignment: None)
 
 
 class _GroupDenied(AIOKafkaConsumer):  # type: ignore[misc]
@@ -82,15 +90,16 @@ class _GroupDenied(AIOKafkaConsumer):  # type: ignore[misc]
 
 
 async def test_a_failed_membership_is_a_warning_that_says_what_it_costs(kafka_topics, monkeypatch):
-    """Scenario: the bridge cannot join its group (no Read ACL on it). It runs on, and warns
-    (bridge.membership.failed, naming the group and the cause) that checkpoints reset cannot
-    see it: what an operator must watch for, since reset relies on the group. The retries that
-    follow within the outage are not warnings."""
-    monkeypatch.setattr(membership, "AIOKafkaConsumer", _GroupDenied)
+    """Scenario: the bridge cannot join its group (no Read ACL on it). It warns
+    (bridge.membership.failed, naming the group and the cause) and says what it costs: the
+    shards it holds stay held, and another member may take them (a bridge that never joined
+    holds none: test_ownership.py). The retries that follow within the outage are not
+    warnings."""
+    monkeypatch.setattr(ownership, "AIOKafkaConsumer", _GroupDenied)
     settings = bridge_settings("http://127.0.0.1:9", "127.0.0.1:9", kafka_topics)
     with capture_logs() as logs, anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(keep_membership, settings)
+            tg.start_soon(_member, settings)
             while _GroupDenied.tries < 3:  # the first try, and two retries after backoff
                 await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
@@ -98,4 +107,4 @@ async def test_a_failed_membership_is_a_warning_that_says_what_it_costs(kafka_to
     assert warning["event"] == "bridge.membership.failed"
     assert warning["group"] == settings.kafka.group_id
     assert "GroupAuthorizationFailedError" in warning["error"]
-    assert "checkpoints reset cannot see this bridge" in warning["consequence"]
+    assert "another member may take them" in warning["consequence"]
