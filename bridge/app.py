@@ -203,6 +203,7 @@ class Bridge:
                         # auto-creates would make an uncompacted one). It leaves the group at
                         # the very end of a drain, once everything it read is committed.
                         assignor = ShardAssignor(lambda: owner.held)
+                        owner.rejoin = assignor.rejoin
                         tg.start_soon(
                             keep_ownership, settings, assignor, owner.assigned, self.health
                         )

@@ -123,6 +123,14 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]  # aiokafk
     def __init__(self, held: Callable[[], Iterable[int]] = frozenset) -> None:
         #: The shards this member holds now: said in its next join, so the leader keeps them.
         self._held = held
+        #: The member's consumer while it is in the group (set by keep_ownership).
+        self.consumer: AIOKafkaConsumer | None = None
+
+    def rejoin(self) -> None:
+        """Ask the group for a new assignment (a rebalance; nothing moves that need not)."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if coordinator is not None:
+            coordinator.request_rejoin()
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
         claims = json.dumps({"held": sorted(self._held())}).encode()
@@ -216,6 +224,7 @@ async def keep_ownership(
         try:
             with anyio.fail_after(60):
                 await consumer.start()
+            assignor.consumer = consumer
             listener = _Listener(consumer, kafka.checkpoint_topic, on_assigned)
             consumer.subscribe([kafka.checkpoint_topic], listener=listener)
             polled = False
@@ -261,6 +270,7 @@ async def keep_ownership(
                 failing_since = warned_at = anyio.current_time()
             failures += 1
         finally:
+            assignor.consumer = None
             # LeaveGroup: the shards move at once, not after the session timeout.
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await consumer.stop()

@@ -291,7 +291,7 @@ class Publisher:
         await self._budget.acquire(item.size)
         try:
             self._send.send_nowait(item)
-        except anyio.ClosedResourceError:
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._budget.release(item.size)
             raise PublisherClosed("the bridge is draining") from None
         except BaseException:
@@ -386,7 +386,20 @@ class Publisher:
             self.drained = True
             (log.info if self._report else log.debug)("bridge.publisher.drained", shard=self.shard)
         finally:
+            self._discard_queued()
             await self._stop_producer()
+
+    def _discard_queued(self) -> None:
+        """Stopped (fenced, or let go past its bound): what is still queued will never be
+        published here, and the budget it holds is the member's, shared by every shard. Its
+        threads are read again by whoever owns them next; later submits are refused."""
+        while True:
+            try:
+                item = self._recv.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                break
+            self._budget.release(item.size)
+        self._recv.close()  # (no await since the last receive: nothing slipped in)
 
     async def _collect(self) -> list[Outgoing] | None:
         try:
@@ -394,6 +407,14 @@ class Publisher:
         except anyio.EndOfStream:
             return None
         batch, count = [first], len(first.records)
+        try:
+            return await self._collect_more(batch, count)
+        except BaseException:
+            # Cancelled while collecting (a shard let go): give their budget back.
+            self._budget.release(sum(item.size for item in batch))
+            raise
+
+    async def _collect_more(self, batch: list[Outgoing], count: int) -> list[Outgoing]:
         window = self._delivery.commit_interval_ms / 1000 if self._transactional else 0.005
         deadline = anyio.current_time() + window
         while count < self._delivery.batch_max_records:

@@ -49,6 +49,8 @@ log = structlog.get_logger("bridge.sharding")
 
 #: A released shard's publisher commits what it holds within this, or is stopped.
 RELEASE_WITHIN_S = 2.0
+#: A fence with no assignment after it for this long (the group's session timeout): rejoin.
+REJOIN_AFTER_FENCE_S = 6.0
 
 
 @dataclass
@@ -171,10 +173,18 @@ class ShardedPublisher:
 
     async def release(self, shard: int) -> None:
         """Commit what the shard's publisher holds, or stop it, within RELEASE_WITHIN_S."""
+        await self.stop(self.detach(shard))
+
+    def detach(self, shard: int) -> _Shard | None:
+        """Take no more for the shard (at once); :meth:`stop` finishes with what it holds."""
         state = self._shards.pop(shard, None)
+        if state is not None:
+            state.publisher.close()
+        return state
+
+    async def stop(self, state: _Shard | None) -> None:
         if state is None:
             return
-        state.publisher.close()
         with anyio.move_on_after(RELEASE_WITHIN_S):
             await state.done.wait()
         if not state.done.is_set():
@@ -203,6 +213,10 @@ class ShardManager:
         #: Set by the bridge: start and stop following a shard's sessions.
         self.follow: Callable[[int], None] = lambda shard: None
         self.unfollow: Callable[[int], None] = lambda shard: None
+        #: Ask the group for a new assignment (set by the bridge: the member's consumer).
+        self.rejoin: Callable[[], None] = lambda: None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._applied: Assignment | None = None
         self._acquiring: dict[int, anyio.CancelScope] = {}
         #: Shards fenced, and the generation of the assignment they were fenced under.
         self._fenced_under: dict[int, int | None] = {}
@@ -233,16 +247,28 @@ class ShardManager:
         self._changed.set()
 
     def _fenced(self, shard: int) -> None:
-        """Another member's producer fenced the shard: drop it until a new assignment."""
+        """Another member's producer fenced the shard: drop it until a new assignment. One
+        comes at once when the shard moved in a rebalance; if none comes, ask the group for
+        one (the fence may be a late start of a member that lost the shard: waiting for an
+        unrelated rebalance could leave it unowned for good)."""
         self._fence_pending.add(shard)
+        if self._tg is not None:
+            self._tg.start_soon(self._rejoin_unless_assigned, self._latest)
         self._fenced_under[shard] = self._latest.generation if self._latest else None
         if shard in self.held:
             self.held.discard(shard)
             self.unfollow(shard)
         self._changed.set()
 
+    async def _rejoin_unless_assigned(self, since: Assignment | None) -> None:
+        await anyio.sleep(REJOIN_AFTER_FENCE_S)
+        if self._latest is since and self._fence_pending:
+            log.info("bridge.shards.rejoin", fenced=sorted(self._fence_pending))
+            self.rejoin()
+
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             while True:
                 await self._changed.wait()
                 self._changed = anyio.Event()
@@ -251,8 +277,12 @@ class ShardManager:
                     continue
                 wanted = set(assignment.shards)
                 lost = (self.held | set(self._acquiring)) - wanted
-                if assignment.gap:
-                    lost |= self.held & wanted  # maybe someone else's meanwhile: again
+                if assignment.gap and assignment is not self._applied:
+                    # Maybe someone else's meanwhile (held or being acquired): take it again,
+                    # with a new producer that fences whoever wrote since. (Once: this loop
+                    # runs the same assignment again after a cancelled acquisition.)
+                    lost |= (self.held | set(self._acquiring)) & wanted
+                self._applied = assignment
                 # A fenced shard is taken back only from a later assignment than the one under
                 # which it was fenced.
                 dropped = {
@@ -261,20 +291,26 @@ class ShardManager:
                     if generation == assignment.generation
                 }
                 self._fenced_under = {s: g for s, g in self._fenced_under.items() if s in dropped}
+                # Let go of the lost ones at once, and finish with their publishers in the
+                # background: a gained shard never waits for another's release.
                 for shard in sorted(lost):
-                    await self._release(shard)
+                    tg.start_soon(self._finish_release, shard, self._release(shard))
                 gained = sorted(wanted - self.held - set(self._acquiring) - dropped)
                 if gained:
                     tg.start_soon(self._acquire, gained)
 
-    async def _release(self, shard: int) -> None:
+    def _release(self, shard: int) -> _Shard | None:
+        """Stop following the shard and take no more for it, now; its publisher's state."""
         scope = self._acquiring.pop(shard, None)
         if scope is not None:
             scope.cancel()
         if shard in self.held:
             self.held.discard(shard)
             self.unfollow(shard)
-        await self._publisher.release(shard)
+        return self._publisher.detach(shard)
+
+    async def _finish_release(self, shard: int, state: _Shard | None) -> None:
+        await self._publisher.stop(state)
         log.info("bridge.shard.released", shard=shard)
 
     async def _acquire(self, shards: list[int]) -> None:
