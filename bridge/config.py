@@ -513,8 +513,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(
         "BRIDGE_FULL_SCAN_INTERVAL_S",
         "api.full_scan_interval_s",
-        "how often the whole session history (archived too) is listed; running sessions are "
-        "listed every 2 s",
+        "how often the whole session history (archived too) is listed, by the deployment as a "
+        "whole (a member owning 1/N of the shards lists it every N intervals); running "
+        "sessions are listed every 2 s by every member",
         _seconds,
     ),
     EnvVar(

@@ -321,7 +321,7 @@ class Supervisor:
                 self._alerts.discovered()
                 backoff.reset()
                 if full:
-                    self._full_due = started + api.full_scan_interval_s
+                    self._full_due = started + self._full_scan_interval()
                     metrics.FULL_SCANS.inc()
             except AuthRejected as exc:
                 await self._alerts.token_rejected(str(exc))
@@ -346,6 +346,17 @@ class Supervisor:
                 # A shard was acquired: its full listing is due a moment later.
                 await anyio.sleep(max(0.0, self._full_due - anyio.current_time()))
             self._scan_wakeup = anyio.Event()
+
+    def _full_scan_interval(self) -> float:
+        """BRIDGE_FULL_SCAN_INTERVAL_S for the deployment as a whole: a member that owns a
+        quarter of the shards lists the whole history a quarter as often, so N members cost
+        what one bridge costs. (What comes back to life is running: the running listing, every
+        poll at every member, finds it; a full listing is for short turns between two polls.)
+        The listing that follows a shard's acquisition is not spread: it is the catch-up."""
+        interval = self._settings.api.full_scan_interval_s
+        if self._owned is None or not self._owned:
+            return interval
+        return interval * SHARDS / len(self._owned)
 
     async def _list(self, *, full: bool) -> list[dict[str, Any]]:
         if full:

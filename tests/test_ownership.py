@@ -3,6 +3,7 @@ session owned by exactly one live member; ownership moves when a member stops.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -10,6 +11,7 @@ import anyio
 import httpx
 import pytest
 
+from bridge.config import Settings
 from bridge.ownership import balanced_assignment
 from bridge.shards import SHARDS, shard_of
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
@@ -186,3 +188,21 @@ async def test_a_bridge_the_group_refuses_owns_nothing_and_says_why_it_is_not_re
     assert settings.kafka.group_id in detail and "GroupAuthorizationFailed" in detail, detail
     assert status["member"]["shards"] == []
     assert await read_topic(kafka_bootstrap, kafka_topics.events) == []
+
+
+def test_the_history_is_listed_once_an_interval_by_the_whole_deployment() -> None:
+    """Discovery's cost does not multiply by N: a member owning a third of the shards lists
+    the whole history every 3 intervals (32/11 for 11 shards), a group of one every interval;
+    a member with no shard lists nothing (its discovery waits for a shard)."""
+    from bridge.config import ApiSettings  # noqa: PLC0415
+    from bridge.supervisor import Supervisor  # noqa: PLC0415
+
+    settings = dataclasses.replace(Settings(), api=ApiSettings(full_scan_interval_s=120.0))
+    supervisor = Supervisor(settings, None, None, None, {})  # type: ignore[arg-type]
+    assert supervisor._full_scan_interval() == 120.0  # not a member: every interval
+    supervisor.own_nothing()
+    supervisor._owned.update(range(11))  # type: ignore[union-attr]
+    members = [11, 11, 10]
+    per_interval = sum(120.0 / (120.0 * SHARDS / n) for n in members)
+    assert supervisor._full_scan_interval() == 120.0 * SHARDS / 11
+    assert round(per_interval, 6) == 1.0  # the three members: one listing an interval
