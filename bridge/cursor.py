@@ -10,7 +10,6 @@ and the pump starts reading again from the committed position. No event is skipp
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict, deque
 from collections.abc import Iterable
 
 import anyio
@@ -32,6 +31,22 @@ def place_key(anchor: str | None, ordinal: int) -> str:
 
 
 class ThreadCursor:
+    # Slots: one cursor per followed thread, idle or not (issue 11: memory per idle stream).
+    __slots__ = (
+        "_read_scope",
+        "_recent",
+        "_settled",
+        "committed_id",
+        "committed_idless",
+        "committed_ids",
+        "drained_updated_at",
+        "drains_committed",
+        "epoch",
+        "pending_drained_updated_at",
+        "submitted_id",
+        "thread",
+    )
+
     def __init__(
         self,
         thread: ThreadRef,
@@ -50,17 +65,19 @@ class ThreadCursor:
         #: Drain marks committed so far: a draining pump waits for this to move.
         self.drains_committed = 0
         self.epoch = 0
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        #: What a checkpoint carries besides the cursor: the ids up to it, newest last, and
-        #: how many items without an id were handed on after it (known by their place).
-        self.committed_ids: deque[str] = deque(
-            [*recent_ids, *([committed_id] if committed_id else [])],
-            maxlen=CHECKPOINT_RECENT_IDS,
-        )
+        #: The recent keys, oldest first (a dict keeps insertion order; an OrderedDict or a
+        #: deque costs about 700 bytes more a thread, idle or not).
+        self._recent: dict[str, None] = {}
+        #: What a checkpoint carries besides the cursor: the ids up to it, newest last (at
+        #: most CHECKPOINT_RECENT_IDS), and how many items without an id were handed on after
+        #: it (known by their place).
+        self.committed_ids: list[str] = [*recent_ids, *([committed_id] if committed_id else [])]
+        del self.committed_ids[:-CHECKPOINT_RECENT_IDS]
         self.committed_idless = idless_after
         self._remember_committed()
-        #: Set when the publisher commits or rewinds this thread: a draining pump waits on it.
-        self.settled = anyio.Event()
+        #: Made when someone waits (a draining pump), set when the publisher commits or
+        #: rewinds this thread: most cursors never need one.
+        self._settled: anyio.Event | None = None
         self._read_scope: anyio.CancelScope | None = None
 
     def seen(self, event_id: str) -> bool:
@@ -86,10 +103,11 @@ class ThreadCursor:
             self._remember(place_key(self.committed_id, ordinal))
 
     def _remember(self, key: str) -> None:
-        self._recent[key] = None
-        self._recent.move_to_end(key)
-        if len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
+        recent = self._recent
+        recent.pop(key, None)  # a key seen again moves to the newest end
+        recent[key] = None
+        if len(recent) > RECENT_IDS:
+            del recent[next(iter(recent))]
 
     def mark_committed(
         self,
@@ -107,6 +125,8 @@ class ThreadCursor:
         if event_id is not None:
             self.committed_id = event_id
             self.committed_ids.append(event_id)
+            if len(self.committed_ids) > CHECKPOINT_RECENT_IDS:
+                del self.committed_ids[0]
             self.committed_idless = 0
         elif key is not None:
             self.committed_idless += 1
@@ -115,10 +135,18 @@ class ThreadCursor:
             if self.pending_drained_updated_at == drained:
                 self.pending_drained_updated_at = None
 
+    @property
+    def settled(self) -> anyio.Event:
+        """Set once a batch holding this thread is committed or rewound (after this call)."""
+        if self._settled is None:
+            self._settled = anyio.Event()
+        return self._settled
+
     def settle(self) -> None:
         """A batch holding this thread was committed or rewound: wake whoever waits on it."""
-        self.settled.set()
-        self.settled = anyio.Event()
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
 
     def rewind(self) -> None:
         """Forget everything after ``committed_id`` and make the reader start again from it."""

@@ -13,10 +13,9 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
+from types import TracebackType
 
 import anyio
 import structlog
@@ -48,6 +47,8 @@ from bridge.records import (
 )
 from bridge.slots import StreamSlots
 from bridge.sse import Frame
+
+_log = structlog.get_logger("bridge.pump")
 
 #: A stream that stayed up this long resets the backoff.
 HEALTHY_AFTER_S = 30.0
@@ -134,9 +135,16 @@ class Pump:
         self.last_event_read_at: float | None = None
         #: When the current stream went live (caught up), wall clock; None when not streaming.
         self.live_since: float | None = None
-        self.log = structlog.get_logger("bridge.pump").bind(
-            session_id=self.thread.session_id, thread_id=self.thread.thread_id
-        )
+        self._log: structlog.typing.FilteringBoundLogger | None = None
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """This thread's logger, bound on first use: most idle pumps never log a line."""
+        if self._log is None:
+            self._log = _log.bind(
+                session_id=self.thread.session_id, thread_id=self.thread.thread_id
+            )
+        return self._log
 
     # -- control from the supervisor -------------------------------------------------------
 
@@ -158,7 +166,14 @@ class Pump:
     # -- the loop --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.log.debug("bridge.pump.started", cursor=self.cursor.submitted_id, follow=self._follow)
+        # Not through self.log, which would bind a logger for a line hardly ever shown.
+        _log.debug(
+            "bridge.pump.started",
+            session_id=self.thread.session_id,
+            thread_id=self.thread.thread_id,
+            cursor=self.cursor.submitted_id,
+            follow=self._follow,
+        )
         try:
             while not await self._read_until_drained():
                 pass  # the drain's batch failed and was rewound: read again
@@ -280,25 +295,14 @@ class Pump:
         self.log.debug("bridge.pump.drained", cursor=self.cursor.submitted_id)
         return True
 
-    @contextmanager
-    def _reading(self) -> Iterator[None]:
-        with anyio.CancelScope() as scope:
-            self.cursor.reading(scope)
-            try:
-                yield
-            finally:
-                self.cursor.reading(None)
+    def _reading(self) -> _Reading:
+        """A cancel scope around one attempt, registered on the cursor so that a rewind can
+        interrupt it."""
+        return _Reading(self.cursor)
 
-    @contextmanager
-    def _state(self, state: PumpState) -> Iterator[None]:
-        gauge = metrics.PUMPS.labels(state=state.value)
-        gauge.inc()
-        previous, self.state = self.state, state
-        try:
-            yield
-        finally:
-            self.state = previous
-            gauge.dec()
+    def _state(self, state: PumpState) -> _InState:
+        """What GET /status and the pumps gauge show for the duration of a ``with``."""
+        return _InState(self, state)
 
     async def _stream_slot(self) -> bool:
         """A stream slot, or False after ``list_poll_interval_s`` without one (capped)."""
@@ -532,6 +536,45 @@ class Pump:
             self.cursor.mark_submitted(
                 item.epoch, item.dedupe_key, moves_cursor=item.event_id is not None
             )
+
+
+class _Reading:
+    # Classes, not @contextmanager generators: an idle stream's pump sits inside both for as
+    # long as the stream is open, and a generator with its frame costs several times more.
+    __slots__ = ("_cursor", "_scope")
+
+    def __init__(self, cursor: ThreadCursor) -> None:
+        self._cursor = cursor
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> None:
+        self._cursor.reading(self._scope.__enter__())
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        self._cursor.reading(None)
+        return bool(self._scope.__exit__(exc_type, exc, traceback))
+
+
+class _InState:
+    __slots__ = ("_gauge", "_previous", "_pump", "_state")
+
+    def __init__(self, pump: Pump, state: PumpState) -> None:
+        self._pump, self._state = pump, state
+        self._gauge = metrics.PUMPS.labels(state=state.value)
+        self._previous: PumpState | None = None
+
+    def __enter__(self) -> None:
+        self._gauge.inc()
+        self._previous, self._pump.state = self._pump.state, self._state
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pump.state = self._previous
+        self._gauge.dec()
 
 
 def _unavailable_reason(exc: ApiUnavailable) -> str:
