@@ -14,10 +14,11 @@ import re
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from functools import partial
 from typing import Any, Literal
 
 import anyio
@@ -38,7 +39,7 @@ from bridge.errors import (
     StreamStalled,
 )
 from bridge.records import Event, Rejected, ThreadRef, canonical_json
-from bridge.sse import EXCERPT_BYTES, Frame, decode_frames
+from bridge.sse import EXCERPT_BYTES, Frame, FrameDecoder
 
 log = structlog.get_logger("bridge.api")
 
@@ -713,45 +714,39 @@ class QoderApi:
         base = f"/sessions/{thread.session_id}/threads/{thread.thread_id}"
         return base + ("/events" if route == "events" else "/stream")
 
-    @asynccontextmanager
-    async def stream_thread(
+    def stream_thread(
         self, thread: ThreadRef, after_id: str | None
-    ) -> AsyncIterator[AsyncIterator[Frame]]:
+    ) -> AbstractAsyncContextManager[AsyncIterator[Frame]]:
         """The thread's SSE frames, resuming strictly after ``after_id``.
 
         Tries the events route with ``Accept: text/event-stream`` first; a server that answers it
         with JSON, or with 404 for a thread that exists, serves the ``/stream`` route instead.
         """
-        async with AsyncExitStack() as stack:
-            first: StreamRoute = self.stream_route
-            for route in (first, "stream" if first == "events" else "events"):
-                try:
-                    path = self._stream_path(thread, route)
-                    frames = await stack.enter_async_context(self._sse("stream", path, after_id))
-                    # Learnt from this answer, not flipped: pumps that race here agree.
-                    self.stream_route = route
-                    break
-                except _WrongRoute:
-                    pass
-                except NotFound:
-                    await self.get_thread(thread)  # raises NotFound if the thread is really gone
-            else:
-                raise ApiUnavailable(f"no stream route for {thread.key} answers with SSE")
-            yield frames
+        return _OpenStream(partial(self._open_thread_stream, thread, after_id))
 
-    @asynccontextmanager
-    async def stream_session(
+    async def _open_thread_stream(self, thread: ThreadRef, after_id: str | None) -> _Frames:
+        first: StreamRoute = self.stream_route
+        for route in (first, "stream" if first == "events" else "events"):
+            try:
+                path = self._stream_path(thread, route)
+                frames = await self._open_sse("stream", path, after_id)
+                # Learnt from this answer, not flipped: pumps that race here agree.
+                self.stream_route = route
+                return frames
+            except _WrongRoute:
+                pass
+            except NotFound:
+                await self.get_thread(thread)  # raises NotFound if the thread is really gone
+        raise ApiUnavailable(f"no stream route for {thread.key} answers with SSE")
+
+    def stream_session(
         self, session_id: str, after_id: str | None
-    ) -> AsyncIterator[AsyncIterator[Frame]]:
-        async with self._sse(
-            "session_events", f"/sessions/{session_id}/events/stream", after_id
-        ) as f:
-            yield f
+    ) -> AbstractAsyncContextManager[AsyncIterator[Frame]]:
+        path = f"/sessions/{session_id}/events/stream"
+        return _OpenStream(partial(self._open_sse, "session_events", path, after_id))
 
-    @asynccontextmanager
-    async def _sse(
-        self, route: str, path: str, after_id: str | None
-    ) -> AsyncIterator[AsyncIterator[Frame]]:
+    async def _open_sse(self, route: str, path: str, after_id: str | None) -> _Frames:
+        """An open event stream; whatever goes wrong before it is handed on closes it."""
         extra = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
         if after_id:
             extra["Last-Event-ID"] = after_id
@@ -786,6 +781,7 @@ class QoderApi:
                         # learnt once; the cursor still travels in Last-Event-ID.
                         self.stream_query = False
                         log.info("bridge.api.stream_query_refused", path=path)
+                        await response.aclose()
                         continue
                     try:
                         _raise_for_status(response, had_cursor=after_id is not None)
@@ -795,11 +791,10 @@ class QoderApi:
                         ) from exc
                 if "text/event-stream" not in response.headers.get("content-type", ""):
                     raise _WrongRoute(path)
-                frames = decode_frames(response.aiter_bytes(), self._max_event_bytes)
-                yield _translated(frames, path)
-                return
-            finally:
+                return _Frames(response, path, self._max_event_bytes)
+            except BaseException:
                 await response.aclose()
+                raise
 
 
 async def _read_error(response: httpx.Response, path: str) -> None:
@@ -809,16 +804,73 @@ async def _read_error(response: httpx.Response, path: str) -> None:
         raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
 
 
+class _Frames:
+    """The frames of one open event stream, its errors re-raised as ours.
+
+    One object instead of a stack of async generators and context managers: every idle stream
+    holds one while it waits for bytes (issue 11: memory per idle stream). No cancel scope or
+    task group here: it only decodes and translates.
+    """
+
+    __slots__ = ("_chunks", "_decoder", "_path", "_ready", "_response")
+
+    def __init__(self, response: httpx.Response, path: str, max_frame_bytes: int) -> None:
+        self._response = response
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding in ("", "identity") and isinstance(response.stream, httpx.AsyncByteStream):
+            # Nothing to decode: the transport's own iterator, without the two generators and
+            # two context managers of aiter_bytes() that each idle stream would hold.
+            self._chunks: AsyncIterator[bytes] = aiter(response.stream)
+        else:
+            self._chunks = response.aiter_bytes()
+        self._decoder = FrameDecoder(max_frame_bytes)
+        self._ready: list[Frame] = []  # decoded, newest first
+        self._path = path
+
+    def __aiter__(self) -> _Frames:
+        return self
+
+    async def __anext__(self) -> Frame:
+        while not self._ready:
+            try:
+                chunk = await anext(self._chunks)
+            except httpx.ReadTimeout as exc:
+                raise StreamStalled(f"GET {self._path}: stream stalled") from exc
+            except httpx.HTTPError as exc:
+                raise ApiUnavailable(
+                    f"GET {self._path}: stream broke: {type(exc).__name__}: {exc}"
+                ) from exc
+            frames = self._decoder.feed(chunk)
+            frames.reverse()
+            self._ready = frames
+        return self._ready.pop()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _OpenStream:
+    """``async with``: opens the stream on entry, closes it on exit (a class, not a generator:
+    nothing of it is left on the heap but itself while the stream is open)."""
+
+    __slots__ = ("_frames", "_open")
+
+    def __init__(self, open_stream: Callable[[], Awaitable[_Frames]]) -> None:
+        self._open: Callable[[], Awaitable[_Frames]] | None = open_stream
+        self._frames: _Frames | None = None
+
+    async def __aenter__(self) -> _Frames:
+        open_stream, self._open = self._open, None
+        if open_stream is None:
+            raise RuntimeError("a stream is opened once")
+        self._frames = await open_stream()
+        return self._frames
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        frames, self._frames = self._frames, None
+        if frames is not None:
+            await frames.aclose()
+
+
 class _WrongRoute(ApiError):
     """This route answered, but not with an event stream."""
-
-
-async def _translated(frames: AsyncIterator[Frame], path: str) -> AsyncIterator[Frame]:
-    # No cancel scope or task group here: this generator only re-raises errors as ours.
-    try:
-        async for frame in frames:
-            yield frame
-    except httpx.ReadTimeout as exc:
-        raise StreamStalled(f"GET {path}: stream stalled") from exc
-    except httpx.HTTPError as exc:
-        raise ApiUnavailable(f"GET {path}: stream broke: {type(exc).__name__}: {exc}") from exc
