@@ -3,6 +3,8 @@ and the topics the bridge creates, as the broker describes them."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -150,6 +152,18 @@ async def test_a_topic_config_the_broker_refuses_is_a_config_error(kafka_bootstr
     assert "retention.msec" in str(info.value)
 
 
+def _topics_settings(bootstrap: str, topics: Any) -> Any:
+    return load_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "BRIDGE_TOPIC": topics.events,
+            "BRIDGE_ALERTS_TOPIC": topics.alerts,
+            "BRIDGE_CHECKPOINT_TOPIC": topics.checkpoints,
+            "BRIDGE_DLQ_TOPIC": topics.dlq,
+        }
+    )
+
+
 async def test_a_checkpoint_topic_that_is_not_32_shards_is_refused_with_the_way_out(
     kafka_bootstrap, kafka_topics
 ):
@@ -162,15 +176,7 @@ async def test_a_checkpoint_topic_that_is_not_32_shards_is_refused_with_the_way_
     from bridge.checkpoints import admin_client  # noqa: PLC0415
     from bridge.errors import ConfigError  # noqa: PLC0415
 
-    settings = load_settings(
-        {
-            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "BRIDGE_TOPIC": kafka_topics.events,
-            "BRIDGE_ALERTS_TOPIC": kafka_topics.alerts,
-            "BRIDGE_CHECKPOINT_TOPIC": kafka_topics.checkpoints,
-            "BRIDGE_DLQ_TOPIC": kafka_topics.dlq,
-        }
-    )
+    settings = _topics_settings(kafka_bootstrap, kafka_topics)
     async with admin_client(settings.kafka) as admin:
         await admin.create_topics([NewTopic(kafka_topics.checkpoints, 1, 1)])
     with pytest.raises(ConfigError) as refused:
@@ -193,15 +199,7 @@ async def test_a_bridge_does_not_start_half_way_through_a_checkpoint_migration(
     from bridge.checkpoints import admin_client  # noqa: PLC0415
     from bridge.errors import ConfigError  # noqa: PLC0415
 
-    settings = load_settings(
-        {
-            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-            "BRIDGE_TOPIC": kafka_topics.events,
-            "BRIDGE_ALERTS_TOPIC": kafka_topics.alerts,
-            "BRIDGE_CHECKPOINT_TOPIC": kafka_topics.checkpoints,
-            "BRIDGE_DLQ_TOPIC": kafka_topics.dlq,
-        }
-    )
+    settings = _topics_settings(kafka_bootstrap, kafka_topics)
     async with admin_client(settings.kafka) as admin:
         await admin.create_topics([NewTopic(kafka_topics.checkpoints + ".migrating", 32, 1)])
         with anyio.fail_after(30):  # (left behind minutes ago, in the story)

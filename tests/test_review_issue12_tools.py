@@ -18,11 +18,9 @@ from typing import Any
 
 import anyio
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import GroupAuthorizationFailedError
+from aiokafka import AIOKafkaProducer
 from structlog.testing import capture_logs
 
-from bridge import membership
 from bridge.checkpoint_admin import stored_checkpoints
 from bridge.config import load_settings
 from bridge.membership import live_members
@@ -229,14 +227,6 @@ async def test_replay_and_reset_cover_every_thread_the_bridge_follows(
 # -- finding 4: a bridge that is not in the group is "no bridge is running" -------------------
 
 
-class _GroupDenied(AIOKafkaConsumer):  # type: ignore[misc]
-    """What the membership consumer meets on a broker that does not grant the bridge Read on
-    BRIDGE_GROUP_ID (the README: "without it, it runs on and logs bridge.membership.failed")."""
-
-    async def start(self) -> None:
-        raise GroupAuthorizationFailedError(self._group_id)
-
-
 def admin_env(sim: Any, bootstrap: str, topics: Any, **extra: str) -> dict[str, str]:
     """A group of the test's own: no other test's bridges in it."""
     group = f"{topics.transactional_id}.group"
@@ -252,19 +242,19 @@ RUNNING = Scenario(
 
 
 async def test_reset_is_not_lost_under_a_bridge_that_runs_outside_the_group(
-    kafka_bootstrap, kafka_topics, monkeypatch
+    kafka_bootstrap, kafka_topics
 ):
-    """Scenario: a bridge runs and publishes a thread that is running, but its membership of
-    BRIDGE_GROUP_ID fails (no Read ACL on the group, as after an upgrade to this version; or
-    the member in its backoff after a coordinator error): it logs bridge.membership.failed and
-    runs on. An operator resets that thread --to-start with --execute. Expected: refused (exit
-    1), or else the reset holds. Found: the group is the only evidence asked; empty, the reset
-    prints "no bridge is running", writes and exits 0, and the running bridge overwrites the
-    checkpoint with its next commit: once it has stopped, the stored cursor is the thread's
-    last event, the reset silently lost."""
-    monkeypatch.setattr(membership, "AIOKafkaConsumer", _GroupDenied)
+    """Scenario: a bridge runs and publishes a thread that is running, but the group the
+    operator's reset asks is not the bridge's (BRIDGE_GROUP_ID differs between the two: a
+    misconfiguration; before scale-out, also a bridge whose membership had failed, which now
+    owns no shard and publishes nothing). An operator resets that thread --to-start with
+    --execute. Expected: refused (exit 1), or else the reset holds. Found: the group is the
+    only evidence asked; empty, the reset prints "no bridge is running", writes and exits 0,
+    and the running bridge overwrites the checkpoint with its next commit: once it has
+    stopped, the stored cursor is the thread's last event, the reset silently lost."""
     async with running_simulator(RUNNING, token=TOKEN) as sim:
         env = admin_env(sim, kafka_bootstrap, kafka_topics)
+        elsewhere = {**env, "BRIDGE_GROUP_ID": env["BRIDGE_GROUP_ID"] + ".elsewhere"}
         kafka = load_settings(env).kafka
         ((session_id, thread_id),) = sim.all_threads()
         async with running_bridge(load_settings(env)):
@@ -272,7 +262,7 @@ async def test_reset_is_not_lost_under_a_bridge_that_runs_outside_the_group(
                 while len(await read_topic(kafka_bootstrap, kafka_topics.events)) < 10:
                     await anyio.sleep(0.2)
             reset = await cli(
-                env, "checkpoints", "reset", "--session", session_id, "--thread", thread_id,
+                elsewhere, "checkpoints", "reset", "--session", session_id, "--thread", thread_id,
                 "--to-start", "--execute",
             )  # fmt: skip
             with anyio.fail_after(60):
