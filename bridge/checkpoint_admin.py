@@ -13,19 +13,9 @@ the last record of each key) and prints each thread's cursor, and apart from the
 marked settled (keyed by the session alone: the bridge does not look at them again until their
 updated_at moves), as tables or as JSON.
 
-``reset`` writes, for each thread, a checkpoint in the bridge's own format (the same key and
-value as bridge.records.checkpoint_record) that the bridge takes at its next start:
-- --to EVENT_ID: the cursor at that event, which must be in the thread's list (checked);
-  the bridge republishes what follows it.
-- --to-start: no cursor; the bridge republishes the thread from its first event (and the
-  alerts of its alert-worthy events again).
-- --to-latest: the thread's last event id in the API now; the bridge skips everything so far.
-Each checkpoint also carries the ids up to the new cursor (to drop replays at the boundary, as
-the bridge's own do) and no drain mark, so the bridge reads the thread after the cursor even if
-it finished long ago; the session's settled mark, if any, is cleared (a tombstone on the key
-``{session_id}``) so the session is looked at. With BRIDGE_DELIVERY=exactly_once they are
-written in one transaction (transactional.id ``qoder-bridge-reset.<checkpoint topic>``), so a
-read_committed reader sees all of them or none.
+``reset`` writes, for each thread, a checkpoint in the bridge's own format that the bridge
+takes at its next start (--to EVENT_ID, --to-start, --to-latest; what each means, and the
+transaction they are written in: bridge/checkpoint_reset.py).
 
 Nothing is written without --execute: the default is a dry run that prints the before/after
 table. A running bridge keeps its cursors in memory and would overwrite a reset with its next
@@ -33,9 +23,9 @@ commit. How --execute finds one out (bridge/reset_guard.py):
 - the consumer group BRIDGE_GROUP_ID: live members subscribed to this checkpoint topic (every
   running bridge is one, bridge.membership), named (client id, host): refused; a group that
   cannot be described: refused. A bridge that was killed stays listed until the group's session
-  timeout (10 s).
-- the topic: a bridge whose membership failed runs outside the group (it logs
-  bridge.membership.failed). When a checkpoint was written within the last 60 s, the topic is
+  timeout (6 s).
+- the topic: a bridge outside the group the reset asks (another BRIDGE_GROUP_ID) may still
+  write. When a checkpoint was written within the last 60 s, the topic is
   watched for 3 s first: a new checkpoint meanwhile is a bridge writing: refused.
 --force writes anyway. After writing, the topic is watched 3 s more and the group described
 again: a checkpoint of a reset thread written after the reset (a bridge overwrote

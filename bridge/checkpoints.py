@@ -140,11 +140,23 @@ async def _partition_count(admin: AIOKafkaAdminClient, topic: str) -> int:
     """The topic's partitions, once the broker's metadata knows it (a topic created a moment
     ago may be described without them)."""
     while True:
-        (described,) = await admin.describe_topics([topic])
-        count = len(described.get("partitions") or ())
-        if described.get("error_code", 0) == 0 and count:
-            return count
+        partitions = await described_partitions(admin, topic)
+        if partitions:
+            return len(partitions)
         await anyio.sleep(0.2)
+
+
+async def described_partitions(admin: AIOKafkaAdminClient, topic: str) -> list[int] | None:
+    """The topic's partitions, from the admin API (a consumer's own metadata only knows the
+    topics it is assigned); None when there is no such topic. Any other error raises:
+    believing "no checkpoints" by mistake would republish every thread from its start."""
+    (described,) = await admin.describe_topics([topic])
+    code = described.get("error_code", 0)
+    if code == UnknownTopicOrPartitionError.errno:
+        return None
+    if code != 0:
+        raise SinkUnavailable(f"cannot describe the topic {topic}: error {code}")
+    return sorted(p["partition"] for p in described.get("partitions", []))
 
 
 def check_shard_partitions(topic: str, partitions: int) -> None:
@@ -269,17 +281,9 @@ def parse_checkpoint(value: bytes | None) -> Checkpoint | None:
 
 
 async def _partitions(kafka: KafkaSettings, topic: str) -> list[int]:
-    """The topic's partitions, from the admin API (a consumer's own metadata only knows the
-    topics it is assigned). A topic that does not exist has none; any other error raises:
-    believing "no checkpoints" by mistake would republish every thread from its start."""
+    """The topic's partitions; none for a topic that does not exist."""
     async with admin_client(kafka) as admin:
-        (described,) = await admin.describe_topics([topic])
-    code = described.get("error_code", 0)
-    if code == UnknownTopicOrPartitionError.errno:
-        return []
-    if code != 0:
-        raise SinkUnavailable(f"cannot describe {topic!r}: error {code}")
-    return sorted(p["partition"] for p in described.get("partitions", []))
+        return await described_partitions(admin, topic) or []
 
 
 _parse = parse_checkpoint

@@ -256,6 +256,7 @@ class Publisher:
         transactional_id: str | None = None,
         shard: int | None = None,
         stop_timeout_s: float = 10.0,
+        topic_limits: dict[str, int] | None = None,
     ) -> None:
         """``transactional_id``: a transactional producer with that id (exactly_once), else an
         idempotent one; ``shard``: the shard it writes for (it reports nothing to the health
@@ -274,12 +275,17 @@ class Publisher:
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = KeyPartitioner()
         #: Largest record each topic takes (its max.message.bytes), learnt from the broker.
-        self._topic_limits: dict[str, int] = {}
+        self._topic_limits: dict[str, int] = dict(topic_limits or {})
         #: True once everything submitted before close() was published.
         self.drained = False
         self.last_commit = time.monotonic()
 
     # -- the pumps' side -------------------------------------------------------------------
+
+    @property
+    def topic_limits(self) -> dict[str, int]:
+        """Each topic's max.message.bytes, as learnt from the broker at start."""
+        return self._topic_limits
 
     def record_limit(self, topic: str) -> int:
         """The largest record ``topic`` takes: the broker's limit for it, and ours."""
@@ -322,7 +328,7 @@ class Publisher:
         return AIOKafkaProducer(**kwargs)
 
     async def _start_producer(self) -> None:
-        if not self._topic_limits:  # a shard's publisher has them from the member's
+        if not self._topic_limits:  # (a shard's publisher is given the member's)
             self._topic_limits = await topic_record_limits(self._kafka)
         topic = self._kafka.checkpoint_topic
         limit = self._topic_limits.get(topic)

@@ -143,8 +143,8 @@ class ShardedPublisher:
             transactional_id=transactional_id(group, shard),
             shard=shard,
             stop_timeout_s=RELEASE_WITHIN_S,
+            topic_limits=self.member.topic_limits,
         )
-        publisher._topic_limits = dict(self.member._topic_limits)
         state = _Shard(publisher)
         self._shards[shard] = state
         try:

@@ -35,10 +35,10 @@ import certifi
 import httpx
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
+from aiokafka.errors import KafkaError
 
 from bridge.api import QoderApi, RateLimiter
-from bridge.checkpoints import admin_client
+from bridge.checkpoints import admin_client, described_partitions
 from bridge.config import ApiSettings, KafkaSettings, Settings
 from bridge.errors import ApiError, ApiUnavailable, AuthRejected, NotFound, SinkUnavailable
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs
@@ -246,16 +246,11 @@ async def topic_partitions(
     try:
         with anyio.fail_after(timeout_s):
             async with admin_client(kafka) as admin:
-                (described,) = await admin.describe_topics([topic])
+                partitions = await described_partitions(admin, topic)
     except (KafkaError, TimeoutError) as exc:
         cause = describe_kafka_error(exc, kafka.bootstrap_servers)
         raise SinkUnavailable(f"cannot describe the topic {topic}: {cause}") from exc
-    code = described.get("error_code", 0)
-    if code == UnknownTopicOrPartitionError.errno:
-        return None
-    if code != 0:
-        raise SinkUnavailable(f"cannot describe the topic {topic}: error {code}")
-    return sorted(TopicPartition(topic, p["partition"]) for p in described.get("partitions", []))
+    return None if partitions is None else [TopicPartition(topic, p) for p in partitions]
 
 
 async def until_visible(

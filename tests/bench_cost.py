@@ -76,7 +76,7 @@ from tests.bench import (
     table,
 )
 from tests.bridge_harness import TOKEN, BridgeProcess, bridge_env
-from tests.kafka_broker import KafkaTopics, create_topics
+from tests.kafka_broker import KafkaTopics, create_topics, read_topic
 
 PARTITIONS = 6
 #: The bridge's own defaults, written out: tests.bridge_harness.bridge_env sets test values.
@@ -462,33 +462,8 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int = PARTITIONS) 
 
 
 async def checkpoint_keys(bootstrap: str, topic: str) -> int:
-    """Distinct keys in the checkpoint topic (read_committed, to its end as of now)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
-    keys: set[bytes] = set()
-    await consumer.start()
-    try:
-        # Every shard's partition (32 of them).
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic) or {0}
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < ends[tp]:
-                batches = await consumer.getmany(tp, timeout_ms=500)
-                for records in batches.values():
-                    keys.update(r.key for r in records)
-    finally:
-        await consumer.stop()
-    return len(keys)
+    """Distinct keys in the checkpoint topic (read_committed, every shard, to its end now)."""
+    return len({r.key for r in await read_topic(bootstrap, topic)})
 
 
 @dataclass
