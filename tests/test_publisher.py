@@ -59,7 +59,7 @@ async def test_a_failed_batch_gives_its_bytes_back():
         await publisher._budget.acquire(item.size)
     failures = iter([TransactionAborted("broker restarted")])
 
-    async def publish(batch: list[Outgoing]) -> None:
+    async def publish(batch: list[Outgoing], *, alone: bool = False) -> None:
         failure = next(failures, None)
         if failure is not None:
             raise failure

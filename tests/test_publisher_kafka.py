@@ -3,23 +3,28 @@ outcome is unknown, records a topic refuses, topics the bridge may not write."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
 
+from bridge.checkpoints import ensure_topics
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import SinkForbidden
 from bridge.health import HealthState
 from bridge.publisher import Outgoing, Publisher
-from bridge.records import ThreadRef, dead_letter_record
+from bridge.records import Event, ThreadRef, dead_letter_record, event_record
 from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec
-from tests.bridge_harness import deliver_scenario, read_json
+from tests.bridge_harness import bridge_settings, deliver_scenario, read_json
 from tests.kafka_broker import create_topics, read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
@@ -123,7 +128,10 @@ async def test_a_topic_the_bridge_may_not_write_is_fatal_with_its_name():
         async def begin_transaction(self) -> None:
             pass
 
-        async def send(self, *args: Any, **kwargs: Any) -> Any:
+        async def partitions_for(self, topic: str) -> Any:
+            raise TopicAuthorizationFailedError(topic)  # as aiokafka's metadata wait does
+
+        async def send_batch(self, *args: Any, **kwargs: Any) -> Any:
             raise TopicAuthorizationFailedError("qoder.alerts")
 
     publisher._producer = Refusing()  # type: ignore[assignment]
@@ -186,3 +194,55 @@ async def test_a_producer_broken_inside_aiokafka_is_replaced_and_nothing_is_lost
         delivery.summary()
     )
     assert "begin broken" in broken_producers and "commit broken" in broken_producers
+
+
+async def test_a_topic_limit_lowered_while_publishing_names_the_record_too_large(
+    kafka_bootstrap, kafka_topics
+):
+    """Scenario: the events topic takes 1 MB when the publisher starts, then an operator lowers
+    it to 20,000 bytes. The next batch (three 15 KB events and a 30 KB one of one thread, random
+    text that compression cannot shrink: one Kafka batch of 75 KB) is refused whole. Sent again
+    one record a batch, the three reach the topic once, in order, and the 30 KB one is
+    dead-lettered by its id."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await create_topics(
+        kafka_bootstrap,
+        [kafka_topics.events],
+        partitions=3,
+        configs={"max.message.bytes": "1048576"},
+    )
+    await ensure_topics(settings.kafka)
+    health = HealthState()
+    publisher = Publisher(settings, health, transactional_id=f"{kafka_topics.group}-0", shard=0)
+    thread = ThreadRef("sess_limit", "sthr_limit")
+    cursor = ThreadCursor(thread)
+    sizes = {"evt_1": 15_000, "evt_2": 15_000, "evt_3": 30_000, "evt_4": 15_000}
+    async with anyio.create_task_group() as tg:
+        await tg.start(publisher.run)
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            resource = ConfigResource(
+                ConfigResourceType.TOPIC, kafka_topics.events, {"max.message.bytes": "20000"}
+            )
+            await admin.alter_configs([resource])
+        finally:
+            await admin.close()
+        await anyio.sleep(1)  # the broker applies a topic's new config within its metadata round
+        for event_id, size in sizes.items():
+            text = base64.b64encode(os.urandom(size * 3 // 4)).decode()  # zstd cannot shrink it
+            data = json.dumps({"id": event_id, "type": "message", "text": text}).encode()
+            record = event_record(
+                settings.kafka.topic, thread, Event(event_id, "message", data, {})
+            )
+            await publisher.submit(
+                Outgoing(cursor, cursor.epoch, [record], event_id=event_id, event_type="message")
+            )
+            cursor.mark_submitted(cursor.epoch, event_id, moves_cursor=True)
+        publisher.close()
+    assert publisher.drained
+    events = await read_topic(kafka_bootstrap, kafka_topics.events)
+    assert [json.loads(r.value)["id"] for r in events] == ["evt_1", "evt_2", "evt_4"]
+    dead = [json.loads(r.value) for r in await read_topic(kafka_bootstrap, kafka_topics.dlq)]
+    assert [(d["event_id"], d["reason"]) for d in dead] == [("evt_3", "too_large")]
+    assert cursor.committed_id == "evt_4"

@@ -87,7 +87,7 @@ async def test_finding1_a_shard_let_go_with_work_queued_gives_its_budget_back(
     async def stop_producer(self: Publisher) -> None:
         return None
 
-    async def publish(self: Publisher, batch: list[Outgoing]) -> None:
+    async def publish(self: Publisher, batch: list[Outgoing], *, alone: bool = False) -> None:
         if self.shard == lost:
             committing.set()
             await answer.wait()
