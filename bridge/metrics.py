@@ -8,6 +8,7 @@ zero so a rate() works from the first scrape.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable
@@ -388,3 +389,36 @@ def track_checkpoint_age(
         return max(0.0, value) if math.isfinite(value) else math.nan
 
     CHECKPOINT_AGE.set_function(age)
+
+
+class Observations:
+    """A batch's observations of one histogram, counted locally and added once a bucket.
+
+    ``Histogram.observe`` takes two locks an observation (the sum and the bucket), which at
+    thousands of events a second is more than the rest of an event's bookkeeping. The result
+    in the histogram is the same as observing each value (tests/test_metrics_batch.py).
+    """
+
+    __slots__ = ("_bounds", "_counts", "_histogram", "_sum")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._bounds: list[float] = list(histogram._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def add(self, amount: float) -> None:
+        self._sum += amount
+        if amount <= math.inf:  # (NaN falls in no bucket, as with observe)
+            self._counts[bisect.bisect_left(self._bounds, amount)] += 1
+
+    def flush(self) -> None:
+        """Into the histogram; the local counts start again from zero."""
+        buckets = self._histogram._buckets
+        for i, count in enumerate(self._counts):
+            if count:
+                buckets[i].inc(count)
+                self._counts[i] = 0
+        if self._sum:
+            self._histogram._sum.inc(self._sum)
+            self._sum = 0.0
