@@ -154,7 +154,7 @@ _RAW_PAGE = msgspec.json.Decoder(_RawPage)
 _ITEM = msgspec.json.Decoder(dict[str, Any])
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RawItem:
     """A list item decoded, with its exact bytes on the page: they pass through unchanged."""
 

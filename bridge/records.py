@@ -53,9 +53,12 @@ class ThreadRef:
         return f"/sessions/{self.session_id}/threads/{self.thread_id}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One buffered Qoder event: its exact bytes and the parsed fields the bridge looks at."""
+    """One buffered Qoder event: its exact bytes and the parsed fields the bridge looks at.
+
+    Not frozen, as Record and RawItem: a frozen dataclass sets each field through
+    ``object.__setattr__``, four times slower, and these are made for every event."""
 
     id: str
     type: str
@@ -95,7 +98,7 @@ REJECTION_MESSAGES = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     topic: str
     key: bytes
@@ -110,7 +113,7 @@ class Record:
     def __post_init__(self) -> None:
         if self.size < 0:
             size = len(self.key) + len(self.value) + sum(len(k) + len(v) for k, v in self.headers)
-            object.__setattr__(self, "size", size)
+            self.size = size
 
 
 def _now() -> str:
