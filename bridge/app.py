@@ -36,6 +36,7 @@ from bridge.checkpoints import ensure_topics
 from bridge.config import Settings
 from bridge.errors import ConfigError, ProducerFenced, SinkForbidden, SinkUnavailable
 from bridge.health import HealthState, serve_http
+from bridge.http_pool import use_cheap_idle_check
 from bridge.kafka_watch import watch_kafka
 from bridge.ownership import ShardAssignor, keep_ownership
 from bridge.secrets import TokenProvider
@@ -52,6 +53,16 @@ _E = TypeVar("_E", bound=BaseException)
 #: (twice as many slots, so an uneven hash never makes a stream wait for a slot).
 JSON_POOL_SIZE = 64
 STREAMS_PER_POOL = 128
+
+
+def _json_client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
+    """The client of JSON requests: ``_client``'s, its pool's idle check made cheap."""
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=min(connections, 16)
+    )
+    transport = httpx.AsyncHTTPTransport(verify=tls, limits=limits, trust_env=False)
+    use_cheap_idle_check(transport)
+    return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False)
 
 
 def _client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
@@ -150,7 +161,7 @@ class Bridge:
         # One TLS context for every pool: each would otherwise load the CA bundle (~0.7 MiB).
         tls = ssl.create_default_context(cafile=certifi.where())
         async with AsyncExitStack() as stack:
-            client = await stack.enter_async_context(_client(JSON_POOL_SIZE, tls))
+            client = await stack.enter_async_context(_json_client(JSON_POOL_SIZE, tls))
             shards = max(1, -(-settings.api.max_streams // STREAMS_PER_POOL))
             stream_clients = [
                 await stack.enter_async_context(_client(2 * STREAMS_PER_POOL, tls))
