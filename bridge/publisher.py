@@ -436,9 +436,16 @@ class Publisher:
     async def _collect_more(self, batch: list[Outgoing], count: int) -> list[Outgoing]:
         """What else comes within the window: it sleeps once and takes what is queued, instead
         of waking for every item (at thousands of events a second, a timeout and a task switch
-        each cost more than the item's own work)."""
-        window = self._delivery.commit_interval_ms / 1000 if self._transactional else 0.005
-        deadline = anyio.current_time() + window
+        each cost more than the item's own work).
+
+        A transaction's window is ``commit_interval_ms`` from the moment its first event was
+        read, not from when the publisher got to it: an event that came while the last
+        transaction committed waits the interval, not the interval and that commit.
+        """
+        if self._transactional:
+            deadline = batch[0].read_at + self._delivery.commit_interval_ms / 1000
+        else:
+            deadline = anyio.current_time() + 0.005
         limit = self._delivery.batch_max_records
         while count < limit:
             try:
@@ -577,8 +584,11 @@ class Publisher:
             with anyio.fail_after(budget_s):
                 if self._transactional:
                     await producer.begin_transaction()
-                    await self._send_all(producer, records, alone=alone)
-                    done = await self._send_checkpoints(producer, checkpoints, alone=alone)
+                    # One round: the checkpoints need not wait for the events' acknowledgements
+                    # (read_committed sees all of the transaction or none of it).
+                    done = await self._send_checkpoints(
+                        producer, checkpoints, alone=alone, events=records
+                    )
                     if done:
                         marker = (TopicPartition(done[0].topic, done[0].partition), done[0].offset)
                     committing = True
@@ -600,20 +610,30 @@ class Publisher:
             raise SinkUnavailable(f"the producer broke: {exc!r}") from exc
 
     async def _send_checkpoints(
-        self, producer: AIOKafkaProducer, checkpoints: list[Record], *, alone: bool = False
+        self,
+        producer: AIOKafkaProducer,
+        checkpoints: list[Record],
+        *,
+        alone: bool = False,
+        events: list[Record] | None = None,
     ) -> list[Any]:
+        """Send the checkpoints (after ``events``, in the same round); returns the metadata of
+        the checkpoints' batches, the first checkpoint's first."""
+        topic = self._kafka.checkpoint_topic
         try:
-            return await self._send_all(producer, checkpoints, alone=alone)
+            done = await self._send_all(producer, [*(events or ()), *checkpoints], alone=alone)
         except RecordsRejected as exc:
+            if not any(id(r) in exc.records for r in checkpoints):
+                raise
             # Nothing can be committed without them: an operator must raise the topic's limit.
             largest = max(r.size for r in checkpoints)
-            topic = self._kafka.checkpoint_topic
             limit = self._topic_limits.get(topic)
             raise SinkForbidden(
                 f"the checkpoint topic {topic} refuses checkpoints of up to {largest} bytes "
                 f"(its max.message.bytes is {limit}): raise it (BRIDGE_CHECKPOINT_TOPIC_CONFIG "
                 "or the topic's config) to 64 KiB or more"
             ) from exc
+        return [metadata for metadata in done if metadata.topic == topic]
 
     async def _send_all(
         self, producer: AIOKafkaProducer, records: list[Record], *, alone: bool = False
