@@ -438,14 +438,12 @@ class Publisher:
         of waking for every item (at thousands of events a second, a timeout and a task switch
         each cost more than the item's own work).
 
-        A transaction's window is ``commit_interval_ms`` from the moment its first event was
-        read, not from when the publisher got to it: an event that came while the last
-        transaction committed waits the interval, not the interval and that commit.
+        The window (a transaction's ``commit_interval_ms``, else 5 ms) counts from the moment
+        its first item was read, not from when the publisher got to it: an event that came
+        while the last batch was being published does not wait that and then a whole window.
         """
-        if self._transactional:
-            deadline = batch[0].read_at + self._delivery.commit_interval_ms / 1000
-        else:
-            deadline = anyio.current_time() + 0.005
+        window = self._delivery.commit_interval_ms / 1000 if self._transactional else 0.005
+        deadline = batch[0].read_at + window
         limit = self._delivery.batch_max_records
         while count < limit:
             try:
