@@ -700,7 +700,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar(
         "BRIDGE_COMMIT_INTERVAL_MS",
         "delivery.commit_interval_ms",
-        "how often a transaction is committed / checkpoints are written",
+        "a transaction (exactly_once, and replays) commits this long after its first event "
+        "was read, then its commit round trip",
         _int(1),
     ),
     EnvVar(
