@@ -33,6 +33,7 @@ from aiokafka.errors import (
     KafkaError,
     KafkaTimeoutError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     RecordTooLargeError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
@@ -235,8 +236,13 @@ class PublisherClosed(Exception):
 
 
 class BatchTooLarge(SinkError):
-    """Kafka refused a batch of several records for its size: sent again one record a batch,
-    the refusal names the record."""
+    """Kafka refused a batch of several records for its size: the topic's limit is read again
+    and the batch sent again (one record a batch if the limit did not change), so that a
+    refusal names its record."""
+
+    def __init__(self, message: str, written: set[int]) -> None:
+        super().__init__(message)
+        self.written = written  # id() of each Record Kafka acknowledged in the same round
 
 
 class CommitOutcomeUnknown(SinkError):
@@ -252,9 +258,12 @@ class RecordsRejected(SinkError):
     """The broker refused records for what they are (too large for the topic): retrying the
     same records can never succeed."""
 
-    def __init__(self, message: str, records: set[int]) -> None:
+    def __init__(self, message: str, records: set[int], written: set[int] | None = None) -> None:
         super().__init__(message)
         self.records = records  # id() of each refused Record
+        #: id() of each Record Kafka acknowledged in the same round: at_least_once does not send
+        #: them again (a transaction's are aborted with it, and are).
+        self.written = written or set()
 
 
 class Publisher:
@@ -285,6 +294,8 @@ class Publisher:
         self._send, self._recv = anyio.create_memory_object_stream[Outgoing](math.inf)
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = KeyPartitioner()
+        #: The collection window's sleep, which close() ends.
+        self._window: anyio.CancelScope | None = None
         self._latencies = metrics.Observations(metrics.PUBLISH_LATENCY)
         self._lags = metrics.Observations(metrics.END_TO_END_LAG)
         #: Largest record each topic takes (its max.message.bytes), learnt from the broker.
@@ -320,6 +331,8 @@ class Publisher:
     def close(self) -> None:
         """No more work will come: the loop publishes what is queued, then returns."""
         self._send.close()
+        if self._window is not None:
+            self._window.cancel()  # what is queued goes now, not at the window's end
 
     # -- the producer's side ---------------------------------------------------------------
 
@@ -449,10 +462,11 @@ class Publisher:
             try:
                 item = self._recv.receive_nowait()
             except anyio.WouldBlock:
-                remaining = deadline - anyio.current_time()
-                if remaining <= 0:
+                if deadline <= anyio.current_time():
                     break
-                await anyio.sleep(remaining)
+                with anyio.CancelScope(deadline=deadline) as self._window:
+                    await anyio.sleep_forever()
+                self._window = None
                 continue
             except anyio.EndOfStream:
                 break
@@ -478,12 +492,16 @@ class Publisher:
                     # Not the batch's fault: the refused records become dead letters (small
                     # ones), everything else is published as it is. Nothing is read again.
                     log.warning("bridge.publisher.records_rejected", error=str(exc))
-                    batch = [self._dead_lettered(item, exc.records) for item in live]
+                    written = set() if self._transactional else exc.written
+                    batch = [self._dead_lettered(item, exc.records, written) for item in live]
                     await self._restart_producer(delay)
                 except BatchTooLarge as exc:
-                    # Which record is too large for the topic's limit now? Alone, each says.
+                    # A topic's limit was lowered while we run: learn it, and batches fit again;
+                    # if it did not change, one record a batch names the record too large.
                     log.warning("bridge.publisher.batch_too_large", error=str(exc))
-                    alone = True
+                    if not self._transactional:
+                        batch = [self._dead_lettered(item, set(), exc.written) for item in live]
+                    alone = not await self._relearn_limits()
                     await self._restart_producer(delay)
                 except CommitOutcomeUnknown as exc:
                     log.warning("bridge.publisher.commit_outcome_unknown", error=str(exc))
@@ -534,11 +552,30 @@ class Publisher:
                 log.warning("bridge.publisher.commit_outcome_unknown", error=str(error))
                 await anyio.sleep(1.0)
 
-    def _dead_lettered(self, item: Outgoing, refused: set[int]) -> Outgoing:
-        if not any(id(r) in refused for r in item.records):
+    async def _relearn_limits(self) -> bool:
+        """Read the topics' limits again; True if one changed (the next producer's batches
+        fit them)."""
+        try:
+            limits = await topic_record_limits(self._kafka)
+        except SinkError as exc:
+            log.warning("bridge.publisher.limits_unread", error=str(exc))
+            return False
+        changed = limits != self._topic_limits
+        self._topic_limits = limits
+        return changed
+
+    def _dead_lettered(
+        self, item: Outgoing, refused: set[int], written: set[int] | None = None
+    ) -> Outgoing:
+        """The item without what Kafka already has (``written``) and with a dead letter for
+        each ``refused`` record."""
+        written = written or set()
+        if not any(id(r) in refused or id(r) in written for r in item.records):
             return item
         records = []
         for record in item.records:
+            if id(record) in written:
+                continue
             if id(record) not in refused:
                 records.append(record)
             elif item.cursor is not None and record.topic != self._kafka.dlq_topic:
@@ -555,7 +592,8 @@ class Publisher:
                 )
             # else: a dead letter or a bridge alert the broker refuses even small: dropped,
             # with the warning above; the event it names stays readable through the API.
-        metrics.DLQ_RECORDS.labels(reason="too_large").inc()
+        if any(id(r) in refused for r in item.records):
+            metrics.DLQ_RECORDS.labels(reason="too_large").inc()
         return Outgoing(
             item.cursor,
             item.epoch,
@@ -641,12 +679,10 @@ class Publisher:
 
         aiokafka's batch API: ``send()`` makes, resolves and awaits a future and a metadata
         object per record, about a third of what a record cost the bridge in all; a batch has
-        one. A record Kafka refuses for its size, alone in its batch, is named
-        (``RecordsRejected``); a larger batch refused for size (a topic's limit lowered while we
-        run) raises ``BatchTooLarge``, and ``alone`` then sends one record a batch.
+        one. ``alone``: one record a batch. A record Kafka refuses for its size, alone in its
+        batch, is named (``RecordsRejected``); a larger batch refused for size (a topic's limit
+        lowered while we run) raises ``BatchTooLarge``. Either says which records Kafka has.
         """
-        if alone:
-            return await self._send_alone(producer, records)
         groups: dict[tuple[str, int], list[Record]] = {}
         known: dict[str, list[int]] = {}
         for record in records:
@@ -663,7 +699,7 @@ class Publisher:
             batch: Any = producer.create_batch()
             members: list[Record] = []
             for record in group:
-                if members and _append(batch, record):
+                if members and not alone and _append(batch, record):
                     members.append(record)
                     continue
                 if members:  # full: send it, and start the next
@@ -675,6 +711,7 @@ class Publisher:
                 members.append(record)
             sent.append((await producer.send_batch(batch, topic, partition=partition), members))
         results: list[Any] = []
+        written: set[int] = set()
         refused: set[int] = set()
         too_large: list[int] = []
         failures: list[BaseException] = []
@@ -688,32 +725,21 @@ class Publisher:
                     too_large.append(len(members))
             except Exception as exc:
                 failures.append(exc)
-        # A refusal for size first: the batches after it on its partition fail for it
-        # (OutOfOrderSequenceNumber), and would again, however often the batch is retried.
-        if too_large:
-            raise BatchTooLarge(f"Kafka refused a batch of {too_large[0]} records as too large")
-        if refused:
-            raise RecordsRejected(f"Kafka refused {len(refused)} record(s) as too large", refused)
+            else:
+                written.update(id(r) for r in members)
+        if refused or too_large:
+            # The batches after a refused one on its partition fail for it (their sequence
+            # numbers follow one the broker never stored): those failures are its, and go
+            # with it. Any other failure (a fence above all) is not, and is raised.
+            failures = [f for f in failures if not isinstance(f, OutOfOrderSequenceNumber)]
         if failures:
             raise failures[0]
-        return results
-
-    async def _send_alone(self, producer: AIOKafkaProducer, records: list[Record]) -> list[Any]:
-        """One record a batch, each acknowledged before the next: the first that Kafka refuses
-        for its size is named, and nothing after it was sent (it would fail for it)."""
-        results: list[Any] = []
-        for record in records:
-            batch: Any = producer.create_batch()
-            _append(batch, record)
-            partition = record.partition
-            if partition is None:
-                partitions = sorted(await producer.partitions_for(record.topic))
-                partition = self._partitioner(record.key, partitions, partitions)
-            ack = await producer.send_batch(batch, record.topic, partition=partition)
-            try:
-                results.append(await ack)
-            except (MessageSizeTooLargeError, RecordTooLargeError):
-                raise RecordsRejected("Kafka refused a record as too large", {id(record)}) from None
+        if too_large:
+            message = f"Kafka refused a batch of {too_large[0]} records as too large"
+            raise BatchTooLarge(message, written)
+        if refused:
+            message = f"Kafka refused {len(refused)} record(s) as too large"
+            raise RecordsRejected(message, refused, written)
         return results
 
     def _checkpoints(self, batch: list[Outgoing]) -> list[Record]:

@@ -3,6 +3,7 @@ outcome is unknown, records a topic refuses, topics the bridge may not write."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -14,7 +15,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaTimeoutError, TopicAuthorizationFailedError
+from aiokafka.errors import (
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    TopicAuthorizationFailedError,
+)
+from aiokafka.errors import ProducerFenced as KafkaProducerFenced
 
 from bridge.checkpoints import ensure_topics
 from bridge.config import Settings
@@ -246,3 +252,37 @@ async def test_a_topic_limit_lowered_while_publishing_names_the_record_too_large
     dead = [json.loads(r.value) for r in await read_topic(kafka_bootstrap, kafka_topics.dlq)]
     assert [(d["event_id"], d["reason"]) for d in dead] == [("evt_3", "too_large")]
     assert cursor.committed_id == "evt_4"
+
+
+async def test_a_fence_in_the_same_round_as_a_size_refusal_is_not_masked_by_it():
+    """One round, two partitions: Kafka refuses a record for its size on one, and fences the
+    producer on the other. The fence is what the publisher reports (a restart would take the
+    transactional id back from the member that now owns the shard), not the refusal."""
+    publisher = Publisher(Settings(), HealthState(), transactional_id="t-0", shard=0)
+    loop = asyncio.get_running_loop()
+    answers = iter([MessageSizeTooLargeError(), KafkaProducerFenced()])
+
+    class Batch:
+        def append(self, **_: Any) -> object:
+            return object()
+
+    class Producer:
+        async def partitions_for(self, topic: str) -> set[int]:
+            return {0, 1, 2}
+
+        def create_batch(self) -> Batch:
+            return Batch()
+
+        async def send_batch(self, *_: Any, **__: Any) -> asyncio.Future[Any]:
+            future = loop.create_future()
+            future.set_exception(next(answers))
+            return future
+
+    records = [
+        event_record("events", ThreadRef("sess_a", f"sthr_{n}"), Event(f"e{n}", "m", b"{}", {}))
+        for n in (1, 2)
+    ]
+    places = {publisher._partitioner(r.key, [0, 1, 2], [0, 1, 2]) for r in records}
+    assert len(places) == 2  # two batches, one answer each
+    with pytest.raises(KafkaProducerFenced):
+        await publisher._send_all(Producer(), records)  # type: ignore[arg-type]

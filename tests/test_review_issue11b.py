@@ -1,8 +1,9 @@
 """Review of issue 11's per-core work (7e47eed..3b9f0ae): the publisher's batch API, the
 collection window counted from the first read, one send round a transaction.
 
-Each test is a finding, marked ``xfail(strict=True)`` until it is fixed: it asserts what a user
-checks (the records in the topic, counted, in order) against the real broker fixture.
+Each test is a finding, marked ``xfail(strict=True)`` until it was fixed (all three are): it
+asserts what a user checks (the records in the topic, counted, in order) against the real
+broker fixture.
 """
 
 from __future__ import annotations
@@ -69,12 +70,6 @@ def _session_in(shard: int) -> str:
 # -- finding 1: at_least_once, a record refused in "alone" mode re-sends every one before it --
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_send_alone acknowledges each record before the next, raises at the first refused "
-    "one, and the retry sends the batch again from its start: with at_least_once the records "
-    "acknowledged before the refused one are in the topic twice (no crash)",
-)
 async def test_finding1_at_least_once_a_lowered_limit_publishes_each_event_once(
     kafka_bootstrap, kafka_topics
 ):
@@ -120,13 +115,6 @@ async def test_finding1_at_least_once_a_lowered_limit_publishes_each_event_once(
 # -- finding 2: a lowered limit makes every batch one round trip a record, forever -------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after BatchTooLarge the batch is sent one record a round trip inside one "
-    "transaction budget; the topic's limit is never learnt again, so a batch of n records "
-    "whose n round trips exceed BRIDGE_TRANSACTION_TIMEOUT_MS is rewound, read again and "
-    "fails the same way: nothing of its threads is ever published",
-)
 async def test_finding2_a_lowered_limit_does_not_stop_a_full_batch_forever(
     kafka_bootstrap, kafka_topics
 ):
@@ -193,12 +181,6 @@ async def test_finding2_a_lowered_limit_does_not_stop_a_full_batch_forever(
 # -- finding 3: close() no longer ends the collection window: a release aborts what it held ---
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_collect_more sleeps until the first item's read_at + commit_interval_ms and does "
-    "not wake on close(): with BRIDGE_COMMIT_INTERVAL_MS >= RELEASE_WITHIN_S (2 s) every shard "
-    "release gives up and cancels its publisher instead of committing what it holds",
-)
 async def test_finding3_a_released_shard_commits_what_it_holds(kafka_bootstrap, kafka_topics):
     """Scenario: exactly_once, BRIDGE_COMMIT_INTERVAL_MS=5000 (a transaction every 5 s: fewer,
     larger transactions). The member owns shard s; a pump submits one event of a session in s;
