@@ -40,6 +40,7 @@ from bridge.ownership import ShardAssignor, keep_ownership
 from bridge.secrets import TokenProvider
 from bridge.sharding import ShardedPublisher, ShardManager
 from bridge.status import StatusView
+from bridge.stream_transport import StreamTransport
 from bridge.summary import log_summary
 from bridge.supervisor import Supervisor
 
@@ -47,10 +48,8 @@ log = structlog.get_logger("bridge.app")
 
 EXIT_OK, EXIT_FATAL = 0, 1
 _E = TypeVar("_E", bound=BaseException)
-#: JSON requests get a pool of their own; streams are spread over pools of about this many
-#: (twice as many slots, so an uneven hash never makes a stream wait for a slot).
+#: JSON requests get a pool of their own; streams need none (see _stream_client).
 JSON_POOL_SIZE = 64
-STREAMS_PER_POOL = 128
 
 
 def _client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
@@ -58,6 +57,15 @@ def _client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
         max_connections=connections, max_keepalive_connections=min(connections, 16)
     )
     return httpx.AsyncClient(limits=limits, verify=tls, follow_redirects=False, trust_env=False)
+
+
+def _stream_client(tls: ssl.SSLContext) -> httpx.AsyncClient:
+    """Event streams: a connection each for as long as it lives, so no pool (httpcore's scans
+    every connection on each request) and none of httpcore's per-connection and per-read
+    layers, which an idle stream would hold for hours (issue 11: memory per idle stream)."""
+    return httpx.AsyncClient(
+        transport=StreamTransport(tls), follow_redirects=False, trust_env=False
+    )
 
 
 class Bridge:
@@ -150,11 +158,7 @@ class Bridge:
         tls = ssl.create_default_context(cafile=certifi.where())
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(_client(JSON_POOL_SIZE, tls))
-            shards = max(1, -(-settings.api.max_streams // STREAMS_PER_POOL))
-            stream_clients = [
-                await stack.enter_async_context(_client(2 * STREAMS_PER_POOL, tls))
-                for _ in range(shards)
-            ]
+            stream_clients = [await stack.enter_async_context(_stream_client(tls))]
             limiter = RateLimiter(settings.api.max_requests_per_s)
             api = QoderApi(
                 client,
