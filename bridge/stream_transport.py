@@ -32,6 +32,7 @@ once, without awaiting anything, so it completes even inside a cancelled scope.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 from typing import Any, cast
 
@@ -189,6 +190,8 @@ class Connection(asyncio.Protocol):
 
     async def _response(self) -> h11.Response:
         while True:
+            if self._closed:
+                raise httpx.ReadError("the connection was closed before the response came")
             event = self._next_event()
             if event is None:
                 waiter = self._arm()
@@ -281,6 +284,14 @@ class _Body(httpx.AsyncByteStream):
         self._connection.close()
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def body_of(response: httpx.Response) -> Connection | None:
     """The :class:`Connection` behind a response this transport answered (None for any other):
     its body can be read from it directly, and the response let go."""
@@ -318,7 +329,9 @@ class StreamTransport(httpx.AsyncBaseTransport):
                     port,
                     ssl=tls,
                     server_hostname=host if tls is not None else None,
-                    happy_eyeballs_delay=0.25,  # as anyio's connect_tcp under httpcore
+                    # Several addresses of a name are raced, as anyio's connect_tcp does under
+                    # httpcore; an address has nothing to race (and asyncio would make a task).
+                    happy_eyeballs_delay=None if _is_address(host) else 0.25,
                 )
         except TimeoutError as exc:
             connection.close()
