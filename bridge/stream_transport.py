@@ -21,7 +21,8 @@ What it keeps of httpx's behaviour, as the bridge relies on it:
 - bodies framed by ``Transfer-Encoding: chunked``, ``Content-Length`` or the connection's end;
   a complete body ends the iteration (``StopAsyncIteration``) and closes the connection;
 - TLS with the given ``ssl.SSLContext`` for https (the URL's host as server name), plain TCP
-  for http;
+  for http. TLS runs on ``ssl.MemoryBIO`` as anyio's does, not on asyncio's SSL transport,
+  which gives every connection a 256 KiB read buffer (305 KiB a stream against httpx's 54);
 - backpressure: at most about ``HIGH_WATER`` bytes wait unread before the socket stops being
   read; it is read again once the reader takes them.
 
@@ -42,6 +43,8 @@ import httpx
 
 #: Unread bytes past which the socket is no longer read (resumed once the reader takes them).
 HIGH_WATER = 256 * 1024
+#: The most plaintext one TLS record holds: what one read of the TLS object asks for.
+TLS_RECORD_BYTES = 16 * 1024
 #: The largest status line and headers accepted (httpcore's own bound).
 MAX_HEAD_BYTES = 100 * 1024
 #: The key under which a response carries its :class:`Connection` (see :func:`body_of`).
@@ -69,6 +72,7 @@ class Connection(asyncio.Protocol):
         "_stalled",
         "_timeout",
         "_timer",
+        "_tls",
         "_transport",
         "_waiter",
     )
@@ -88,6 +92,7 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._stalled = False
+        self._tls: _Tls | None = None
 
     # -- asyncio.Protocol: called by the loop ---------------------------------------------------
 
@@ -95,12 +100,21 @@ class Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None:
+            self._take(data)
+        else:
+            tls.incoming.write(data)
+            if tls.open:
+                self._decrypt(tls)
+        self._wake()
+
+    def _take(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
             self._paused = True
             self._transport.pause_reading()
-        self._wake()
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -245,6 +259,65 @@ class Connection(asyncio.Protocol):
     async def aclose(self) -> None:
         self.close()  # no await: it completes even in a cancelled scope
 
+    # -- TLS -----------------------------------------------------------------------------------
+    # On memory BIOs, as anyio does: asyncio's own SSL transport reads into a 256 KiB buffer of
+    # its own, which every open stream would hold.
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """The TLS handshake; its errors are ``ssl.SSLError``/``OSError`` (a refused
+        certificate among them), for the caller to report as a connect error."""
+        tls = self._tls = _Tls(context, server_hostname)
+        while True:
+            try:
+                tls.object.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush(tls)
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                raise ConnectionResetError("the server closed the connection in the TLS handshake")
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter  # bounded by the connect timeout, not the read timeout
+            finally:
+                self._waiter = None
+        self._flush(tls)
+        tls.open = True
+        self._decrypt(tls)  # what came with the handshake's last bytes
+
+    def _decrypt(self, tls: _Tls) -> None:
+        while True:
+            try:
+                data = tls.object.read(TLS_RECORD_BYTES)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # close_notify: the end of the stream
+                self._eof = True
+                break
+            except ssl.SSLError as exc:
+                self._error = exc
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            if not data:
+                self._eof = True
+                break
+            self._take(data)
+        self._flush(tls)  # a post-handshake message may want an answer
+
+    def _flush(self, tls: _Tls) -> None:
+        if tls.outgoing.pending and self._transport is not None:
+            self._transport.write(tls.outgoing.read())
+
+    def _write(self, transport: asyncio.Transport, data: bytes) -> None:
+        tls = self._tls
+        if tls is None:
+            transport.write(data)
+        else:
+            tls.object.write(data)
+            self._flush(tls)
+
     # -- the request ---------------------------------------------------------------------------
 
     async def send(self, request: httpx.Request) -> h11.Response:
@@ -263,10 +336,28 @@ class Connection(asyncio.Protocol):
             out.append(self._h11.send(h11.EndOfMessage()))
         except h11.LocalProtocolError as exc:
             raise httpx.LocalProtocolError(str(exc)) from exc
-        if self._transport is None or self._transport.is_closing():
+        transport = self._transport
+        if transport is None or transport.is_closing():
             raise httpx.WriteError("the connection closed before the request was sent")
-        self._transport.write(b"".join(b for b in out if b))
+        try:
+            self._write(transport, b"".join(b for b in out if b))
+        except ssl.SSLError as exc:
+            raise httpx.WriteError(str(exc)) from exc
         return await self._response()
+
+
+class _Tls:
+    """A connection's TLS state: OpenSSL's object between two memory BIOs."""
+
+    __slots__ = ("incoming", "object", "open", "outgoing")
+
+    def __init__(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.object = context.wrap_bio(
+            self.incoming, self.outgoing, server_side=False, server_hostname=server_hostname
+        )
+        self.open = False  # handshake done
 
 
 class _Body(httpx.AsyncByteStream):
@@ -327,12 +418,12 @@ class StreamTransport(httpx.AsyncBaseTransport):
                     lambda: connection,
                     host,
                     port,
-                    ssl=tls,
-                    server_hostname=host if tls is not None else None,
                     # Several addresses of a name are raced, as anyio's connect_tcp does under
                     # httpcore; an address has nothing to race (and asyncio would make a task).
                     happy_eyeballs_delay=None if _is_address(host) else 0.25,
                 )
+                if tls is not None:
+                    await connection.start_tls(tls, host)
         except TimeoutError as exc:
             connection.close()
             raise httpx.ConnectTimeout(f"no connection within {timeout.get('connect')} s") from exc
