@@ -675,11 +675,15 @@ async def test_frames_of_megabytes_arrive_whole_or_as_counted_dead_letters(
     assert got[2].data == b'{"id":"evt_3"}'
 
 
-async def test_a_reader_that_stops_reading_stops_the_socket_being_read() -> None:
-    """Scenario: the server pushes a 64 MiB body into a reader that takes 1 MiB and then stops
-    (Kafka away): the transport stops reading the socket with at most HIGH_WATER plus one
-    socket read held, so the server is held back (its writes wait) instead of the bridge's
-    memory growing; once read again, every byte arrives in order."""
+@pytest.mark.parametrize("secure", [False, True], ids=["http", "https"])
+async def test_a_reader_that_stops_reading_stops_the_socket_being_read(
+    secure: bool, request: pytest.FixtureRequest
+) -> None:
+    """Scenario, plain and over TLS: the server pushes a 64 MiB body into a reader that takes
+    1 MiB and then stops (Kafka away): the transport stops reading the socket with at most
+    HIGH_WATER plus one socket read held, so the server is held back (its writes wait) instead
+    of the bridge's memory growing; once read again, every byte arrives in order."""
+    pki: KafkaPki | None = request.getfixturevalue("kafka_pki") if secure else None
     total, piece = 64 * MiB, bytes(range(256)) * 4096  # 1 MiB
 
     async def script(
@@ -691,12 +695,13 @@ async def test_a_reader_that_stops_reading_stops_the_socket_being_read() -> None
             await writer.drain()
             served.sent += len(piece)
 
+    tls = ssl.create_default_context(cafile=pki.ca) if pki else None
     async with (
-        serving(script) as served,
-        httpx.AsyncClient(transport=StreamTransport(), trust_env=False) as client,
+        serving(script, tls=server_tls(pki) if pki else None) as served,
+        httpx.AsyncClient(transport=StreamTransport(tls), trust_env=False) as client,
     ):
-        request = client.build_request("GET", served.url, timeout=httpx.Timeout(10))
-        response = await client.send(request, stream=True)
+        get = client.build_request("GET", served.url, timeout=httpx.Timeout(10))
+        response = await client.send(get, stream=True)
         body = body_of(response)
         assert body is not None
         try:
