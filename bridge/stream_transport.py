@@ -424,9 +424,11 @@ class StreamTransport(httpx.AsyncBaseTransport):
                 )
                 if tls is not None:
                     await connection.start_tls(tls, host)
-        except TimeoutError as exc:
+        except TimeoutError as exc:  # the connect timeout, or the system's (ETIMEDOUT)
             connection.close()
-            raise httpx.ConnectTimeout(f"no connection within {timeout.get('connect')} s") from exc
+            limit = timeout.get("connect")
+            message = f"no connection within {limit:g} s" if limit is not None else str(exc)
+            raise httpx.ConnectTimeout(message) from exc
         except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
             connection.close()
             raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
