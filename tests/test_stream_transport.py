@@ -125,6 +125,7 @@ async def stream_api(
     stall_timeout_s: float = 10.0,
     tls: ssl.SSLContext | None = None,
     max_event_bytes: int = 1 * MiB,
+    request_timeout_s: float = 10.0,
 ) -> AsyncIterator[QoderApi]:
     """The API as the daemon builds it: JSON requests on httpx's pool, streams on the stream
     transport."""
@@ -139,7 +140,7 @@ async def stream_api(
             lambda: "pt-test",
             RateLimiter(1000),
             stall_timeout_s=stall_timeout_s,
-            request_timeout_s=10,
+            request_timeout_s=request_timeout_s,
             max_event_bytes=max_event_bytes,
         )
 
@@ -370,6 +371,30 @@ async def test_a_refused_connection_is_a_refused_stream() -> None:
     async with stream_api(f"http://127.0.0.1:{port}/api/v1/cloud") as api:
         with pytest.raises(StreamRefused, match="ConnectError"):
             await read_frames(api)
+
+
+async def test_a_server_that_accepts_no_connection_is_a_refused_stream() -> None:
+    """Scenario: the server's accept queue is full, so the connection never completes: after
+    the connect timeout (the request timeout, 0.5 s here) the stream is StreamRefused, naming
+    the ConnectTimeout, and nothing is left open."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        queued = [socket.socket() for _ in range(3)]
+        try:
+            for sock in queued:
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+            url = f"http://127.0.0.1:{port}/api/v1/cloud"
+            async with stream_api(url, request_timeout_s=0.5) as api:
+                with pytest.raises(
+                    StreamRefused, match=r"ConnectTimeout: no connection within 0\.5 s"
+                ):
+                    await read_frames(api)
+        finally:
+            for sock in queued:
+                sock.close()
 
 
 # -- cancellation ----------------------------------------------------------------------------------
