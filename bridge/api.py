@@ -40,6 +40,7 @@ from bridge.errors import (
 )
 from bridge.records import Event, Rejected, ThreadRef, canonical_json
 from bridge.sse import EXCERPT_BYTES, Frame, FrameDecoder
+from bridge.stream_transport import Connection, body_of
 
 log = structlog.get_logger("bridge.api")
 
@@ -534,8 +535,8 @@ class QoderApi:
         json_in_flight: int = 64,
     ) -> None:
         self._client = client
-        # httpcore scans its whole pool on every request: thousands of streams in one pool
-        # make every request slow. Streams are spread over small pools by a stable hash.
+        # Streams go through their own clients (the daemon gives one, on the stream
+        # transport); where there are several, a stream's path picks one by a stable hash.
         self._stream_clients = stream_clients
         self._base = base_url.rstrip("/")
         self._token = token
@@ -812,15 +813,22 @@ class _Frames:
     task group here: it only decodes and translates.
     """
 
-    __slots__ = ("_chunks", "_decoder", "_path", "_ready", "_response")
+    __slots__ = ("_chunks", "_closer", "_decoder", "_path", "_ready")
 
     def __init__(self, response: httpx.Response, path: str, max_frame_bytes: int) -> None:
-        self._response = response
         encoding = response.headers.get("content-encoding", "").strip().lower()
-        if encoding in ("", "identity") and isinstance(response.stream, httpx.AsyncByteStream):
+        plain = encoding in ("", "identity")
+        body = body_of(response)
+        self._closer: httpx.Response | Connection = response
+        if plain and body is not None:
+            # The stream transport's connection is the body itself: the response, its request,
+            # headers and URL are let go (issue 11: memory per idle stream).
+            self._chunks: AsyncIterator[bytes] = body
+            self._closer = body
+        elif plain and isinstance(response.stream, httpx.AsyncByteStream):
             # Nothing to decode: the transport's own iterator, without the two generators and
             # two context managers of aiter_bytes() that each idle stream would hold.
-            self._chunks: AsyncIterator[bytes] = aiter(response.stream)
+            self._chunks = aiter(response.stream)
         else:
             self._chunks = response.aiter_bytes()
         self._decoder = FrameDecoder(max_frame_bytes)
@@ -846,7 +854,7 @@ class _Frames:
         return self._ready.pop()
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        await self._closer.aclose()
 
 
 class _OpenStream:

@@ -42,6 +42,7 @@ from bridge.ownership import ShardAssignor, keep_ownership
 from bridge.secrets import TokenProvider
 from bridge.sharding import ShardedPublisher, ShardManager
 from bridge.status import StatusView
+from bridge.stream_transport import StreamTransport
 from bridge.summary import log_summary
 from bridge.supervisor import Supervisor
 
@@ -49,14 +50,13 @@ log = structlog.get_logger("bridge.app")
 
 EXIT_OK, EXIT_FATAL = 0, 1
 _E = TypeVar("_E", bound=BaseException)
-#: JSON requests get a pool of their own; streams are spread over pools of about this many
-#: (twice as many slots, so an uneven hash never makes a stream wait for a slot).
+#: JSON requests get a pool of their own; streams need none (see _stream_client).
 JSON_POOL_SIZE = 64
-STREAMS_PER_POOL = 128
 
 
 def _json_client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
-    """The client of JSON requests: ``_client``'s, its pool's idle check made cheap."""
+    """The client of JSON requests: a pool of ``connections``, 16 kept idle, its idle check
+    made cheap (bridge/http_pool.py)."""
     limits = httpx.Limits(
         max_connections=connections, max_keepalive_connections=min(connections, 16)
     )
@@ -65,11 +65,13 @@ def _json_client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False)
 
 
-def _client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
-    limits = httpx.Limits(
-        max_connections=connections, max_keepalive_connections=min(connections, 16)
+def _stream_client(tls: ssl.SSLContext) -> httpx.AsyncClient:
+    """Event streams: a connection each for as long as it lives, so no pool (httpcore's scans
+    every connection on each request) and none of httpcore's per-connection and per-read
+    layers, which an idle stream would hold for hours (issue 11: memory per idle stream)."""
+    return httpx.AsyncClient(
+        transport=StreamTransport(tls), follow_redirects=False, trust_env=False
     )
-    return httpx.AsyncClient(limits=limits, verify=tls, follow_redirects=False, trust_env=False)
 
 
 class Bridge:
@@ -162,11 +164,7 @@ class Bridge:
         tls = ssl.create_default_context(cafile=certifi.where())
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(_json_client(JSON_POOL_SIZE, tls))
-            shards = max(1, -(-settings.api.max_streams // STREAMS_PER_POOL))
-            stream_clients = [
-                await stack.enter_async_context(_client(2 * STREAMS_PER_POOL, tls))
-                for _ in range(shards)
-            ]
+            stream_clients = [await stack.enter_async_context(_stream_client(tls))]
             limiter = RateLimiter(settings.api.max_requests_per_s)
             api = QoderApi(
                 client,
