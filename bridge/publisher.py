@@ -56,7 +56,7 @@ from bridge.errors import (
 )
 from bridge.health import HealthState
 from bridge.kafka_conn import describe_kafka_error, kafka_client_kwargs, producer_tuning_kwargs
-from bridge.records import Record, ThreadRef, checkpoint_record, dead_letter_record
+from bridge.records import Record, ThreadRef, checkpoint_record, dead_letter_record, utc_now
 
 log = structlog.get_logger("bridge.publisher")
 
@@ -766,8 +766,11 @@ class Publisher:
                 idless += 1
             state[ref] = (last_id, item.drained_updated_at or drained, ids, idless)
         topic = self._kafka.checkpoint_topic
+        now = utc_now()
         return [
-            checkpoint_record(topic, ref, last_id, drained, ids[-CHECKPOINT_RECENT_IDS:], idless)
+            checkpoint_record(
+                topic, ref, last_id, drained, ids[-CHECKPOINT_RECENT_IDS:], idless, written_at=now
+            )
             for ref, (last_id, drained, ids, idless) in state.items()
         ]
 

@@ -14,7 +14,15 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from bridge.api import QoderApi, RateLimiter
 from bridge.publisher import KeyPartitioner, _seconds_since
-from bridge.records import Event, Rejected, ThreadRef, alert_record, event_record
+from bridge.records import (
+    Event,
+    Rejected,
+    ThreadRef,
+    alert_record,
+    canonical_json,
+    checkpoint_record,
+    event_record,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -196,3 +204,26 @@ async def test_a_lone_surrogate_escape_is_an_event_on_a_page_and_in_its_alert() 
     doc = json.loads(record.value.decode("utf-8"))
     assert doc["event"] == json.loads(item)
     assert doc["time"] == "t\ud83d"
+
+
+def test_a_checkpoint_is_canonical_json_and_a_lone_surrogate_is_escaped() -> None:
+    """Checkpoints are encoded by msgspec (eight times faster than json at a checkpoint an
+    event): the same bytes as canonical_json, and an id with a lone surrogate (the API's
+    ``\\ud83d`` decoded) is written escaped, not refused."""
+    thread = ThreadRef("sess_é", "sthr_✓")
+    record = checkpoint_record(
+        "ckpt", thread, "evt_\u2028", None, ["evt_1", "evt_\u2028"], 2, written_at="T"
+    )
+    doc = {
+        "last_event_id": "evt_\u2028",
+        "session_id": "sess_é",
+        "thread_id": "sthr_✓",
+        "drained_updated_at": None,
+        "recent_ids": ["evt_1", "evt_\u2028"],
+        "idless_after": 2,
+        "written_at": "T",
+    }
+    assert record.value == canonical_json(doc)
+    odd = checkpoint_record("ckpt", thread, "evt_\ud83d", None, [], 0, written_at="T")
+    assert json.loads(odd.value)["last_event_id"] == "evt_\ud83d"
+    assert b"\\ud83d" in odd.value
