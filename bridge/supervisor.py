@@ -149,6 +149,8 @@ class Supervisor:
         )
         self._cursors: dict[ThreadRef, ThreadCursor] = {}
         self._pumps: dict[ThreadRef, Pump] = {}
+        #: The threads of _pumps by session: asked at every pump's end and every look.
+        self._pumps_of: dict[str, set[ThreadRef]] = {}
         self._active: dict[ThreadRef, bool] = {}
         self._watched: set[str] = set()
         #: Configured sessions that are over: never looked at again.
@@ -580,7 +582,7 @@ class Supervisor:
         return any(ref.session_id == session_id for ref in self._dirty)
 
     def _session_pumps(self, session_id: str) -> list[Pump]:
-        return [p for ref, p in self._pumps.items() if ref.session_id == session_id]
+        return [self._pumps[ref] for ref in self._pumps_of.get(session_id, ())]
 
     async def _session(self, session_id: str) -> dict[str, Any]:
         """The session: from the last listing of running sessions while it is in it, fresh and
@@ -675,6 +677,7 @@ class Supervisor:
             follow=follow,
         )
         self._pumps[cursor.thread] = pump
+        self._pumps_of.setdefault(cursor.thread.session_id, set()).add(cursor.thread)
         self._dirty.discard(cursor.thread)
         scope = self._pump_scopes[cursor.thread] = anyio.CancelScope()
         self._tg.start_soon(self._run_pump, pump, scope, name=f"pump {cursor.thread.key}")
@@ -703,6 +706,11 @@ class Supervisor:
         finally:
             if self._pumps.get(ref) is pump:
                 del self._pumps[ref]
+                refs = self._pumps_of.get(ref.session_id)
+                if refs is not None:
+                    refs.discard(ref)
+                    if not refs:
+                        del self._pumps_of[ref.session_id]
             if self._pump_scopes.get(ref) is scope:
                 del self._pump_scopes[ref]
             metrics.THREADS_FOLLOWED.set(len(self._pumps))
