@@ -486,7 +486,9 @@ def _last_item_id(items: list[Any]) -> str | None:
     return None
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: httpx.Response, cut: str | None = None) -> str:
+    if cut is not None:
+        return f"HTTP {response.status_code} {response.reason_phrase} (its body was cut: {cut})"
     try:
         body = response.json()
         error = body.get("error", {}) if isinstance(body, dict) else {}
@@ -498,11 +500,16 @@ def _error_message(response: httpx.Response) -> str:
     return f"{text} (request_id {request_id})" if request_id else text
 
 
-def _raise_for_status(response: httpx.Response, *, had_cursor: bool) -> None:
+def _raise_for_status(
+    response: httpx.Response, *, had_cursor: bool, cut: str | None = None
+) -> None:
+    """Raise the error for an answer of 400 or more. ``cut``: why its body could not be read
+    (it is not looked at then)."""
     status = response.status_code
     if status < 400:
         return
-    message = f"{response.request.method} {response.request.url.path}: {_error_message(response)}"
+    where = f"{response.request.method} {response.request.url.path}"
+    message = f"{where}: {_error_message(response, cut)}"
     if status in (401, 403):
         raise AuthRejected(message, status=status)
     if status == 404:
@@ -776,7 +783,7 @@ class QoderApi:
             try:
                 metrics.API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
                 if response.status_code >= 400:
-                    await _read_error(response, path)
+                    cut = await _read_error(response)
                     if response.status_code == 400 and query:
                         # A stream that takes no query parameters (the Forward-style route):
                         # learnt once; the cursor still travels in Last-Event-ID.
@@ -785,7 +792,7 @@ class QoderApi:
                         await response.aclose()
                         continue
                     try:
-                        _raise_for_status(response, had_cursor=after_id is not None)
+                        _raise_for_status(response, had_cursor=after_id is not None, cut=cut)
                     except ApiUnavailable as exc:
                         raise StreamRefused(
                             str(exc), status=exc.status, retry_after_s=exc.retry_after_s
@@ -798,11 +805,14 @@ class QoderApi:
                 raise
 
 
-async def _read_error(response: httpx.Response, path: str) -> None:
+async def _read_error(response: httpx.Response) -> str | None:
+    """Read an error answer's body: None once it came whole, else why it did not. Its status
+    and Retry-After count either way (a 429 whose body is cut short is still a 429)."""
     try:
         await response.aread()
     except httpx.HTTPError as exc:
-        raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 class _Frames:

@@ -33,7 +33,6 @@ once, without awaiting anything, so it completes even inside a cancelled scope.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 from typing import Any, cast
 
@@ -375,14 +374,6 @@ class _Body(httpx.AsyncByteStream):
         self._connection.close()
 
 
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def body_of(response: httpx.Response) -> Connection | None:
     """The :class:`Connection` behind a response this transport answered (None for any other):
     its body can be read from it directly, and the response let go."""
@@ -418,9 +409,11 @@ class StreamTransport(httpx.AsyncBaseTransport):
                     lambda: connection,
                     host,
                     port,
-                    # Several addresses of a name are raced, as anyio's connect_tcp does under
-                    # httpcore; an address has nothing to race (and asyncio would make a task).
-                    happy_eyeballs_delay=None if _is_address(host) else 0.25,
+                    # A name's addresses are tried in turn, not raced: asyncio's race leaves
+                    # its winning socket open when the caller is cancelled as it connects
+                    # (tests/test_review_issue11c.py), and a stream is cancelled often (a
+                    # drain, a rewind, the connect timeout).
+                    happy_eyeballs_delay=None,
                 )
                 if tls is not None:
                     await connection.start_tls(tls, host)

@@ -1,9 +1,9 @@
 """Adversarial review of the stream transport (bridge/stream_transport.py, issue 11) and its
 wiring in bridge/api.py, against raw servers on real sockets.
 
-Each test is a defect found by the review, marked xfail(strict=True) until it is fixed: what is
-asserted is what a user or a pump would see (the connection on the server's side, the error a
-pump gets)."""
+Each test is a defect found by the review, marked xfail(strict=True) until it was fixed (both
+are): what is asserted is what a user or a pump would see (the connection on the server's side,
+the error a pump gets)."""
 
 from __future__ import annotations
 
@@ -58,16 +58,6 @@ async def read_frames(api: QoderApi) -> list[bytes]:
 # -- cancellation while connecting to a host name --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "stream_transport.py:417-424 connects to a host name with asyncio's happy eyeballs "
-        "(happy_eyeballs_delay=0.25), whose staggered race drops the socket it has just "
-        "connected when the caller is cancelled before the race returns: the connection stays "
-        "open on the server's side until a garbage collection (ResourceWarning: unclosed socket). "
-        "httpcore's anyio connect_tcp closed it."
-    ),
-)
 async def test_a_stream_cancelled_as_its_connection_is_accepted_leaves_no_connection_open() -> None:
     """Scenario: the API URL names its host (as the production URL does: api.qoder.com), and
     the pump opening a stream is cancelled (a drain, an unfollow, a rewind, or the connect
@@ -129,15 +119,6 @@ async def test_a_stream_cancelled_as_its_connection_is_accepted_leaves_no_connec
 ERROR_BODY = b'{"error":{"type":"rate_limit_error","message":"slow down"},"request_id":"req_9"}'
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "api.py _open_sse/_read_error (since 511553d, not new with the transport): when the body "
-        "of a 429/5xx answer cannot be read whole, the error raised is ApiUnavailable naming the "
-        "read error, without the status or Retry-After its head carried; the pump then counts a "
-        "'disconnect' and retries on its own short backoff instead of after Retry-After"
-    ),
-)
 @pytest.mark.parametrize("cut", ["fin", "reset"])
 async def test_a_throttled_answer_cut_short_still_says_throttled_and_when_to_retry(
     cut: str,
