@@ -23,8 +23,10 @@ What it keeps of httpx's behaviour, as the bridge relies on it:
 - TLS with the given ``ssl.SSLContext`` for https (the URL's host as server name), plain TCP
   for http. TLS runs on ``ssl.MemoryBIO`` as anyio's does, not on asyncio's SSL transport,
   which gives every connection a 256 KiB read buffer (305 KiB a stream against httpx's 54);
-- backpressure: at most about ``HIGH_WATER`` bytes wait unread before the socket stops being
-  read; it is read again once the reader takes them.
+- backpressure: once ``HIGH_WATER`` (64 KiB) bytes wait unread the socket is no longer read, and
+  it is read again once fewer wait; h11 is given one received chunk at a time. A reader that is
+  behind (Kafka away) holds at most ``HIGH_WATER``, one socket read (asyncio reads up to 256
+  KiB) and the chunk h11 is parsing; the rest waits in the kernel and the server.
 
 A cancelled reader leaves nothing behind: ``aclose()`` (and every error) aborts the socket at
 once, without awaiting anything, so it completes even inside a cancelled scope.
@@ -41,7 +43,7 @@ import h11
 import httpx
 
 #: Unread bytes past which the socket is no longer read (resumed once the reader takes them).
-HIGH_WATER = 256 * 1024
+HIGH_WATER = 64 * 1024
 #: The most plaintext one TLS record holds: what one read of the TLS object asks for.
 TLS_RECORD_BYTES = 16 * 1024
 #: The largest status line and headers accepted (httpcore's own bound).
@@ -181,10 +183,13 @@ class Connection(asyncio.Protocol):
             if event is not h11.NEED_DATA:
                 return event
             if self._chunks:
-                chunks, self._chunks, self._buffered = self._chunks, [], 0
-                for chunk in chunks:
-                    self._h11.receive_data(chunk)
-                if self._paused and self._transport is not None:
+                # One chunk at a time: h11 holds at most one, and the socket is read again
+                # only once what waits here is under HIGH_WATER (a reader that is behind,
+                # Kafka away, holds HIGH_WATER + a socket read + a chunk, not twice that).
+                chunk = self._chunks.pop(0)
+                self._buffered -= len(chunk)
+                self._h11.receive_data(chunk)
+                if self._paused and self._buffered < HIGH_WATER and self._transport is not None:
                     self._paused = False
                     self._transport.resume_reading()
             elif self._error is not None:
