@@ -294,8 +294,7 @@ def checkpoint_record(
         "written_at": written_at or utc_now(),
     }
     try:
-        # canonical_json's bytes (strings, integers and None only), eight times faster: at
-        # 1,000 threads a batch holds nearly a checkpoint an event.
+        # canonical_json's bytes (strings, integers and None only), eight times faster.
         value = _CHECKPOINT_JSON.encode(doc)
     except UnicodeEncodeError:
         value = _document(doc)  # a lone surrogate in an id, escaped
