@@ -44,6 +44,7 @@ import anyio.to_thread
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
 KAFKA_SH = Path(__file__).resolve().parents[1] / "deploy" / "local" / "kafka" / "kafka.sh"
@@ -633,6 +634,19 @@ async def _partitions(bootstrap: str, topic: str) -> list[int]:
     if described["error_code"] != 0:
         raise KafkaBrokerError(f"cannot describe topic {topic!r}: error {described['error_code']}")
     return sorted(p["partition"] for p in described["partitions"])
+
+
+async def lower_topic_limit(bootstrap: str, topic: str, limit: int) -> None:
+    """An operator lowers ``max.message.bytes`` of ``topic`` while the bridge runs; returns
+    once the broker applies it (within its metadata round, about a second)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        config = {"max.message.bytes": str(limit)}
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, config)])
+    finally:
+        await admin.close()
+    await anyio.sleep(1)
 
 
 async def read_topic(

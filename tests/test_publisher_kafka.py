@@ -13,8 +13,6 @@ from typing import Any
 import anyio
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
@@ -31,7 +29,7 @@ from bridge.publisher import Outgoing, Publisher
 from bridge.records import Event, ThreadRef, dead_letter_record, event_record
 from bridge.simulator import Faults, Scenario, SessionSpec, ThreadSpec
 from tests.bridge_harness import bridge_settings, deliver_scenario, read_json
-from tests.kafka_broker import create_topics, read_topic
+from tests.kafka_broker import create_topics, lower_topic_limit, read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
@@ -225,16 +223,7 @@ async def test_a_topic_limit_lowered_while_publishing_names_the_record_too_large
     sizes = {"evt_1": 15_000, "evt_2": 15_000, "evt_3": 30_000, "evt_4": 15_000}
     async with anyio.create_task_group() as tg:
         await tg.start(publisher.run)
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            resource = ConfigResource(
-                ConfigResourceType.TOPIC, kafka_topics.events, {"max.message.bytes": "20000"}
-            )
-            await admin.alter_configs([resource])
-        finally:
-            await admin.close()
-        await anyio.sleep(1)  # the broker applies a topic's new config within its metadata round
+        await lower_topic_limit(kafka_bootstrap, kafka_topics.events, 20_000)
         for event_id, size in sizes.items():
             text = base64.b64encode(os.urandom(size * 3 // 4)).decode()  # zstd cannot shrink it
             data = json.dumps({"id": event_id, "type": "message", "text": text}).encode()

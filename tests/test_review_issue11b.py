@@ -14,8 +14,6 @@ import os
 
 import anyio
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from bridge.checkpoints import ensure_topics
 from bridge.config import Settings
@@ -26,27 +24,13 @@ from bridge.records import Event, ThreadRef, event_record
 from bridge.sharding import RELEASE_WITHIN_S, ShardedPublisher
 from bridge.shards import shard_of
 from tests.bridge_harness import bridge_settings
-from tests.kafka_broker import create_topics, read_topic
+from tests.kafka_broker import create_topics, lower_topic_limit, read_topic
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
 
 
 def _settings(bootstrap: str, topics: object, **extra: str) -> Settings:
     return bridge_settings("http://127.0.0.1:9", bootstrap, topics, **extra)
-
-
-async def _lower_topic_limit(bootstrap: str, topic: str, limit: int) -> None:
-    """An operator lowers ``max.message.bytes`` while the bridge runs."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        resource = ConfigResource(
-            ConfigResourceType.TOPIC, topic, {"max.message.bytes": str(limit)}
-        )
-        await admin.alter_configs([resource])
-    finally:
-        await admin.close()
-    await anyio.sleep(1)  # the broker applies a topic's new config within its metadata round
 
 
 def _incompressible(event_id: str, size: int) -> bytes:
@@ -97,7 +81,7 @@ async def test_finding1_at_least_once_a_lowered_limit_publishes_each_event_once(
     sizes = {"evt_1": 15_000, "evt_2": 15_000, "evt_3": 30_000, "evt_4": 15_000}
     async with anyio.create_task_group() as tg:
         await tg.start(publisher.run)
-        await _lower_topic_limit(kafka_bootstrap, kafka_topics.events, 20_000)
+        await lower_topic_limit(kafka_bootstrap, kafka_topics.events, 20_000)
         for event_id, size in sizes.items():
             await publisher.submit(
                 _outgoing(settings, cursor, event_id, _incompressible(event_id, size))
@@ -158,7 +142,7 @@ async def test_finding2_a_lowered_limit_does_not_stop_a_full_batch_forever(
     attempts = 0
     async with anyio.create_task_group() as tg:
         await tg.start(publisher.run)
-        await _lower_topic_limit(kafka_bootstrap, kafka_topics.events, 100_000)
+        await lower_topic_limit(kafka_bootstrap, kafka_topics.events, 100_000)
         while cursor.committed_id != ids[-1] and attempts < 3:
             attempts += 1
             epoch = cursor.epoch

@@ -12,42 +12,18 @@ import gc
 import socket
 import struct
 import warnings
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import anyio
-import httpx
 import pytest
 
-from bridge.api import QoderApi, RateLimiter
+from bridge.api import QoderApi
 from bridge.errors import ApiUnavailable, StreamRefused
 from bridge.records import ThreadRef
-from bridge.stream_transport import StreamTransport
+from tests.test_stream_transport import stream_api  # the API as the daemon builds it
 
 pytestmark = pytest.mark.anyio
 
 THREAD = ThreadRef("sess_01a22a37f07f7004ab3a505789491f4a", "sthr_01a22a37f07f7002aadbb8625121f6f9")
-
-
-@asynccontextmanager
-async def stream_api(base_url: str) -> AsyncIterator[QoderApi]:
-    """The API as the daemon builds it (bridge/app.py): streams on the stream transport."""
-    async with (
-        httpx.AsyncClient(trust_env=False) as json_client,
-        httpx.AsyncClient(
-            transport=StreamTransport(), follow_redirects=False, trust_env=False
-        ) as stream_client,
-    ):
-        yield QoderApi(
-            json_client,
-            [stream_client],
-            base_url,
-            lambda: "pt-test",
-            RateLimiter(1000),
-            stall_timeout_s=10.0,
-            request_timeout_s=10.0,
-            max_event_bytes=1 << 20,
-        )
 
 
 async def read_frames(api: QoderApi) -> list[bytes]:
