@@ -36,13 +36,12 @@ from bridge.checkpoints import ensure_topics
 from bridge.config import Settings
 from bridge.errors import ConfigError, ProducerFenced, SinkForbidden, SinkUnavailable
 from bridge.health import HealthState, serve_http
-from bridge.http_pool import use_cheap_idle_check
 from bridge.kafka_watch import watch_kafka
 from bridge.ownership import ShardAssignor, keep_ownership
 from bridge.secrets import TokenProvider
 from bridge.sharding import ShardedPublisher, ShardManager
 from bridge.status import StatusView
-from bridge.stream_transport import StreamTransport
+from bridge.stream_transport import KeepAliveTransport, StreamTransport
 from bridge.summary import log_summary
 from bridge.supervisor import Supervisor
 
@@ -55,14 +54,15 @@ JSON_POOL_SIZE = 64
 
 
 def _json_client(connections: int, tls: ssl.SSLContext) -> httpx.AsyncClient:
-    """The client of JSON requests: a pool of ``connections``, 16 kept idle, its idle check
-    made cheap (bridge/http_pool.py)."""
-    limits = httpx.Limits(
-        max_connections=connections, max_keepalive_connections=min(connections, 16)
+    """The client of JSON requests: up to ``connections`` kept open between requests (the
+    caller bounds those in flight to as many). Not httpcore's pool: it checks every idle
+    connection's socket on each request, and with its locks and cancel scopes a page request
+    cost 1 ms of CPU at 64 in flight (issue 11; tests/experiments/exp_json_request_cost.py)."""
+    return httpx.AsyncClient(
+        transport=KeepAliveTransport(tls, keep=connections),
+        follow_redirects=False,
+        trust_env=False,
     )
-    transport = httpx.AsyncHTTPTransport(verify=tls, limits=limits, trust_env=False)
-    use_cheap_idle_check(transport)
-    return httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False)
 
 
 def _stream_client(tls: ssl.SSLContext) -> httpx.AsyncClient:

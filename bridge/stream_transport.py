@@ -64,12 +64,16 @@ class Connection(asyncio.Protocol):
         "_buffered",
         "_chunks",
         "_closed",
+        "_cycle",
         "_deadline",
         "_eof",
         "_error",
         "_h11",
         "_loop",
+        "_origin",
         "_paused",
+        "_pool",
+        "_received_any",
         "_stalled",
         "_timeout",
         "_timer",
@@ -78,8 +82,14 @@ class Connection(asyncio.Protocol):
         "_waiter",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float | None) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        read_timeout: float | None,
+        pool: KeepAliveTransport | None = None,
+    ) -> None:
         self._loop = loop
+        self._pool = pool  # where the connection goes back once a response has come whole
         self._timeout = read_timeout
         self._h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._transport: asyncio.Transport | None = None
@@ -94,6 +104,9 @@ class Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._stalled = False
         self._tls: _Tls | None = None
+        self._cycle = 0  # responses completed on it (a pooled body reads only its own)
+        self._origin: tuple[str, str, int] | None = None  # a pooled connection's key
+        self._received_any = False  # since it was connected or last went idle
 
     # -- asyncio.Protocol: called by the loop ---------------------------------------------------
 
@@ -111,6 +124,7 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def _take(self, data: bytes) -> None:
+        self._received_any = True
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > HIGH_WATER and not self._paused and self._transport is not None:
@@ -245,7 +259,41 @@ class Connection(asyncio.Protocol):
             elif type(event) is h11.Data:
                 return bytes(event.data)
             else:  # EndOfMessage (nothing else comes after a response's head)
+                if self._pool is not None and self._reusable():
+                    self._pool._release(self)
+                    raise StopAsyncIteration
                 self.close()
+
+    def _reusable(self) -> bool:
+        """Can the next request go on this connection? Only after a whole exchange that both
+        sides mean to keep open, with nothing received past the response's end."""
+        return (
+            self._h11.our_state is h11.DONE
+            and self._h11.their_state is h11.DONE
+            and self._h11.trailing_data == (b"", False)
+            and self._open()
+        )
+
+    def _open(self) -> bool:
+        """Open, as far as the loop has told: no end, no error, nothing unasked for received."""
+        return (
+            not self._closed
+            and not self._eof
+            and self._error is None
+            and not self._chunks
+            and self._transport is not None
+            and not self._transport.is_closing()
+        )
+
+    def _park(self) -> None:
+        """Ready the connection for its next exchange, as it goes idle into the pool; the
+        body of the response just read is over (its reader sees the cycle move on)."""
+        self._h11.start_next_cycle()
+        self._cycle += 1
+        self._received_any = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def close(self) -> None:
         """Abort the connection now (nothing to flush: the request went out whole)."""
@@ -386,6 +434,103 @@ def body_of(response: httpx.Response) -> Connection | None:
     return body if isinstance(body, Connection) else None
 
 
+class _PooledBody(httpx.AsyncByteStream):
+    """The body of a response on a pooled connection: it ends with its response, after which
+    the connection may already carry another one; closed early, the connection is dropped."""
+
+    __slots__ = ("_connection", "_cycle")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self._cycle = connection._cycle
+
+    def __aiter__(self) -> _PooledBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._connection._cycle != self._cycle:
+            raise StopAsyncIteration
+        return await self._connection.__anext__()
+
+    async def aclose(self) -> None:
+        if self._connection._cycle == self._cycle:  # not read to its end: not reusable
+            self._connection.close()
+
+
+def _origin(url: httpx.URL, tls: ssl.SSLContext | None) -> tuple[str, str, int]:
+    if url.scheme not in ("http", "https"):
+        raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
+    host = url.raw_host.decode("ascii")  # IDNA-encoded; an IPv6 address without brackets
+    return url.scheme, host, url.port or (443 if url.scheme == "https" else 80)
+
+
+async def _connect(
+    request: httpx.Request,
+    origin: tuple[str, str, int],
+    tls: ssl.SSLContext | None,
+    pool: KeepAliveTransport | None,
+) -> Connection:
+    """A new connection to ``origin``, TLS done for https, its errors as httpx's."""
+    scheme, host, port = origin
+    timeout = request.extensions.get("timeout", {})
+    if scheme == "https" and tls is None:
+        tls = ssl.create_default_context()
+    loop = asyncio.get_running_loop()
+    connection = Connection(loop, timeout.get("read"), pool)
+    connection._origin = origin
+    try:
+        with anyio.fail_after(timeout.get("connect")):
+            await loop.create_connection(
+                lambda: connection,
+                host,
+                port,
+                # A name's addresses are tried in turn, not raced: asyncio's race leaves
+                # its winning socket open when the caller is cancelled as it connects
+                # (tests/test_review_issue11c.py), and a stream is cancelled often (a
+                # drain, a rewind, the connect timeout).
+                happy_eyeballs_delay=None,
+            )
+            if tls is not None and scheme == "https":
+                await connection.start_tls(tls, host)
+    except TimeoutError as exc:  # the connect timeout, or the system's (ETIMEDOUT)
+        connection.close()
+        limit = timeout.get("connect")
+        message = f"no connection within {limit:g} s" if limit is not None else str(exc)
+        raise httpx.ConnectTimeout(message) from exc
+    except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
+        connection.close()
+        raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+async def _exchange(connection: Connection, request: httpx.Request) -> h11.Response:
+    """Send ``request`` on ``connection`` and read its response's head; on any failure the
+    connection is closed."""
+    try:
+        return await connection.send(request)
+    except BaseException:
+        connection.close()
+        raise
+
+
+def _response(
+    head: h11.Response, stream: httpx.AsyncByteStream, **extensions: Any
+) -> httpx.Response:
+    return httpx.Response(
+        head.status_code,
+        headers=head.headers.raw_items(),
+        stream=stream,
+        extensions={
+            "http_version": b"HTTP/" + head.http_version,
+            "reason_phrase": head.reason,
+            **extensions,
+        },
+    )
+
+
 class StreamTransport(httpx.AsyncBaseTransport):
     """``httpx.AsyncClient(transport=StreamTransport(tls))``: every request on a new
     connection, closed when its response is (or when its body ends). Meant for long-lived
@@ -397,54 +542,89 @@ class StreamTransport(httpx.AsyncBaseTransport):
         self._tls = tls
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        if url.scheme not in ("http", "https"):
-            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
-        timeout = request.extensions.get("timeout", {})
-        tls: ssl.SSLContext | None = None
-        if url.scheme == "https":
-            tls = self._tls if self._tls is not None else ssl.create_default_context()
-        port = url.port or (443 if tls is not None else 80)
-        host = url.raw_host.decode("ascii")  # IDNA-encoded; an IPv6 address without brackets
+        connection = await _connect(request, _origin(request.url, self._tls), self._tls, None)
+        head = await _exchange(connection, request)
+        return _response(head, _Body(connection), **{_BODY: connection})
+
+
+class KeepAliveTransport(httpx.AsyncBaseTransport):
+    """``httpx.AsyncClient(transport=KeepAliveTransport(tls, keep=64))``: short requests on
+    HTTP/1.1 connections kept open between them (the JSON pages).
+
+    A connection goes back to the pool once its response has been read to the end and both
+    sides mean to keep it; a response closed early takes its connection with it. Up to
+    ``keep`` idle connections are kept an origin, each at most ``idle_s`` (httpcore's 5 s:
+    servers close idle connections, and a request must not race that). There is no bound on
+    connections in use: the caller bounds its requests in flight (``QoderApi``'s
+    ``json_in_flight``).
+
+    Unlike httpcore's pool nothing is checked per request: a connection learns that the
+    server closed it from the loop (``connection_lost``), so taking one is a list pop. A GET
+    whose reused connection turns out closed before any byte of an answer (the server closed
+    it as the request left) is sent once more on a new connection, as browsers do.
+    """
+
+    def __init__(
+        self, tls: ssl.SSLContext | None = None, *, keep: int = 16, idle_s: float = 5.0
+    ) -> None:
+        self._tls = tls
+        self._keep = keep
+        self._idle_s = idle_s
+        self._idle: dict[tuple[str, str, int], list[tuple[float, Connection]]] = {}
+        self._closed = False
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    def _take(self, origin: tuple[str, str, int], now: float) -> Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            since, connection = idle.pop()  # the most recent: the least likely to be closed
+            if now - since < self._idle_s and connection._open():
+                return connection
+            connection.close()
+        return None
+
+    def _release(self, connection: Connection) -> None:
+        """A connection whose response was read whole (called by it)."""
+        connection._park()
+        if self._closed:
+            connection.close()
+            return
+        origin = connection._origin
+        idle = self._idle.setdefault(origin, []) if origin is not None else None
+        if idle is None or len(idle) >= self._keep:
+            connection.close()
+            return
+        now = connection._loop.time()
+        while idle and now - idle[0][0] >= self._idle_s:  # the oldest: past their time
+            idle.pop(0)[1].close()
+        idle.append((now, connection))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        origin = _origin(request.url, self._tls)
         loop = asyncio.get_running_loop()
-        connection = Connection(loop, timeout.get("read"))
-        try:
-            with anyio.fail_after(timeout.get("connect")):
-                await loop.create_connection(
-                    lambda: connection,
-                    host,
-                    port,
-                    # A name's addresses are tried in turn, not raced: asyncio's race leaves
-                    # its winning socket open when the caller is cancelled as it connects
-                    # (tests/test_review_issue11c.py), and a stream is cancelled often (a
-                    # drain, a rewind, the connect timeout).
-                    happy_eyeballs_delay=None,
-                )
-                if tls is not None:
-                    await connection.start_tls(tls, host)
-        except TimeoutError as exc:  # the connect timeout, or the system's (ETIMEDOUT)
-            connection.close()
-            limit = timeout.get("connect")
-            message = f"no connection within {limit:g} s" if limit is not None else str(exc)
-            raise httpx.ConnectTimeout(message) from exc
-        except OSError as exc:  # refused, unreachable, no such host, TLS verification failed
-            connection.close()
-            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
-        except BaseException:
-            connection.close()
-            raise
-        try:
-            head = await connection.send(request)
-        except BaseException:
-            connection.close()
-            raise
-        return httpx.Response(
-            head.status_code,
-            headers=head.headers.raw_items(),
-            stream=_Body(connection),
-            extensions={
-                "http_version": b"HTTP/" + head.http_version,
-                "reason_phrase": head.reason,
-                _BODY: connection,
-            },
-        )
+        connection = self._take(origin, loop.time())
+        if connection is not None:
+            connection._timeout = request.extensions.get("timeout", {}).get("read")
+            try:
+                head = await _exchange(connection, request)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if request.method not in ("GET", "HEAD") or connection._received_any:
+                    raise
+                connection = None  # closed under us as the request left: once more, anew
+            else:
+                return _response(head, _PooledBody(connection))
+        connection = await _connect(request, origin, self._tls, self)
+        head = await _exchange(connection, request)
+        return _response(head, _PooledBody(connection))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for _since, connection in idle:
+                connection.close()
+        self._idle.clear()

@@ -24,6 +24,7 @@ import pytest
 
 from bridge import stream_transport
 from bridge.api import QoderApi, RateLimiter
+from bridge.app import _json_client
 from bridge.errors import ApiUnavailable, AuthRejected, StreamRefused, StreamStalled
 from bridge.records import ThreadRef
 from bridge.stream_transport import HIGH_WATER, StreamTransport, body_of
@@ -127,10 +128,10 @@ async def stream_api(
     max_event_bytes: int = 1 * MiB,
     request_timeout_s: float = 10.0,
 ) -> AsyncIterator[QoderApi]:
-    """The API as the daemon builds it: JSON requests on httpx's pool, streams on the stream
-    transport."""
+    """The API as the daemon builds it: JSON requests on the keep-alive pool, streams on the
+    stream transport."""
     async with (
-        httpx.AsyncClient(verify=tls or True, trust_env=False) as json_client,
+        _json_client(8, tls or ssl.create_default_context()) as json_client,
         httpx.AsyncClient(transport=StreamTransport(tls), trust_env=False) as stream_client,
     ):
         yield QoderApi(
