@@ -40,7 +40,7 @@ from bridge.errors import (
 )
 from bridge.records import Event, Rejected, ThreadRef, canonical_json
 from bridge.sse import EXCERPT_BYTES, Frame, FrameDecoder
-from bridge.stream_transport import Connection, body_of
+from bridge.stream_transport import Connection, KeptConnectionClosed, body_of
 
 log = structlog.get_logger("bridge.api")
 
@@ -579,6 +579,20 @@ class QoderApi:
     async def _get_bytes_now(
         self, route: str, path: str, params: Mapping[str, Any] | None, *, limit_bytes: int | None
     ) -> bytes:
+        try:
+            return await self._get_once(route, path, params, limit_bytes)
+        except KeptConnectionClosed:
+            pass  # ended as the request left (its idle timeout racing it): once more, anew
+        try:
+            return await self._get_once(route, path, params, limit_bytes)
+        except KeptConnectionClosed as exc:
+            raise ApiUnavailable(f"GET {path}: {exc}") from exc
+
+    async def _get_once(
+        self, route: str, path: str, params: Mapping[str, Any] | None, limit_bytes: int | None
+    ) -> bytes:
+        """One GET, counted and taken from the budget; the transport's ``KeptConnectionClosed``
+        goes through, for the caller to send it again."""
         await self._limiter.acquire()
         had_cursor = bool(params) and any(params.get(p) for p in _CURSOR_PARAMS)  # type: ignore[union-attr]
         try:
@@ -594,6 +608,9 @@ class QoderApi:
                     await response.aread()
                     _raise_for_status(response, had_cursor=had_cursor)
                 return await _read_capped(response, limit_bytes)
+        except KeptConnectionClosed:
+            metrics.API_REQUESTS.labels(route=route, status="error").inc()
+            raise
         except httpx.HTTPError as exc:
             metrics.API_REQUESTS.labels(route=route, status="error").inc()
             raise ApiUnavailable(f"GET {path}: {type(exc).__name__}: {exc}") from exc

@@ -434,6 +434,15 @@ def body_of(response: httpx.Response) -> Connection | None:
     return body if isinstance(body, Connection) else None
 
 
+class KeptConnectionClosed(httpx.RemoteProtocolError):
+    """A request on a kept connection got no byte of an answer: the server closed or reset it
+    as the request left (its idle timeout racing the request, a restart, a gateway refusing).
+    The request may or may not have reached it; the pool keeps no connection of that origin
+    any more, so a request sent again goes on a new one. Sending it again is the caller's
+    call: the transport does not, so that every request the server may have seen is one the
+    caller counted and budgeted."""
+
+
 class _PooledBody(httpx.AsyncByteStream):
     """The body of a response on a pooled connection: it ends with its response, after which
     the connection may already carry another one; closed early, the connection is dropped."""
@@ -559,9 +568,10 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
     ``json_in_flight``).
 
     Unlike httpcore's pool nothing is checked per request: a connection learns that the
-    server closed it from the loop (``connection_lost``), so taking one is a list pop. A GET
-    whose reused connection turns out closed before any byte of an answer (the server closed
-    it as the request left) is sent once more on a new connection, as browsers do.
+    server closed it from the loop (``connection_lost``), so taking one is a list pop. A
+    request whose kept connection turns out closed before any byte of an answer (the server
+    closed it as the request left) fails with :class:`KeptConnectionClosed`, for the caller
+    to send again.
     """
 
     def __init__(
@@ -581,26 +591,42 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         idle = self._idle.get(origin)
         while idle:
             since, connection = idle.pop()  # the most recent: the least likely to be closed
+            if not idle:
+                del self._idle[origin]
+            if connection._timer is not None:  # its idle expiry
+                connection._timer.cancel()
+                connection._timer = None
             if now - since < self._idle_s and connection._open():
                 return connection
             connection.close()
+            idle = self._idle.get(origin)
         return None
 
     def _release(self, connection: Connection) -> None:
         """A connection whose response was read whole (called by it)."""
         connection._park()
-        if self._closed:
-            connection.close()
-            return
         origin = connection._origin
-        idle = self._idle.setdefault(origin, []) if origin is not None else None
-        if idle is None or len(idle) >= self._keep:
+        if self._closed or origin is None:
             connection.close()
             return
-        now = connection._loop.time()
-        while idle and now - idle[0][0] >= self._idle_s:  # the oldest: past their time
-            idle.pop(0)[1].close()
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) >= self._keep:
+            connection.close()
+            return
+        loop = connection._loop
+        now = loop.time()
         idle.append((now, connection))
+        # Closed once idle past its time even if no request comes again (the bridge may make
+        # none for hours once caught up): one timer while it waits, in the read timer's slot.
+        connection._timer = loop.call_at(now + self._idle_s, self._expire, origin, connection)
+
+    def _expire(self, origin: tuple[str, str, int], connection: Connection) -> None:
+        connection._timer = None
+        idle = self._idle.get(origin, [])
+        self._idle[origin] = kept = [entry for entry in idle if entry[1] is not connection]
+        if not kept:
+            del self._idle[origin]
+        connection.close()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._closed:
@@ -612,12 +638,17 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             connection._timeout = request.extensions.get("timeout", {}).get("read")
             try:
                 head = await _exchange(connection, request)
-            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
-                if request.method not in ("GET", "HEAD") or connection._received_any:
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+                if connection._received_any:
                     raise
-                connection = None  # closed under us as the request left: once more, anew
-            else:
-                return _response(head, _PooledBody(connection))
+                # Closed or reset as the request left, not a byte of an answer: the others
+                # kept for this origin are as suspect (a restart, a gateway refusing).
+                for _since, idle in self._idle.pop(origin, []):
+                    idle.close()
+                raise KeptConnectionClosed(
+                    f"the server ended a kept connection before answering ({exc})"
+                ) from exc
+            return _response(head, _PooledBody(connection))
         connection = await _connect(request, origin, self._tls, self)
         head = await _exchange(connection, request)
         return _response(head, _PooledBody(connection))

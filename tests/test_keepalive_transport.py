@@ -15,8 +15,11 @@ import anyio
 import httpx
 import pytest
 
+from bridge import metrics
+from bridge.api import QoderApi, RateLimiter
 from bridge.app import _json_client
-from bridge.stream_transport import KeepAliveTransport
+from bridge.errors import ApiUnavailable
+from bridge.stream_transport import KeepAliveTransport, KeptConnectionClosed
 from tests.kafka_broker import KafkaPki
 from tests.test_stream_transport import nothing_left_behind, server_tls
 
@@ -231,10 +234,33 @@ async def test_a_connection_the_server_will_not_keep_is_not_used_again(extra: by
     assert server.connections == [["/r0"], ["/r1"], ["/r2"]]
 
 
-async def test_a_get_on_a_connection_closed_as_it_left_is_sent_again_once() -> None:
+def requests_counted() -> float:
+    """``qoder_bridge_api_requests_total``, every route and status."""
+    return sum(
+        sample.value
+        for family in metrics.API_REQUESTS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def api_over(client: httpx.AsyncClient, url: str) -> QoderApi:
+    return QoderApi(
+        client,
+        [client],
+        url,
+        lambda: "pt-test",
+        RateLimiter(1000),
+        stall_timeout_s=10,
+        request_timeout_s=10,
+    )
+
+
+async def test_a_kept_connection_closed_as_the_request_left_is_reported_not_resent() -> None:
     """The server closes a kept connection as the next request arrives, without a byte of an
-    answer (its idle timeout racing the request): the GET goes again on a new connection and
-    its caller sees only the answer."""
+    answer (its idle timeout racing the request): the transport says so
+    (``KeptConnectionClosed``) and sends nothing again itself; what was kept for that server
+    is dropped, so the next request goes on a new connection."""
 
     async def answer(connection: int, request: int, target: str) -> bytes | None:
         return None if request == 1 else ok(echo(target))
@@ -243,29 +269,61 @@ async def test_a_get_on_a_connection_closed_as_it_left_is_sent_again_once() -> N
         keep_alive_server(answer) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
-        first = await get(client, f"{server.url}/a")
-        second = await get(client, f"{server.url}/b")
-    assert (first, second) == (echo("/a"), echo("/b"))
-    assert server.connections == [["/a", "/b"], ["/b"]]
+        assert await get(client, f"{server.url}/a") == echo("/a")
+        with pytest.raises(KeptConnectionClosed, match="before answering"):
+            await get(client, f"{server.url}/b")
+        assert await get(client, f"{server.url}/c") == echo("/c")
+    assert server.connections == [["/a", "/b"], ["/c"]]
 
 
-async def test_a_server_that_never_answers_is_an_error_not_a_loop() -> None:
-    """A server that closes every connection at the request: the GET on a fresh connection
-    fails (sent once on a new connection, never again), and a reused one is retried once."""
+async def test_the_api_sends_a_page_request_again_once_counting_both() -> None:
+    """Through the daemon's API client: a page request whose kept connection was ended as it
+    left is sent once more, on a new connection, and its caller sees only the answer; both
+    requests the server saw are counted in ``qoder_bridge_api_requests_total``."""
 
     async def answer(connection: int, request: int, target: str) -> bytes | None:
-        return ok(echo(target)) if target == "/ok" else None
+        return None if request == 1 else ok(echo(target))
 
     async with (
         keep_alive_server(answer) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
-        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
-            await get(client, f"{server.url}/fresh")
-        assert await get(client, f"{server.url}/ok") == echo("/ok")
-        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
-            await get(client, f"{server.url}/reused")
-    assert server.connections == [["/fresh"], ["/ok", "/reused"], ["/reused"]]
+        api = api_over(client, server.url)
+        before = requests_counted()
+        first = await api.get_session("sess_a")
+        second = await api.get_session("sess_b")
+        counted = requests_counted() - before
+    assert (first, second) == ({"target": "/sessions/sess_a"}, {"target": "/sessions/sess_b"})
+    assert server.connections == [["/sessions/sess_a", "/sessions/sess_b"], ["/sessions/sess_b"]]
+    assert counted == 3
+
+
+async def test_a_server_that_never_answers_is_an_error_not_a_loop() -> None:
+    """A server that ends every connection at the request: a page request on a new connection
+    fails at once (nothing sent again), and one on a kept connection is sent again once, then
+    fails; every request the server saw is counted."""
+
+    async def answer(connection: int, request: int, target: str) -> bytes | None:
+        return ok(echo(target)) if target.endswith("/ok") else None
+
+    async with (
+        keep_alive_server(answer) as server,
+        _json_client(8, ssl.create_default_context()) as client,
+    ):
+        api = api_over(client, server.url)
+        before = requests_counted()
+        with pytest.raises(ApiUnavailable, match="without sending a response"):
+            await api.get_session("fresh")
+        assert await api.get_session("ok") == {"target": "/sessions/ok"}
+        with pytest.raises(ApiUnavailable, match="without sending a response"):
+            await api.get_session("kept")
+        counted = requests_counted() - before
+    assert server.connections == [
+        ["/sessions/fresh"],
+        ["/sessions/ok", "/sessions/kept"],
+        ["/sessions/kept"],
+    ]
+    assert counted == 4
 
 
 async def test_each_request_has_its_own_read_timeout_on_a_kept_connection() -> None:

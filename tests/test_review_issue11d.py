@@ -1,6 +1,6 @@
 """Review of 84086ec (JSON pages on ``KeepAliveTransport``): what it gets wrong, as failing
-tests. Each is marked ``xfail(strict=True)``: it passes once the transport is fixed, and the
-suite says so. What is asserted is what a user would check: what the API (the server) saw
+tests. Each was marked ``xfail(strict=True)`` until the transport was fixed; the markers are
+gone. What is asserted is what a user would check: what the API (the server) saw
 against what the bridge counted, and which connections stay open."""
 
 from __future__ import annotations
@@ -113,16 +113,6 @@ def requests_counted() -> float:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "KeepAliveTransport re-sends a GET at once, on a new connection, when a kept "
-        "connection is reset before any answer byte: a reset the gateway gives as its "
-        "throttling answer (qoder-api.md 8.3) becomes a second request the API sees but "
-        "the bridge neither counts (qoder_bridge_api_requests_total) nor takes from its "
-        "BRIDGE_API_MAX_RPS budget"
-    ),
-)
 async def test_a_get_the_gateway_resets_on_a_kept_connection_is_counted_as_the_api_saw_it() -> None:
     """The gateway answers the first request of each connection and resets the next one
     (burst suppression: no body, a TCP reset). Two page requests through the daemon's API
@@ -159,16 +149,6 @@ async def test_a_get_the_gateway_resets_on_a_kept_connection_is_counted_as_the_a
     assert counted == seen, server.connections
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "KeepAliveTransport only drops a connection idle past idle_s when a later request "
-        "or release for the same origin looks at the pool: with no more JSON requests (the "
-        "bridge after a catch-up burst, streams only) up to `keep` (64) idle sockets stay "
-        "open for as long as the server or a middlebox keeps them, against the docstring's "
-        "'each at most idle_s'"
-    ),
-)
 async def test_a_connection_idle_past_its_time_is_closed_without_another_request() -> None:
     """One GET on a pool that keeps a connection at most 50 ms, then no request at all: the
     server sees the client end that connection (within 2 s, forty times ``idle_s``)."""

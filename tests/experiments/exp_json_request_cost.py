@@ -4,10 +4,11 @@
 
 A local server in a child process (plain asyncio, keep-alive) answers every GET with the same
 page of 50 events (~12 KB); this process sends REQUESTS of them through ``bridge.app``'s JSON
-client (httpx's pool, 64 connections, the cheap idle check), as a pump does (``stream()``, the
-body read whole), 1, 16 and 64 at a time, after a warm-up. Prints this process's CPU a request
-(``time.process_time``: the server's is not counted). At 1,000 threads of 50 events a thread
-costs one such request: this is the part of the bridge's CPU an event that grows with threads.
+client (httpx over the keep-alive pool of bridge/stream_transport.py, 64 connections kept), as
+a pump does (``stream()``, the body read whole), 1, 16 and 64 at a time, after a warm-up.
+Prints this process's CPU a request (``time.process_time``: the server's is not counted). At
+1,000 threads of 50 events a thread costs one such request: this is the part of the bridge's
+CPU an event that grows with threads.
 """
 
 from __future__ import annotations
