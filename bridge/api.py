@@ -40,7 +40,7 @@ from bridge.errors import (
 )
 from bridge.records import Event, Rejected, ThreadRef, canonical_json
 from bridge.sse import EXCERPT_BYTES, Frame, FrameDecoder
-from bridge.stream_transport import Connection, KeptConnectionClosed, body_of
+from bridge.stream_transport import NEW_CONNECTION, Connection, KeptConnectionClosed, body_of
 
 log = structlog.get_logger("bridge.api")
 
@@ -582,17 +582,21 @@ class QoderApi:
         try:
             return await self._get_once(route, path, params, limit_bytes)
         except KeptConnectionClosed:
-            pass  # ended as the request left (its idle timeout racing it): once more, anew
-        try:
-            return await self._get_once(route, path, params, limit_bytes)
-        except KeptConnectionClosed as exc:
-            raise ApiUnavailable(f"GET {path}: {exc}") from exc
+            # Ended as the request left (its idle timeout racing it): once more, on a new
+            # connection (a kept one may have gone as that one did).
+            return await self._get_once(route, path, params, limit_bytes, new_connection=True)
 
     async def _get_once(
-        self, route: str, path: str, params: Mapping[str, Any] | None, limit_bytes: int | None
+        self,
+        route: str,
+        path: str,
+        params: Mapping[str, Any] | None,
+        limit_bytes: int | None,
+        *,
+        new_connection: bool = False,
     ) -> bytes:
         """One GET, counted and taken from the budget; the transport's ``KeptConnectionClosed``
-        goes through, for the caller to send it again."""
+        (never on a new connection) goes through, for the caller to send it again."""
         await self._limiter.acquire()
         had_cursor = bool(params) and any(params.get(p) for p in _CURSOR_PARAMS)  # type: ignore[union-attr]
         try:
@@ -602,6 +606,7 @@ class QoderApi:
                 params=params,
                 headers=self._headers(),
                 timeout=self._request_timeout_s,
+                extensions={NEW_CONNECTION: True} if new_connection else None,
             ) as response:
                 metrics.API_REQUESTS.labels(route=route, status=str(response.status_code)).inc()
                 if response.status_code >= 400:

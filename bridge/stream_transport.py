@@ -50,6 +50,9 @@ TLS_RECORD_BYTES = 16 * 1024
 MAX_HEAD_BYTES = 100 * 1024
 #: The key under which a response carries its :class:`Connection` (see :func:`body_of`).
 _BODY = "bridge.stream_body"
+#: A request extension: True sends it on a new connection, not a kept one (a request sent
+#: again after :class:`KeptConnectionClosed`: the kept ones may have gone as that one did).
+NEW_CONNECTION = "bridge.new_connection"
 #: h11's states of a server whose response came whole.
 _COMPLETE = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 #: A timer may fire this much before its deadline (the loop's granularity): still a stall.
@@ -437,10 +440,11 @@ def body_of(response: httpx.Response) -> Connection | None:
 class KeptConnectionClosed(httpx.RemoteProtocolError):
     """A request on a kept connection got no byte of an answer: the server closed or reset it
     as the request left (its idle timeout racing the request, a restart, a gateway refusing).
-    The request may or may not have reached it; the pool keeps no connection of that origin
-    any more, so a request sent again goes on a new one. Sending it again is the caller's
-    call: the transport does not, so that every request the server may have seen is one the
-    caller counted and budgeted."""
+    The request may or may not have reached it. The pool drops what it kept for that origin,
+    and a request sent again with the ``NEW_CONNECTION`` extension goes on a new connection
+    (others may have been kept since). Sending it again is the caller's call, not the
+    transport's, so that every request the server may have seen is one the caller counted
+    and budgeted."""
 
 
 class _PooledBody(httpx.AsyncByteStream):
@@ -633,7 +637,9 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
             raise RuntimeError("the transport is closed")
         origin = _origin(request.url, self._tls)
         loop = asyncio.get_running_loop()
-        connection = self._take(origin, loop.time())
+        connection = None
+        if not request.extensions.get(NEW_CONNECTION):
+            connection = self._take(origin, loop.time())
         if connection is not None:
             connection._timeout = request.extensions.get("timeout", {}).get("read")
             try:

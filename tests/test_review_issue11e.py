@@ -1,7 +1,7 @@
-"""Second review of the keep-alive JSON pool (84086ec, 4fd1de5): what it still gets wrong, as
-failing tests marked ``xfail(strict=True)`` until fixed. What is asserted is what a user
-would check: the page a caller gets, which connection the server saw each request on, and
-what the README points an operator at."""
+"""Second review of the keep-alive JSON pool (84086ec, 4fd1de5): what it still got wrong, as
+failing tests marked ``xfail(strict=True)`` until fixed (the markers are gone). What is
+asserted is what a user would check: the page a caller gets, which connection the server saw
+each request on, and what the README points an operator at."""
 
 from __future__ import annotations
 
@@ -43,13 +43,6 @@ class RetryWaitsItsTurn(RateLimiter):
         await super().acquire()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the request sent again after KeptConnectionClosed takes whatever connection was "
-    "kept meanwhile (another request's, released while it waited for its slot), not a new "
-    "one as KeptConnectionClosed's docstring and _get_bytes_now say; when kept connections "
-    "are what the server refuses, the caller gets ApiUnavailable",
-)
 async def test_a_request_sent_again_goes_on_a_new_connection_even_while_others_finish() -> None:
     """The gateway answers the first request of each connection and resets the next one
     (burst suppression, as in tests/test_review_issue11d.py). A page request on a kept
