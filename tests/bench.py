@@ -741,6 +741,11 @@ class Bench:
                 await bridge.stop()
             await sim.stop()
         result.total = len(seen)
+        # Each event's times, for a look at where the tail comes from (in --logs; see
+        # tests/experiments/exp_latency_over_time.py).
+        times = [[_epoch(ce), ms / 1000, received] for ms, received, ce, _ in seen]
+        dump = {"steady_from": steady_from, "events": times}
+        (self.workdir / f"latency-{mode}.json").write_text(json.dumps(dump))
         for append_ms, received, ce_time, _ in seen:
             emitted = _epoch(ce_time)
             if emitted < steady_from:
@@ -761,6 +766,11 @@ class Bench:
             " (the simulator emits them as it goes)"
         )
         for mode in ("at_least_once", "exactly_once"):
+            # The broker's own work before the run (compacting and cleaning what earlier parts
+            # wrote) competes with this run's: say how much there was.
+            meter = CpuMeter({"broker": self.broker_pid})
+            await anyio.sleep(2)
+            say(f"  {mode}: the broker used {meter.read()['broker']:.0f} % of a core before it")
             result = await self.latency_run(mode)
             self.latency.append(result)
             say(
