@@ -95,11 +95,6 @@ async def test_a_request_sent_again_goes_on_a_new_connection_even_while_others_f
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="84086ec deleted bridge/http_pool.py; README's issue-11 table still points at it "
-    "(and its next paragraph still calls the JSON client httpx and httpcore)",
-)
 def test_every_module_the_readme_points_at_exists() -> None:
     """An operator following the README to a file of the bridge finds it."""
     readme = (REPO / "README.md").read_text()
