@@ -21,7 +21,7 @@ from bridge.app import _json_client
 from bridge.errors import ApiUnavailable
 from bridge.stream_transport import KeepAliveTransport, KeptConnectionClosed
 from tests.kafka_broker import KafkaPki
-from tests.test_stream_transport import nothing_left_behind, server_tls
+from tests.test_stream_transport import nothing_left_behind, raw_server, server_tls
 
 pytestmark = pytest.mark.anyio
 __all__ = ["nothing_left_behind"]  # autouse: no socket, task or future left behind
@@ -29,6 +29,9 @@ __all__ = ["nothing_left_behind"]  # autouse: no socket, task or future left beh
 #: (connection number, request number on it, the request's target) -> bytes to send; None:
 #: close the connection without an answer.
 Answer = Callable[[int, int, str], Awaitable[bytes | None]]
+#: (connection number, request number on it, target, the writer) -> keep the connection? It
+#: answers (or resets) through the writer itself.
+Script = Callable[[int, int, str, asyncio.StreamWriter], Awaitable[bool]]
 
 
 def ok(body: bytes, *extra: bytes) -> bytes:
@@ -47,23 +50,31 @@ class Server:
     url: str
     #: a list per connection, of the targets asked on it
     connections: list[list[str]] = field(default_factory=list)
+    #: set once the client has ended a connection (the server read its end)
+    client_ended: anyio.Event = field(default_factory=anyio.Event)
+
+
+def answering(answer: Answer) -> Script:
+    """A script that sends what ``answer`` gives, and closes the connection on None."""
+
+    async def script(connection: int, request: int, target: str, w: asyncio.StreamWriter) -> bool:
+        data = await answer(connection, request, target)
+        if data is not None:
+            w.write(data)
+        return data is not None
+
+    return script
 
 
 @asynccontextmanager
 async def keep_alive_server(
-    answer: Answer, *, tls: ssl.SSLContext | None = None, idle_close_s: float | None = None
+    script: Script, *, tls: ssl.SSLContext | None = None, idle_close_s: float | None = None
 ) -> AsyncIterator[Server]:
-    """Answers each request of a connection with ``answer``; closes a connection that waits
-    ``idle_close_s`` for its next request."""
-    handlers: set[asyncio.Task[None]] = set()
-    writers: list[asyncio.StreamWriter] = []
+    """A raw HTTP/1.1 server: each request of a connection goes to ``script``; a connection
+    that waits ``idle_close_s`` for its next request is closed."""
     server_state = Server("")
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        writers.append(writer)
         asked: list[str] = []
         server_state.connections.append(asked)
         number = len(server_state.connections) - 1
@@ -73,31 +84,22 @@ async def keep_alive_server(
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle_close_s)
                 except TimeoutError:
                     break
+                except asyncio.IncompleteReadError:
+                    server_state.client_ended.set()
+                    break
                 target = head.split(b" ", 2)[1].decode()
                 asked.append(target)
-                data = await answer(number, len(asked) - 1, target)
-                if data is None:
+                if not await script(number, len(asked) - 1, target, writer):
                     break
-                writer.write(data)
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+        except ConnectionError:
+            server_state.client_ended.set()
+        except ssl.SSLError:
             pass
-        finally:
-            writer.transport.abort()
-            handlers.discard(task)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
-    port = server.sockets[0].getsockname()[1]
-    server_state.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
-    try:
+    async with raw_server(handle, tls) as port:
+        server_state.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         yield server_state
-    finally:
-        server.close()
-        for writer in writers:
-            writer.transport.abort()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*handlers, return_exceptions=True)
-        await server.wait_closed()
 
 
 async def echoing(connection: int, request: int, target: str) -> bytes | None:
@@ -113,7 +115,7 @@ async def get(client: httpx.AsyncClient, url: str) -> bytes:
 async def test_requests_one_after_another_share_one_connection() -> None:
     """Five GETs in turn: five answers, each its own, all over one connection."""
     async with (
-        keep_alive_server(echoing) as server,
+        keep_alive_server(answering(echoing)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         bodies = [await get(client, f"{server.url}/p{i}?limit=100") for i in range(5)]
@@ -132,7 +134,7 @@ async def test_concurrent_requests_each_get_their_own_body() -> None:
         return ok(echo(target) * 50)
 
     async with (
-        keep_alive_server(slow_echo) as server,
+        keep_alive_server(answering(slow_echo)) as server,
         httpx.AsyncClient(transport=transport) as client,
     ):
         limiter = anyio.Semaphore(64)
@@ -154,7 +156,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> 
     """The server closes each connection 50 ms after its answer (its idle timeout): a request
     200 ms later gets its answer over a new connection, not an error from the dead one."""
     async with (
-        keep_alive_server(echoing, idle_close_s=0.05) as server,
+        keep_alive_server(answering(echoing), idle_close_s=0.05) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         first = await get(client, f"{server.url}/a")
@@ -174,7 +176,7 @@ async def test_a_body_closed_before_its_end_takes_its_connection_with_it() -> No
         return ok(big if target == "/big" else echo(target))
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         async with client.stream("GET", f"{server.url}/big", timeout=5) as response:
@@ -196,7 +198,7 @@ async def test_a_cancelled_request_does_not_leave_its_connection_to_the_next() -
         return ok(echo(target))
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         assert await get(client, f"{server.url}/first") == echo("/first")
@@ -226,7 +228,7 @@ async def test_a_connection_the_server_will_not_keep_is_not_used_again(extra: by
         return ok(echo(target)) + ok(b'{"stray":true}')
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         bodies = [await get(client, f"{server.url}/r{i}") for i in range(3)]
@@ -244,13 +246,14 @@ def requests_counted() -> float:
     )
 
 
-def api_over(client: httpx.AsyncClient, url: str) -> QoderApi:
+def api_over(client: httpx.AsyncClient, url: str, limiter: RateLimiter | None = None) -> QoderApi:
+    """The daemon's API over ``client`` (JSON and streams alike)."""
     return QoderApi(
         client,
         [client],
         url,
         lambda: "pt-test",
-        RateLimiter(1000),
+        limiter or RateLimiter(1000),
         stall_timeout_s=10,
         request_timeout_s=10,
     )
@@ -266,7 +269,7 @@ async def test_a_kept_connection_closed_as_the_request_left_is_reported_not_rese
         return None if request == 1 else ok(echo(target))
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         assert await get(client, f"{server.url}/a") == echo("/a")
@@ -285,7 +288,7 @@ async def test_the_api_sends_a_page_request_again_once_counting_both() -> None:
         return None if request == 1 else ok(echo(target))
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         api = api_over(client, server.url)
@@ -307,7 +310,7 @@ async def test_a_server_that_never_answers_is_an_error_not_a_loop() -> None:
         return ok(echo(target)) if target.endswith("/ok") else None
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         api = api_over(client, server.url)
@@ -336,7 +339,7 @@ async def test_each_request_has_its_own_read_timeout_on_a_kept_connection() -> N
         return ok(echo(target))
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         assert await get(client, f"{server.url}/a") == echo("/a")
@@ -363,7 +366,7 @@ async def test_an_error_answer_read_whole_keeps_its_connection() -> None:
         return ok(echo(target))
 
     async with (
-        keep_alive_server(answer) as server,
+        keep_alive_server(answering(answer)) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
         limited = await client.get(f"{server.url}/limited", timeout=5)
@@ -375,7 +378,7 @@ async def test_an_error_answer_read_whole_keeps_its_connection() -> None:
 async def test_https_connections_are_kept_too(kafka_pki: KafkaPki) -> None:
     """Over TLS with the daemon's context: three answers, one connection, one handshake."""
     async with (
-        keep_alive_server(echoing, tls=server_tls(kafka_pki)) as server,
+        keep_alive_server(answering(echoing), tls=server_tls(kafka_pki)) as server,
         _json_client(8, ssl.create_default_context(cafile=kafka_pki.ca)) as client,
     ):
         bodies = [await get(client, f"{server.url}/t{i}") for i in range(3)]
@@ -387,7 +390,7 @@ async def test_a_connection_idle_past_its_time_is_not_used_again() -> None:
     """Kept at most ``idle_s``: past it the next request opens a new connection (the server
     may be closing the old one at that very moment)."""
     async with (
-        keep_alive_server(echoing) as server,
+        keep_alive_server(answering(echoing)) as server,
         httpx.AsyncClient(transport=KeepAliveTransport(keep=8, idle_s=0.05)) as client,
     ):
         await get(client, f"{server.url}/a")

@@ -10,89 +10,36 @@ import contextlib
 import socket
 import ssl
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import anyio
 import httpx
 import pytest
 
-from bridge import metrics
-from bridge.api import QoderApi, RateLimiter
 from bridge.app import _json_client
 from bridge.errors import ApiUnavailable
 from bridge.stream_transport import KeepAliveTransport
+from tests.test_keepalive_transport import (
+    api_over,
+    keep_alive_server,
+    ok,
+    requests_counted,
+)
 from tests.test_stream_transport import nothing_left_behind
 
 pytestmark = pytest.mark.anyio
 __all__ = ["nothing_left_behind"]  # autouse: no socket, task or future left behind
 
-#: (connection number, request number on it, target, writer) -> keep the connection?
-Script = Callable[[int, int, str, asyncio.StreamWriter], Awaitable[bool]]
 
-
-@dataclass
-class Gateway:
-    url: str
-    #: a list per connection, of the targets asked on it
-    connections: list[list[str]] = field(default_factory=list)
-    #: set once the client has ended a connection (the server read its end)
-    client_ended: anyio.Event = field(default_factory=anyio.Event)
-
-
-@asynccontextmanager
-async def gateway(script: Script) -> AsyncIterator[Gateway]:
-    """A raw HTTP/1.1 server: each request of a connection is answered by ``script``."""
-    handlers: set[asyncio.Task[None]] = set()
-    writers: list[asyncio.StreamWriter] = []
-    state = Gateway("")
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        writers.append(writer)
-        asked: list[str] = []
-        state.connections.append(asked)
-        number = len(state.connections) - 1
-        try:
-            while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError:
-                    state.client_ended.set()
-                    break
-                asked.append(head.split(b" ", 2)[1].decode())
-                if not await script(number, len(asked) - 1, asked[-1], writer):
-                    break
-                await writer.drain()
-        except ConnectionError:
-            state.client_ended.set()
-        finally:
-            writer.transport.abort()
-            handlers.discard(task)
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    state.url = f"http://127.0.0.1:{port}"
-    try:
-        yield state
-    finally:
-        server.close()
-        for writer in writers:
-            writer.transport.abort()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(*handlers, return_exceptions=True)
-        await server.wait_closed()
-
-
-def ok(body: bytes) -> bytes:
-    return (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
-        % len(body)
-        + body
-    )
+async def resets_the_second(
+    connection: int, request: int, target: str, w: asyncio.StreamWriter
+) -> bool:
+    """A gateway's script: the first request of a connection answered (its id, from the
+    path), the next one reset."""
+    if request >= 1:
+        reset(w)
+        return False
+    w.write(ok(b'{"id":"%s"}' % target.rsplit("/", 1)[1].encode()))
+    return True
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
@@ -103,42 +50,17 @@ def reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-def requests_counted() -> float:
-    """``qoder_bridge_api_requests_total``, every route and status."""
-    return sum(
-        sample.value
-        for family in metrics.API_REQUESTS.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    )
-
-
 async def test_a_get_the_gateway_resets_on_a_kept_connection_is_counted_as_the_api_saw_it() -> None:
     """The gateway answers the first request of each connection and resets the next one
     (burst suppression: no body, a TCP reset). Two page requests through the daemon's API
     client: every request the gateway saw is one the bridge counted in its requests metric
     (whatever it then does with the reset: report it, or count the one it sent again)."""
 
-    async def script(connection: int, request: int, target: str, w: asyncio.StreamWriter) -> bool:
-        if request >= 1:
-            reset(w)
-            return False
-        w.write(ok(b'{"id":"%s"}' % target.rsplit("/", 1)[1].encode()))
-        return True
-
     async with (
-        gateway(script) as server,
+        keep_alive_server(resets_the_second) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
-        api = QoderApi(
-            client,
-            [client],
-            server.url,
-            lambda: "pt-test",
-            RateLimiter(1000),
-            stall_timeout_s=10,
-            request_timeout_s=10,
-        )
+        api = api_over(client, server.url)
         before = requests_counted()
         for session in ("sess_a", "sess_b"):
             # A reset reported (ApiUnavailable) is fine; what is checked is the count.
@@ -158,7 +80,7 @@ async def test_a_connection_idle_past_its_time_is_closed_without_another_request
         return True
 
     async with (
-        gateway(script) as server,
+        keep_alive_server(script) as server,
         httpx.AsyncClient(transport=KeepAliveTransport(keep=8, idle_s=0.05)) as client,
     ):
         response = await client.get(f"{server.url}/a", timeout=5)

@@ -5,7 +5,6 @@ each request on, and what the README points an operator at."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import ssl
 from pathlib import Path
@@ -13,10 +12,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from bridge.api import QoderApi, RateLimiter
+from bridge.api import RateLimiter
 from bridge.app import _json_client
 from bridge.errors import ApiUnavailable
-from tests.test_review_issue11d import gateway, ok, reset
+from tests.test_keepalive_transport import api_over, keep_alive_server
+from tests.test_review_issue11d import resets_the_second
 from tests.test_stream_transport import nothing_left_behind
 
 pytestmark = pytest.mark.anyio
@@ -51,28 +51,13 @@ async def test_a_request_sent_again_goes_on_a_new_connection_even_while_others_f
     (what the code promises): the caller gets its page, and the server saw it as the first
     request of a connection of its own."""
 
-    async def script(connection: int, request: int, target: str, w: asyncio.StreamWriter) -> bool:
-        if request >= 1:
-            reset(w)
-            return False
-        w.write(ok(b'{"id":"%s"}' % target.rsplit("/", 1)[1].encode()))
-        return True
-
     limiter = RetryWaitsItsTurn()
     outcome: dict[str, object] = {}
     async with (
-        gateway(script) as server,
+        keep_alive_server(resets_the_second) as server,
         _json_client(8, ssl.create_default_context()) as client,
     ):
-        api = QoderApi(
-            client,
-            [client],
-            server.url,
-            lambda: "pt-test",
-            limiter,
-            stall_timeout_s=10,
-            request_timeout_s=10,
-        )
+        api = api_over(client, server.url, limiter)
         assert await api.get_session("sess_a") == {"id": "sess_a"}  # its connection is kept
 
         async def page_x() -> None:

@@ -73,41 +73,29 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(
-    script: Callable[[Served, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-    *,
+async def raw_server(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     tls: ssl.SSLContext | None = None,
-    host: str = "127.0.0.1",
-) -> AsyncIterator[Served]:
-    """Each connection: its request head is read and kept, then ``script`` runs; after it (unless
-    it closed the connection) the server reads until the client goes and sets ``gone``."""
+) -> AsyncIterator[int]:
+    """An asyncio server on 127.0.0.1 (its port yielded) whose connections go to ``handle``;
+    each is aborted once its handler ends, and on the way out every handler is waited for."""
     handlers: set[asyncio.Task[None]] = set()
     writers: list[asyncio.StreamWriter] = []
-    served = Served("")
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         handlers.add(task)
         writers.append(writer)
         try:
-            served.heads.append(await reader.readuntil(b"\r\n\r\n"))
-            await script(served, reader, writer)
-            if not writer.is_closing():
-                while await reader.read(65536):
-                    pass
-                served.gone.set()
-        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-            served.gone.set()
+            await handle(reader, writer)
         finally:
             writer.transport.abort()
             handlers.discard(task)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
-    port = server.sockets[0].getsockname()[1]
-    served.url = f"{'https' if tls else 'http'}://{host}:{port}/api/v1/cloud"
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0, ssl=tls)
     try:
-        yield served
+        yield server.sockets[0].getsockname()[1]
     finally:
         server.close()
         # A handler still running (its client may be closing this very moment) ends once its
@@ -117,6 +105,33 @@ async def serving(
         with anyio.CancelScope(shield=True):
             await asyncio.gather(*handlers, return_exceptions=True)
         await server.wait_closed()
+
+
+@asynccontextmanager
+async def serving(
+    script: Callable[[Served, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    *,
+    tls: ssl.SSLContext | None = None,
+    host: str = "127.0.0.1",
+) -> AsyncIterator[Served]:
+    """Each connection: its request head is read and kept, then ``script`` runs; after it (unless
+    it closed the connection) the server reads until the client goes and sets ``gone``."""
+    served = Served("")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            served.heads.append(await reader.readuntil(b"\r\n\r\n"))
+            await script(served, reader, writer)
+            if not writer.is_closing():
+                while await reader.read(65536):
+                    pass
+                served.gone.set()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            served.gone.set()
+
+    async with raw_server(handle, tls) as port:
+        served.url = f"{'https' if tls else 'http'}://{host}:{port}/api/v1/cloud"
+        yield served
 
 
 @asynccontextmanager
