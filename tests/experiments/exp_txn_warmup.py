@@ -10,13 +10,17 @@ reproduces the bridge's shape of work with aiokafka only, on a fresh broker (its
 300 B to one partition of an events topic and one record to its own partition of a compacted
 checkpoint topic, both created before the start, as the bridge's windows do at 1,000 events/s
 over 50 threads. Per half second from the first transaction: the transactions, and the median
-and largest time to send (``send_batch`` and its acknowledgement) and to commit.
+and largest time to send (``send_batch`` and its acknowledgement) and to commit. ``--java``
+then does the same through the Java client (TxnWarmup.java, the broker's own kafka-clients jar,
+a thread a producer, ``flush()`` as the send's end): a new JVM each run, so its own JIT warms up
+with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +30,9 @@ from aiokafka import AIOKafkaProducer
 
 from tests.experiments.exp_common import topic, unique
 from tests.kafka_broker import KafkaBroker, fetch_jars
+
+#: The broker's jars, kafka-clients among them (deploy/local/kafka fetches them here).
+LIBS = Path(__file__).resolve().parents[2] / ".cache" / "kafka"
 
 
 async def run(servers: str, args: argparse.Namespace) -> list[tuple[float, float, float]]:
@@ -90,10 +97,28 @@ def report(rows: list[tuple[float, float, float]]) -> None:
         )
 
 
+def run_java(servers: str, args: argparse.Namespace) -> list[tuple[float, float, float]]:
+    """The same transactions through the Java client (TxnWarmup.java, the broker's jars)."""
+
+    async def topics() -> tuple[str, str]:
+        return await topic(servers, "events", 32), await topic(
+            servers, "checkpoints", 32, compacted=True
+        )
+
+    events, checkpoints = anyio.run(topics)
+    libs = next(LIBS.glob("*/libs"))
+    source = Path(__file__).with_name("TxnWarmup.java")
+    cmd = ["java", "-cp", f"{libs}/*", str(source), servers, events, checkpoints]
+    cmd += [str(args.producers), str(args.seconds), unique("warm-java")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    return [tuple(float(x) for x in line.split()) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--producers", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--java", action="store_true", help="also through the Java client")
     args = parser.parse_args()
     fetch_jars()
     heap = os.environ.get("KAFKA_HEAP_OPTS", "-Xms2g -Xmx2g")
@@ -101,8 +126,12 @@ def main() -> None:
     broker.start()
     try:
         for attempt in (1, 2):
-            print(f"run {attempt} on this broker ({heap}): {args.producers} producers")
+            print(f"run {attempt} on this broker ({heap}): {args.producers} aiokafka producers")
             report(anyio.run(run, broker.bootstrap, args))
+        if args.java:
+            for attempt in (1, 2):
+                print(f"run {attempt} of the Java client ({args.producers} producers)")
+                report(run_java(broker.bootstrap, args))
     finally:
         broker.kill()
 
