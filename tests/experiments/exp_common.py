@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from aiokafka import AIOKafkaProducer
+
 from tests.kafka_broker import KafkaBroker, create_topics, fetch_jars
 
 
@@ -44,6 +46,20 @@ async def topic(bootstrap: str, label: str, partitions: int, *, compacted: bool 
     name = unique(label)
     await create_topics(bootstrap, [name], partitions=partitions, compacted=compacted)
     return name
+
+
+def transactional_producers(servers: str, label: str, count: int) -> list[AIOKafkaProducer]:
+    """``count`` transactional producers (not started), ids unique to this run."""
+    group = unique(label)
+    return [
+        AIOKafkaProducer(
+            bootstrap_servers=servers,
+            transactional_id=f"{group}-{i}",
+            enable_idempotence=True,
+            acks="all",
+        )
+        for i in range(count)
+    ]
 
 
 def now() -> float:

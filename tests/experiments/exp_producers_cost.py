@@ -23,7 +23,7 @@ import time
 import anyio
 from aiokafka import AIOKafkaProducer
 
-from tests.experiments.exp_common import bootstrap, show, topic, unique
+from tests.experiments.exp_common import bootstrap, show, topic, transactional_producers
 
 
 def rss_mib() -> float:
@@ -38,16 +38,7 @@ async def child(
     servers: str, events: str, checkpoints: str, count: int, args: argparse.Namespace
 ) -> None:
     base = rss_mib()
-    group = unique("cost")
-    producers = [
-        AIOKafkaProducer(
-            bootstrap_servers=servers,
-            transactional_id=f"{group}-{i}",
-            enable_idempotence=True,
-            acks="all",
-        )
-        for i in range(count)
-    ]
+    producers = transactional_producers(servers, "cost", count)
     t0 = time.monotonic()
     async with anyio.create_task_group() as tg:
         for p in producers:

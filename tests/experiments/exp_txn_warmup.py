@@ -28,7 +28,7 @@ from pathlib import Path
 import anyio
 from aiokafka import AIOKafkaProducer
 
-from tests.experiments.exp_common import topic, unique
+from tests.experiments.exp_common import topic, transactional_producers, unique
 from tests.kafka_broker import KafkaBroker, fetch_jars
 
 #: The broker's jars, kafka-clients among them (deploy/local/kafka fetches them here).
@@ -38,16 +38,7 @@ LIBS = Path(__file__).resolve().parents[2] / ".cache" / "kafka"
 async def run(servers: str, args: argparse.Namespace) -> list[tuple[float, float, float]]:
     events = await topic(servers, "events", 32)
     checkpoints = await topic(servers, "checkpoints", 32, compacted=True)
-    group = unique("warm")
-    producers = [
-        AIOKafkaProducer(
-            bootstrap_servers=servers,
-            transactional_id=f"{group}-{i}",
-            enable_idempotence=True,
-            acks="all",
-        )
-        for i in range(args.producers)
-    ]
+    producers = transactional_producers(servers, "warm", args.producers)
     async with anyio.create_task_group() as tg:
         for p in producers:
             tg.start_soon(p.start)
