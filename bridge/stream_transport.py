@@ -183,6 +183,9 @@ class Connection(asyncio.Protocol):
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     def _after_wait(self) -> None:
+        # A wait that was cancelled leaves its (done) future here: _wake and _on_timer pass
+        # over a done one, and the next wait replaces it.
+        self._waiter = None
         if self._stalled:
             self.close()
             raise httpx.ReadTimeout(f"no bytes for {self._timeout:g} s")
@@ -229,11 +232,7 @@ class Connection(asyncio.Protocol):
                 raise httpx.ReadError("the connection was closed before the response came")
             event = self._next_event()
             if event is None:
-                waiter = self._arm()
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
+                await self._arm()
                 self._after_wait()
             elif isinstance(event, h11.Response):
                 return event
@@ -253,11 +252,7 @@ class Connection(asyncio.Protocol):
                 raise httpx.ReadError("the connection was closed before the body's end")
             event = self._next_event()
             if event is None:
-                waiter = self._arm()
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
+                await self._arm()
                 self._after_wait()
             elif type(event) is h11.Data:
                 return bytes(event.data)
