@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from bridge import metrics
 from bridge.app import Bridge
 from bridge.config import Settings, load_settings
 from bridge.logs import configure_logging
@@ -268,3 +269,13 @@ async def deliver_scenario(
 async def read_json(bootstrap: str, topic: str) -> list[Any]:
     """Every committed record of the topic, its value parsed as JSON (alerts, dead letters)."""
     return [json.loads(r.value) for r in await read_topic(bootstrap, topic)]
+
+
+def api_requests_counted(route: str | None = None) -> float:
+    """``qoder_bridge_api_requests_total`` in this process, every status (of one route, or all)."""
+    return sum(
+        sample.value
+        for family in metrics.API_REQUESTS.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total") and route in (None, sample.labels["route"])
+    )

@@ -15,6 +15,7 @@ from bridge import metrics
 from bridge.simulator import Scenario, SessionSpec, ThreadSpec, running_simulator
 from tests.bridge_harness import (
     TOKEN,
+    api_requests_counted,
     bridge_settings,
     read_json,
     running_bridge,
@@ -22,15 +23,6 @@ from tests.bridge_harness import (
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
-
-
-def _requests() -> float:
-    return sum(
-        sample.value
-        for family in metrics.API_REQUESTS.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    )
 
 
 def _account(history: int) -> Scenario:
@@ -61,9 +53,9 @@ async def _steady_cost(history: int, bootstrap: str, topics: object) -> tuple[fl
                     if len(delivery.by_key) >= history + 4:
                         break
             await anyio.sleep(3.0)  # settle: catch-up pumps end, watchers of history let go
-            before, started = _requests(), anyio.current_time()
+            before, started = api_requests_counted(), anyio.current_time()
             await anyio.sleep(6.0)
-            rate = (_requests() - before) / (anyio.current_time() - started)
+            rate = (api_requests_counted() - before) / (anyio.current_time() - started)
             open_streams = sim.open_streams
     return rate, open_streams, len(delivery.by_key)
 
@@ -136,15 +128,6 @@ async def test_threads_beyond_the_stream_cap_keep_flowing_through_the_list(
     assert sum(a["type"] == "bridge.streams_capped" for a in alerts) == 1
 
 
-def _requests_to(route: str) -> float:
-    return sum(
-        sample.value
-        for family in metrics.API_REQUESTS.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total") and sample.labels["route"] == route
-    )
-
-
 async def test_sessions_that_settled_cost_no_request_after_a_restart(kafka_bootstrap, kafka_topics):
     """Scenario: an account of 40 finished sessions and 1 running. A first bridge catches up and
     lets the finished sessions go (each settled: its mark is written to the checkpoint topic,
@@ -167,11 +150,11 @@ async def test_sessions_that_settled_cost_no_request_after_a_restart(kafka_boots
                         break
                     await anyio.sleep(0.5)
         published = len(await read_json(kafka_bootstrap, kafka_topics.events))
-        sessions, threads = _requests_to("session"), _requests_to("threads")
+        sessions, threads = api_requests_counted("session"), api_requests_counted("threads")
         async with running_bridge(settings):
             await anyio.sleep(4.0)  # well past the start's full listing
-        asked_sessions = _requests_to("session") - sessions
-        asked_threads = _requests_to("threads") - threads
+        asked_sessions = api_requests_counted("session") - sessions
+        asked_threads = api_requests_counted("threads") - threads
         events = await read_json(kafka_bootstrap, kafka_topics.events)
     print(f"\nrestart: {asked_sessions:.0f} session and {asked_threads:.0f} thread-list requests")
     assert len({m["session_id"] for m in marks}) >= history
@@ -203,7 +186,7 @@ async def test_a_catch_up_slower_than_the_poll_costs_one_look_per_session(
             kafka_topics,
             BRIDGE_API_MAX_RPS="25",  # 60 x 3 requests: 7 s, seven poll intervals
         )
-        before = {r: _requests_to(r) for r in ("session", "threads", "events")}
+        before = {r: api_requests_counted(r) for r in ("session", "threads", "events")}
         async with running_bridge(settings):
             with anyio.fail_after(60):
                 while True:
@@ -215,7 +198,7 @@ async def test_a_catch_up_slower_than_the_poll_costs_one_look_per_session(
                     if len(marks) >= history:
                         break
                     await anyio.sleep(0.5)
-        asked = {r: _requests_to(r) - n for r, n in before.items()}
+        asked = {r: api_requests_counted(r) - n for r, n in before.items()}
         _records, delivery = await wait_for_delivery(
             kafka_bootstrap, kafka_topics.events, sim, timeout_s=1
         )

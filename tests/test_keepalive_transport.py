@@ -15,11 +15,11 @@ import anyio
 import httpx
 import pytest
 
-from bridge import metrics
 from bridge.api import QoderApi, RateLimiter
 from bridge.app import _json_client
 from bridge.errors import ApiUnavailable
 from bridge.stream_transport import KeepAliveTransport, KeptConnectionClosed
+from tests.bridge_harness import api_requests_counted
 from tests.kafka_broker import KafkaPki
 from tests.test_stream_transport import nothing_left_behind, raw_server, server_tls
 
@@ -102,6 +102,18 @@ async def keep_alive_server(
         yield server_state
 
 
+@asynccontextmanager
+async def json_server(
+    answer: Answer, *, idle_close_s: float | None = None
+) -> AsyncIterator[tuple[Server, httpx.AsyncClient]]:
+    """A keep-alive server answering with ``answer``, and the daemon's JSON client."""
+    async with (
+        keep_alive_server(answering(answer), idle_close_s=idle_close_s) as server,
+        _json_client(8, ssl.create_default_context()) as client,
+    ):
+        yield server, client
+
+
 async def echoing(connection: int, request: int, target: str) -> bytes | None:
     return ok(echo(target))
 
@@ -114,10 +126,7 @@ async def get(client: httpx.AsyncClient, url: str) -> bytes:
 
 async def test_requests_one_after_another_share_one_connection() -> None:
     """Five GETs in turn: five answers, each its own, all over one connection."""
-    async with (
-        keep_alive_server(answering(echoing)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(echoing) as (server, client):
         bodies = [await get(client, f"{server.url}/p{i}?limit=100") for i in range(5)]
     assert bodies == [echo(f"/p{i}?limit=100") for i in range(5)]
     assert server.connections == [[f"/p{i}?limit=100" for i in range(5)]]
@@ -155,10 +164,7 @@ async def test_concurrent_requests_each_get_their_own_body() -> None:
 async def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
     """The server closes each connection 50 ms after its answer (its idle timeout): a request
     200 ms later gets its answer over a new connection, not an error from the dead one."""
-    async with (
-        keep_alive_server(answering(echoing), idle_close_s=0.05) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(echoing, idle_close_s=0.05) as (server, client):
         first = await get(client, f"{server.url}/a")
         await anyio.sleep(0.2)
         second = await get(client, f"{server.url}/b")
@@ -175,10 +181,7 @@ async def test_a_body_closed_before_its_end_takes_its_connection_with_it() -> No
     async def answer(connection: int, request: int, target: str) -> bytes | None:
         return ok(big if target == "/big" else echo(target))
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         async with client.stream("GET", f"{server.url}/big", timeout=5) as response:
             async for _part in response.aiter_raw():
                 break
@@ -197,10 +200,7 @@ async def test_a_cancelled_request_does_not_leave_its_connection_to_the_next() -
             await asyncio.sleep(0.2)
         return ok(echo(target))
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         assert await get(client, f"{server.url}/first") == echo("/first")
         with anyio.move_on_after(5) as scope:
             async with anyio.create_task_group() as tg:
@@ -227,23 +227,10 @@ async def test_a_connection_the_server_will_not_keep_is_not_used_again(extra: by
             return ok(echo(target), extra)
         return ok(echo(target)) + ok(b'{"stray":true}')
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         bodies = [await get(client, f"{server.url}/r{i}") for i in range(3)]
     assert bodies == [echo(f"/r{i}") for i in range(3)]
     assert server.connections == [["/r0"], ["/r1"], ["/r2"]]
-
-
-def requests_counted() -> float:
-    """``qoder_bridge_api_requests_total``, every route and status."""
-    return sum(
-        sample.value
-        for family in metrics.API_REQUESTS.collect()
-        for sample in family.samples
-        if sample.name.endswith("_total")
-    )
 
 
 def api_over(client: httpx.AsyncClient, url: str, limiter: RateLimiter | None = None) -> QoderApi:
@@ -268,10 +255,7 @@ async def test_a_kept_connection_closed_as_the_request_left_is_reported_not_rese
     async def answer(connection: int, request: int, target: str) -> bytes | None:
         return None if request == 1 else ok(echo(target))
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         assert await get(client, f"{server.url}/a") == echo("/a")
         with pytest.raises(KeptConnectionClosed, match="before answering"):
             await get(client, f"{server.url}/b")
@@ -287,15 +271,12 @@ async def test_the_api_sends_a_page_request_again_once_counting_both() -> None:
     async def answer(connection: int, request: int, target: str) -> bytes | None:
         return None if request == 1 else ok(echo(target))
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         api = api_over(client, server.url)
-        before = requests_counted()
+        before = api_requests_counted()
         first = await api.get_session("sess_a")
         second = await api.get_session("sess_b")
-        counted = requests_counted() - before
+        counted = api_requests_counted() - before
     assert (first, second) == ({"target": "/sessions/sess_a"}, {"target": "/sessions/sess_b"})
     assert server.connections == [["/sessions/sess_a", "/sessions/sess_b"], ["/sessions/sess_b"]]
     assert counted == 3
@@ -309,18 +290,15 @@ async def test_a_server_that_never_answers_is_an_error_not_a_loop() -> None:
     async def answer(connection: int, request: int, target: str) -> bytes | None:
         return ok(echo(target)) if target.endswith("/ok") else None
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         api = api_over(client, server.url)
-        before = requests_counted()
+        before = api_requests_counted()
         with pytest.raises(ApiUnavailable, match="without sending a response"):
             await api.get_session("fresh")
         assert await api.get_session("ok") == {"target": "/sessions/ok"}
         with pytest.raises(ApiUnavailable, match="without sending a response"):
             await api.get_session("kept")
-        counted = requests_counted() - before
+        counted = api_requests_counted() - before
     assert server.connections == [
         ["/sessions/fresh"],
         ["/sessions/ok", "/sessions/kept"],
@@ -338,10 +316,7 @@ async def test_each_request_has_its_own_read_timeout_on_a_kept_connection() -> N
             await asyncio.sleep(1)
         return ok(echo(target))
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         assert await get(client, f"{server.url}/a") == echo("/a")
         with pytest.raises(httpx.ReadTimeout):
             await client.get(f"{server.url}/slow", timeout=0.1)
@@ -365,10 +340,7 @@ async def test_an_error_answer_read_whole_keeps_its_connection() -> None:
             )
         return ok(echo(target))
 
-    async with (
-        keep_alive_server(answering(answer)) as server,
-        _json_client(8, ssl.create_default_context()) as client,
-    ):
+    async with json_server(answer) as (server, client):
         limited = await client.get(f"{server.url}/limited", timeout=5)
         assert (limited.status_code, limited.headers["retry-after"]) == (429, "1")
         assert await get(client, f"{server.url}/a") == echo("/a")

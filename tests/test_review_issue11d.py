@@ -18,11 +18,11 @@ import pytest
 from bridge.app import _json_client
 from bridge.errors import ApiUnavailable
 from bridge.stream_transport import KeepAliveTransport
+from tests.bridge_harness import api_requests_counted
 from tests.test_keepalive_transport import (
     api_over,
     keep_alive_server,
     ok,
-    requests_counted,
 )
 from tests.test_stream_transport import nothing_left_behind
 
@@ -61,12 +61,12 @@ async def test_a_get_the_gateway_resets_on_a_kept_connection_is_counted_as_the_a
         _json_client(8, ssl.create_default_context()) as client,
     ):
         api = api_over(client, server.url)
-        before = requests_counted()
+        before = api_requests_counted()
         for session in ("sess_a", "sess_b"):
             # A reset reported (ApiUnavailable) is fine; what is checked is the count.
             with contextlib.suppress(ApiUnavailable):
                 await api.get_session(session)
-        counted = requests_counted() - before
+        counted = api_requests_counted() - before
     seen = sum(len(asked) for asked in server.connections)
     assert counted == seen, server.connections
 

@@ -168,6 +168,38 @@ async def read_frames(
         return [(f.event, f.data, f.id) async for f in frames]
 
 
+async def ids_until_cancelled(api: QoderApi) -> list[str | None]:
+    """A pump that reads the stream's first frame and is then cancelled as it waits for the
+    next: the ids it read."""
+    got: list[str | None] = []
+    first = anyio.Event()
+
+    async def pump() -> None:
+        async with api.stream_thread(THREAD, None) as frames:
+            async for f in frames:
+                got.append(f.id)
+                first.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pump)
+        with anyio.fail_after(5):
+            await first.wait()
+        tg.cancel_scope.cancel()
+    return got
+
+
+async def ids_until_stalled(api: QoderApi, busy_s: float = 0) -> list[str | None]:
+    """The ids of the frames read before the stream is StreamStalled (which it must be), the
+    reader taking ``busy_s`` over each (a pump busy with its event)."""
+    got: list[str | None] = []
+    with pytest.raises(StreamStalled):
+        async with api.stream_thread(THREAD, None) as frames:
+            async for f in frames:
+                got.append(f.id)
+                await anyio.sleep(busy_s)
+    return got
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind() -> Iterator[None]:
     """No scenario may leave an unclosed socket or transport, a task destroyed while pending or
@@ -270,12 +302,7 @@ async def test_a_server_that_goes_silent_is_a_stalled_stream() -> None:
         await writer.drain()
 
     async with serving(script) as served, stream_api(served.url, stall_timeout_s=0.5) as api:
-        got = []
-        with pytest.raises(StreamStalled):
-            async with api.stream_thread(THREAD, None) as frames:
-                async for f in frames:
-                    got.append(f.id)
-        assert got == ["evt_1"]
+        assert await ids_until_stalled(api) == ["evt_1"]
         with anyio.fail_after(5):
             await served.gone.wait()
 
@@ -314,13 +341,7 @@ async def test_heartbeats_keep_a_stream_alive_and_a_busy_reader_is_no_stall() ->
         await writer.drain()
 
     async with serving(script) as served, stream_api(served.url, stall_timeout_s=1.0) as api:
-        got = []
-        with pytest.raises(StreamStalled):
-            async with api.stream_thread(THREAD, None) as frames:
-                async for f in frames:
-                    got.append(f.id)
-                    await anyio.sleep(1.5)  # the pump busy with this event
-        assert got == ["evt_1", "evt_2"]
+        assert await ids_until_stalled(api, busy_s=1.5) == ["evt_1", "evt_2"]
 
 
 # -- broken connections ----------------------------------------------------------------------------
@@ -428,21 +449,7 @@ async def test_a_cancelled_reader_closes_its_socket_at_once() -> None:
         await writer.drain()
 
     async with serving(script) as served, stream_api(served.url) as api:
-        got = []
-        first = anyio.Event()
-
-        async def pump() -> None:
-            async with api.stream_thread(THREAD, None) as frames:
-                async for f in frames:
-                    got.append(f.id)
-                    first.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            with anyio.fail_after(5):
-                await first.wait()
-            tg.cancel_scope.cancel()
-        assert got == ["evt_1"]
+        assert await ids_until_cancelled(api) == ["evt_1"]
         with anyio.fail_after(5):
             await served.gone.wait()
 
@@ -614,18 +621,7 @@ async def test_a_cancelled_https_reader_closes_its_connection(kafka_pki: KafkaPk
         serving(script, tls=server_tls(kafka_pki)) as served,
         stream_api(served.url, tls=client) as api,
     ):
-        first = anyio.Event()
-
-        async def pump() -> None:
-            async with api.stream_thread(THREAD, None) as frames:
-                async for _ in frames:
-                    first.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            with anyio.fail_after(5):
-                await first.wait()
-            tg.cancel_scope.cancel()
+        assert await ids_until_cancelled(api) == ["evt_1"]
         with anyio.fail_after(5):
             await served.gone.wait()
 
