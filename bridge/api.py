@@ -12,9 +12,8 @@ import json
 import math
 import re
 import time
-import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -526,12 +525,13 @@ StreamRoute = Literal["events", "stream"]
 
 
 class QoderApi:
-    """A thin, typed view of the API over one shared ``httpx.AsyncClient``."""
+    """A thin, typed view of the API: JSON requests over ``client``, streams over
+    ``stream_client``."""
 
     def __init__(
         self,
         client: httpx.AsyncClient,
-        stream_clients: Sequence[httpx.AsyncClient],
+        stream_client: httpx.AsyncClient,
         base_url: str,
         token: Callable[[], str],
         limiter: RateLimiter,
@@ -542,9 +542,9 @@ class QoderApi:
         json_in_flight: int = 64,
     ) -> None:
         self._client = client
-        # Streams go through their own clients (the daemon gives one, on the stream
-        # transport); where there are several, a stream's path picks one by a stable hash.
-        self._stream_clients = stream_clients
+        # Streams go through a client of their own (the daemon's is on the stream transport:
+        # a connection each, no pool).
+        self._stream_client = stream_client
         self._base = base_url.rstrip("/")
         self._token = token
         self._limiter = limiter
@@ -782,7 +782,7 @@ class QoderApi:
             extra["Last-Event-ID"] = after_id
         # No bytes at all (not even a heartbeat) for stall_timeout_s is a stalled stream.
         timeout = httpx.Timeout(self._request_timeout_s, read=self._stall_timeout_s)
-        client = self._stream_clients[zlib.crc32(path.encode()) % len(self._stream_clients)]
+        client = self._stream_client
         while True:
             query = bool(after_id) and self.stream_query
             request = client.build_request(

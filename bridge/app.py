@@ -164,11 +164,11 @@ class Bridge:
         tls = ssl.create_default_context(cafile=certifi.where())
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(_json_client(JSON_POOL_SIZE, tls))
-            stream_clients = [await stack.enter_async_context(_stream_client(tls))]
+            stream_client = await stack.enter_async_context(_stream_client(tls))
             limiter = RateLimiter(settings.api.max_requests_per_s)
             api = QoderApi(
                 client,
-                stream_clients,
+                stream_client,
                 settings.api.url,
                 lambda: tokens.current().reveal(),
                 limiter,

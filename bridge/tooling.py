@@ -178,7 +178,7 @@ async def open_api(settings: Settings) -> AsyncIterator[QoderApi]:
     ) as client:
         yield QoderApi(
             client,
-            [client],
+            client,
             settings.api.url,
             lambda: tokens.current().reveal(),
             RateLimiter(settings.api.max_requests_per_s),

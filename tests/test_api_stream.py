@@ -50,7 +50,7 @@ def _api(body: Chunks, headers: dict[str, str]) -> QoderApi:
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return QoderApi(
         client,
-        [client],
+        client,
         BASE,
         lambda: "token",
         RateLimiter(1000),

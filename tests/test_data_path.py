@@ -54,7 +54,7 @@ def _api(body: bytes) -> QoderApi:
     client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     return QoderApi(
         client,
-        [client],
+        client,
         BASE,
         lambda: "token",
         RateLimiter(1000),

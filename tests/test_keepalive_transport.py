@@ -237,7 +237,7 @@ def api_over(client: httpx.AsyncClient, url: str, limiter: RateLimiter | None = 
     """The daemon's API over ``client`` (JSON and streams alike)."""
     return QoderApi(
         client,
-        [client],
+        client,
         url,
         lambda: "pt-test",
         limiter or RateLimiter(1000),

@@ -147,7 +147,7 @@ def _api(transport: httpx.AsyncBaseTransport, base: str, max_event_bytes: int) -
     client = httpx.AsyncClient(transport=transport)
     return QoderApi(
         client,
-        [client],
+        client,
         base,
         lambda: TOKEN,
         RateLimiter(1000),
@@ -180,7 +180,7 @@ async def test_a_backfill_after_a_cursor_that_spans_pages_is_not_refused():
         async with httpx.AsyncClient() as client:
             api = QoderApi(
                 client,
-                [client],
+                client,
                 sim.base_url,
                 lambda: TOKEN,
                 RateLimiter(1000),

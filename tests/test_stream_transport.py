@@ -151,7 +151,7 @@ async def stream_api(
     ):
         yield QoderApi(
             json_client,
-            [stream_client],
+            stream_client,
             base_url,
             lambda: "pt-test",
             RateLimiter(1000),
