@@ -22,7 +22,9 @@ in the same run, as a ratio. Printed:
 3. latency at a live rate (50 threads x 20 events/s: 1,000 events/s): from the event's
    ``processed_at`` (the simulator emitting it) to the broker appending it (the record's
    LogAppendTime timestamp), and to a read_committed consumer in this process receiving it, in
-   both delivery modes;
+   both delivery modes; counted after a warm-up (10 s from the moment the bridge has every
+   stream open, as OpenMessaging Benchmark warms up before it measures), whose figures and the
+   start's are printed apart;
 4. memory: the bridge's RSS with 0 threads (the baseline), with 1,000 and with 10,000 open idle
    streams (threads that stay running, heartbeats only), once the bridge's
    ``qoder_bridge_open_streams`` and the simulator's own count both say they are all open (or,
@@ -109,13 +111,16 @@ class Sizes:
     live_threads: int
     live_rate: float  # events/s per thread
     live_s: float
+    #: Not counted: from the moment the bridge has every stream open, this long (the warm-up
+    #: of OpenMessaging Benchmark). The broker's JIT compiles its transaction paths meanwhile.
+    live_warmup_s: float
     idle_streams: tuple[int, ...]
     open_within_s: float  # how long the idle streams may take to open
 
 
 # Latency at 1,000 events/s: 50 threads x 20 events/s.
-FULL = Sizes(100_000, 25, 20, 100, 50, 20.0, 20.0, (1_000, 10_000), 90.0)
-QUICK = Sizes(20_000, 25, 10, 0, 50, 20.0, 8.0, (1_000,), 60.0)
+FULL = Sizes(100_000, 25, 20, 100, 50, 20.0, 20.0, 10.0, (1_000, 10_000), 90.0)
+QUICK = Sizes(20_000, 25, 10, 0, 50, 20.0, 8.0, 2.0, (1_000,), 60.0)
 
 
 # -- scenarios (JSON, as `--scenario FILE` takes them) ------------------------------------------
@@ -493,6 +498,10 @@ class Latency:
     excluded: int = 0
     total: int = 0
     note: str = ""
+    #: processed_at -> consumer has it, of the events left out: emitted while the bridge was
+    #: starting (before it had every stream open), and during the warm-up after that.
+    starting_ms: list[float] = field(default_factory=list)
+    warmup_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -714,7 +723,8 @@ class Bench:
 
     async def latency_run(self, mode: str) -> Latency:
         s = self.sizes
-        sim = SimulatorChild(live_scenario(s.live_threads, s.live_rate, s.live_s), self.workdir)
+        seconds = s.live_s + s.live_warmup_s
+        sim = SimulatorChild(live_scenario(s.live_threads, s.live_rate, seconds), self.workdir)
         topics = KafkaTopics.unique(f"bench-live-{mode}")
         await create_events_topic(self.bootstrap, topics.events)
         seen: list[tuple[int, float, str, str]] = []  # (append ms, received at, ce_time, ce_id)
@@ -734,9 +744,11 @@ class Bench:
                 await bridge.wait_for(
                     f"{threads} open streams", lambda m: m.get(OPEN_STREAMS, 0) >= threads, 60
                 )
-                # Events the bridge read through the list while starting are not live ones.
-                steady_from = time.time() + 1.0
-                with anyio.fail_after(s.live_s + 60):
+                # Events the bridge read through the list while starting are not live ones, and
+                # the warm-up's are not steady ones.
+                open_at = time.time()
+                steady_from = open_at + s.live_warmup_s
+                with anyio.fail_after(seconds + 60):
                     while not (status := sim.status())["idle"] or len(seen) < status["events"]:
                         await anyio.sleep(0.2)
                 await anyio.sleep(0.5)  # anything late, or twice
@@ -753,12 +765,14 @@ class Bench:
         # Each event's times, for a look at where the tail comes from (in --logs; see
         # tests/experiments/exp_latency_over_time.py).
         times = [[_epoch(ce), ms / 1000, received] for ms, received, ce, _ in seen]
-        dump = {"steady_from": steady_from, "events": times}
+        dump = {"open_at": open_at, "steady_from": steady_from, "events": times}
         (self.workdir / f"latency-{mode}.json").write_text(json.dumps(dump))
         for append_ms, received, ce_time, _ in seen:
             emitted = _epoch(ce_time)
             if emitted < steady_from:
                 result.excluded += 1
+                left_out = result.starting_ms if emitted < open_at else result.warmup_ms
+                left_out.append((received - emitted) * 1000)
                 continue
             result.append_ms.append(append_ms - emitted * 1000)
             result.receive_ms.append((received - emitted) * 1000)
@@ -771,8 +785,9 @@ class Bench:
     async def run_latency(self) -> None:
         s = self.sizes
         say(
-            f"\nlive rate: {s.live_threads} threads x {s.live_rate:g} events/s for {s.live_s:g} s"
-            " (the simulator emits them as it goes)"
+            f"\nlive rate: {s.live_threads} threads x {s.live_rate:g} events/s for"
+            f" {s.live_s + s.live_warmup_s:g} s (the simulator emits them as it goes); counted from"
+            f" {s.live_warmup_s:g} s after the bridge has every stream open"
         )
         for mode in ("at_least_once", "exactly_once"):
             # The broker's own work before the run (compacting and cleaning what earlier parts
@@ -943,11 +958,18 @@ class Bench:
                     e, a = getattr(eos, what), getattr(alo, what)
                     parts.append(f"{what[:-3]} p{q} {ratio(percentile(e, q), percentile(a, q))}")
             say(f"  EOS/ALO: {', '.join(parts)}")
+        warmup = self.sizes.live_warmup_s
         for r in self.latency:
             say(
-                f"  {r.mode}: {r.note}; {r.excluded:,} of {r.total:,} left out (emitted before"
-                " the bridge had every stream open, + 1 s)"
+                f"  {r.mode}: {r.note}; {r.excluded:,} of {r.total:,} left out: emitted before the"
+                f" bridge had every stream open, or in the {warmup:g} s of warm-up after that"
             )
+            for what, values in (("starting", r.starting_ms), ("warm-up", r.warmup_ms)):
+                say(
+                    f"    left out, {what}: {len(values):,} events, to receive p50"
+                    f" {fmt(percentile(values, 50), '.1f', ' ms')}, p99"
+                    f" {fmt(percentile(values, 99), '.1f', ' ms')}"
+                )
 
     def _report_memory(self) -> None:
         say("\nMEMORY of the bridge process (VmRSS), exactly_once, idle streams")
