@@ -14,6 +14,7 @@ matplotlib comes with the ``bench`` extra (and ``dev``); it never reaches the im
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,16 +76,23 @@ def draw(figures: dict[str, Any], out: Path) -> list[Path]:
             if not values:
                 continue
             ys = [(i + 1) / len(values) for i in range(len(values))]
-            p99 = values[min(len(values) - 1, int(0.99 * len(values)))]
+            # The bench's own rank (the smallest value with 99 % of the events at or below it).
+            p99 = values[min(len(values) - 1, max(0, math.ceil(0.99 * len(values)) - 1))]
             label = f"{run['mode']} (p99 {p99:.1f} ms, {len(values):,} events)"
             ax.plot(values, ys, label=label)
+            left_out = sorted(run.get("warmup_ms") or [])
+            if left_out:
+                ys = [(i + 1) / len(left_out) for i in range(len(left_out))]
+                label = f"{run['mode']}, warm-up left out ({len(left_out):,} events)"
+                ax.plot(left_out, ys, label=label, linestyle=":", alpha=0.6)
         ax.set_xscale("log")
         ax.set_xlabel("ms from processed_at to a read_committed consumer")
         ax.set_ylabel("share of events")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
         rate = figures.get("latency_rate", "")
-        ax.set_title(f"Latency CDF at {rate}")
+        warmup = figures.get("latency_warmup", "")
+        ax.set_title(f"Latency CDF at {rate}" + (f"\ncounted {warmup}" if warmup else ""))
         fig.text(0.01, 0.01, caption, fontsize=7, alpha=0.7)
         fig.tight_layout(rect=(0, 0.08, 1, 1))
         written.append(_save(fig, out / "latency.png"))

@@ -47,7 +47,8 @@ def main() -> None:
         for row in rows:
             buckets.setdefault(int((row[0] - first) // window), []).append(row)
         for number, bucket in sorted(buckets.items()):
-            warmup = " warm-up" if first + number * window < counted_from else ""
+            end = first + (number + 1) * window
+            warmup = " warm-up" if end <= counted_from else ""  # (a straddling one: counted)
             print(_line(f"{number * window:4.0f}-{(number + 1) * window:.0f} s{warmup}", bucket))
         print(_line("all counted", counted))
 
