@@ -115,7 +115,7 @@ class Sizes:
     #: 1-2 s the bridge catches up the events emitted while it started; then exactly_once's
     #: p99 a second settles from about 150 to 115 ms over some 10 s, on a broker fresh or warm
     #: from the earlier parts alike. Both are reported apart, and so is the p99 from 1 s after
-    #: every stream is open (the count before the warm-up).
+    #: every stream is open to the end of the run (the previous count's start, over all of it).
     live_warmup_s: float
     idle_streams: tuple[int, ...]
     open_within_s: float  # how long the idle streams may take to open
@@ -505,7 +505,8 @@ class Latency:
     note: str = ""
     #: processed_at -> consumer has it, of the events left out: emitted while the bridge was
     #: starting (before it had every stream open), and during the warm-up after that; and of
-    #: every event from 1 s after every stream was open (what was counted before the warm-up).
+    #: every event from 1 s after every stream was open to the end (where the count started
+    #: before the warm-up, which then ran 20 s).
     starting_ms: list[float] = field(default_factory=list)
     warmup_ms: list[float] = field(default_factory=list)
     from_open_ms: list[float] = field(default_factory=list)
@@ -1244,7 +1245,7 @@ def draw_charts(args: argparse.Namespace, pipeline: Any, bench: Bench) -> None:
         "latency_rate": f"{s.live_threads * s.live_rate:,.0f} events/s"
         f" ({s.live_threads} threads x {s.live_rate:g}/s)",
         "latency_warmup": (
-            f"from {s.live_warmup_s:g} s after every stream was open (dotted: before that)"
+            f"from {s.live_warmup_s:g} s after every stream was open (dotted: the warm-up)"
         ),
         "memory": [asdict(m) for m in bench.memory],
     }

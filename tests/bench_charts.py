@@ -79,12 +79,12 @@ def draw(figures: dict[str, Any], out: Path) -> list[Path]:
             # The bench's own rank (the smallest value with 99 % of the events at or below it).
             p99 = values[min(len(values) - 1, max(0, math.ceil(0.99 * len(values)) - 1))]
             label = f"{run['mode']} (p99 {p99:.1f} ms, {len(values):,} events)"
-            ax.plot(values, ys, label=label)
+            (line,) = ax.plot(values, ys, label=label)
             left_out = sorted(run.get("warmup_ms") or [])
             if left_out:
                 ys = [(i + 1) / len(left_out) for i in range(len(left_out))]
                 label = f"{run['mode']}, warm-up left out ({len(left_out):,} events)"
-                ax.plot(left_out, ys, label=label, linestyle=":", alpha=0.6)
+                ax.plot(left_out, ys, label=label, linestyle=":", color=line.get_color())
         ax.set_xscale("log")
         ax.set_xlabel("ms from processed_at to a read_committed consumer")
         ax.set_ylabel("share of events")

@@ -6,21 +6,26 @@
 ``tests.bench`` leaves each event's times in ``DIR/latency-<mode>.json`` (processed_at, the
 broker's append, the read_committed consumer's receipt, all epoch seconds) with the moment the
 bridge had every stream open and the time from which it counts events (after the warm-up).
-This prints, for each mode, p50 and p99 to append and to receive over windows of SECONDS (2 by
-default) from the first of those (the warm-up's windows marked), then over all the events the
-bench counts.
+This prints, for each mode, p50 and p99 (the bench's rank) to append and to receive over
+windows of SECONDS (2 by default; 1 for the per-second figures the README quotes) from the
+first of those, laid so that one starts where the count does (the warm-up's marked), then over
+all the events the bench counts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 
 def _pct(values: list[float], q: float) -> float:
+    """The bench's rank: the smallest value with a share ``q`` of the values at or below it."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _line(label: str, rows: list[tuple[float, float, float]]) -> str:
@@ -43,13 +48,16 @@ def main() -> None:
         rows = sorted((e, a, r) for e, a, r in dump["events"] if e >= first)
         counted = [row for row in rows if row[0] >= counted_from]
         print(f"{path.stem.removeprefix('latency-')}: {len(counted):,} events counted")
+        # Windows from the start of the count backwards and forwards: none holds both.
         buckets: dict[int, list[tuple[float, float, float]]] = {}
         for row in rows:
-            buckets.setdefault(int((row[0] - first) // window), []).append(row)
+            buckets.setdefault(math.floor((row[0] - counted_from) / window), []).append(row)
+        offset = counted_from - first
         for number, bucket in sorted(buckets.items()):
-            end = first + (number + 1) * window
-            warmup = " warm-up" if end <= counted_from else ""  # (a straddling one: counted)
-            print(_line(f"{number * window:4.0f}-{(number + 1) * window:.0f} s{warmup}", bucket))
+            start = max(0.0, offset + number * window)  # (the first may start before open)
+            warmup = " warm-up" if number < 0 else ""
+            end = offset + (number + 1) * window
+            print(_line(f"{start:4.0f}-{end:.0f} s{warmup}", bucket))
         print(_line("all counted", counted))
 
 
