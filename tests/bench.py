@@ -66,6 +66,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ import anyio.abc
 import anyio.to_thread
 import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
 
 from tests.bridge_harness import TOKEN, BridgeProcess, bridge_env
 from tests.kafka_broker import KafkaBroker, KafkaTopics, create_topics, fetch_jars, read_topic
@@ -567,6 +569,7 @@ class Bench:
         self.workdir = workdir
         self.throughput: dict[str, list[Throughput]] = {}
         self.latency: list[Latency] = []
+        self.latency_baseline: Latency | None = None
         self.memory: list[Memory] = []
         self.failures: list[str] = []
 
@@ -794,6 +797,70 @@ class Bench:
             result.note = f"{len(seen)} of {expected} events received, {dups} duplicates"
         return result
 
+    async def latency_baseline_run(self) -> Latency:
+        """exactly_once's shape with aiokafka alone, on the same broker at the same rate: the
+        bench emits the live run's events itself (50 threads x 20/s, ~300 B, a ce_time header),
+        and ``BASELINE_SHARDS`` transactional producers, a thread's events always to the same
+        one, each commit a window 100 ms after its first event was made, holding the events
+        and one record a thread to a compacted 32-partition topic (the bridge's checkpoints).
+        Counted as the bridge's runs are: from ``live_warmup_s`` after the start."""
+        s = self.sizes
+        seconds = s.live_s + s.live_warmup_s
+        topics = KafkaTopics.unique("bench-live-baseline")
+        await create_events_topic(self.bootstrap, topics.events)
+        await create_topics(self.bootstrap, [topics.checkpoints], partitions=32, compacted=True)
+        seen: list[tuple[int, float, str, str]] = []
+        result = Latency("aiokafka alone, transactional")
+        run = uuid.uuid4().hex[:8]
+        producers = [
+            AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                compression_type="zstd",  # the bridge's default
+                transactional_id=f"bench-live-baseline-{run}-{i}",
+            )
+            for i in range(BASELINE_SHARDS)
+        ]
+        streams = [anyio.create_memory_object_stream[_Made](math.inf) for _ in producers]
+        gc.collect()
+        gc.freeze()
+        try:
+            for producer in producers:
+                await producer.start()
+            async with anyio.create_task_group() as tg:
+                await tg.start(_consume, self.bootstrap, topics.events, seen)
+                for shard, producer in enumerate(producers):
+                    tg.start_soon(_baseline_shard, producer, streams[shard][1], topics, shard)
+                open_at = time.time()
+                steady_from = open_at + s.live_warmup_s
+                made = await _baseline_emit([send for send, _ in streams], s, seconds)
+                with anyio.fail_after(60):
+                    while len(seen) < made:
+                        await anyio.sleep(0.2)
+                await anyio.sleep(0.5)  # anything late, or twice
+                tg.cancel_scope.cancel()
+        finally:
+            gc.unfreeze()
+            for producer in producers:
+                await producer.stop()
+        result.total = len(seen)
+        for append_ms, received, ce_time, _ in seen:
+            emitted = _epoch(ce_time)
+            if emitted >= open_at + 1:
+                result.from_open_ms.append((received - emitted) * 1000)
+            if emitted < steady_from:
+                result.excluded += 1
+                result.warmup_ms.append((received - emitted) * 1000)
+                continue
+            result.append_ms.append(append_ms - emitted * 1000)
+            result.receive_ms.append((received - emitted) * 1000)
+        dups = duplicates([x[3] for x in seen])
+        result.note = "all events once" if (len(seen), dups) == (made, 0) else "MISMATCH"
+        if result.note == "MISMATCH":
+            result.note = f"{len(seen)} of {made} events received, {dups} duplicates"
+        return result
+
     async def run_latency(self) -> None:
         s = self.sizes
         say(
@@ -813,6 +880,17 @@ class Bench:
                 f"  {mode}: consumer p50 {fmt(percentile(result.receive_ms, 50), '.1f')} ms,"
                 f" p99 {fmt(percentile(result.receive_ms, 99), '.1f')} ms ({result.note})"
             )
+        # The same shape without the bridge, right after it: what the broker and this machine
+        # give exactly_once at this rate.
+        meter = CpuMeter({"broker": self.broker_pid})
+        await anyio.sleep(2)
+        say(f"  baseline: the broker used {meter.read()['broker']:.0f} % of a core before it")
+        base = await self.latency_baseline_run()
+        self.latency_baseline = base
+        say(
+            f"  {base.mode}: consumer p50 {fmt(percentile(base.receive_ms, 50), '.1f')} ms,"
+            f" p99 {fmt(percentile(base.receive_ms, 99), '.1f')} ms ({base.note})"
+        )
 
     # -- 4: memory ------------------------------------------------------------------------------
 
@@ -950,7 +1028,8 @@ class Bench:
         say("  to append  = to the broker appending it (the record's LogAppendTime; ms resolution)")
         say("  to receive = to a read_committed consumer (in this process) receiving it")
         rows = []
-        for r in self.latency:
+        base = self.latency_baseline
+        for r in [*self.latency, *([base] if base is not None else [])]:
             for what, values in (("append", r.append_ms), ("receive", r.receive_ms)):
                 rows.append(
                     [
@@ -970,14 +1049,24 @@ class Bench:
                     e, a = getattr(eos, what), getattr(alo, what)
                     parts.append(f"{what[:-3]} p{q} {ratio(percentile(e, q), percentile(a, q))}")
             say(f"  EOS/ALO: {', '.join(parts)}")
+            if base is not None:
+                parts = [
+                    f"{what[:-3]} p{q} "
+                    + ratio(percentile(getattr(eos, what), q), percentile(getattr(base, what), q))
+                    for what in ("append_ms", "receive_ms")
+                    for q in (50, 99)
+                ]
+                say(f"  bridge EOS / aiokafka alone, transactional: {', '.join(parts)}")
         warmup = self.sizes.live_warmup_s
         rows = []
-        for r in self.latency:
+        for r in [*self.latency, *([base] if base is not None else [])]:
             for what, values in (
                 ("starting (left out)", r.starting_ms),
                 (f"warm-up, {warmup:g} s (left out)", r.warmup_ms),
                 ("from open + 1 s", r.from_open_ms),
             ):
+                if not values and r is base:
+                    continue  # (the baseline has no start to leave out)
                 rows.append(
                     [
                         f"{r.mode}, {what}",
@@ -992,6 +1081,12 @@ class Bench:
             say(
                 f"  {r.mode}: {r.note}; {r.excluded:,} of {r.total:,} left out: emitted before the"
                 f" bridge had every stream open, or in the {warmup:g} s of warm-up after that"
+            )
+        if base is not None:
+            say(
+                f"  {base.mode}: {base.note}; {base.excluded:,} of {base.total:,} left out (its"
+                f" first {warmup:g} s); {BASELINE_SHARDS} transactional producers, the bridge's"
+                " shape (see latency_baseline_run)"
             )
         if self.sizes is QUICK:
             say("  (--quick: too short a warm-up and run to check a latency target with)")
@@ -1043,6 +1138,82 @@ async def _send_in_transactions(
             key, value, headers = messages[at]
             await producer.send(topic, value, key=key, headers=headers)
             at += 1
+        await producer.commit_transaction()
+
+
+#: The latency baseline's transactional producers: about as many as the bridge's shards with
+#: events in the live run (50 sessions over 32 shards: 26-27).
+BASELINE_SHARDS = 26
+#: (key, value, headers, made at: the loop's clock) of one baseline event.
+_Made = tuple[bytes, bytes, list[tuple[str, bytes]], float]
+
+
+async def _baseline_emit(
+    sends: list[anyio.abc.ObjectSendStream[_Made]], s: Sizes, seconds: float
+) -> int:
+    """The live run's events, made here: each thread every 1/rate s (phases spread), its
+    events to one producer; returns how many were made."""
+    threads, period = s.live_threads, 1 / s.live_rate
+    padding = "x" * 220  # ~300 B a value, as the simulator's events
+    start = anyio.current_time()
+    due = [start + period * i / threads for i in range(threads)]
+    made = 0
+    while (now := anyio.current_time()) < start + seconds:
+        for i in range(threads):
+            if due[i] <= now:
+                due[i] += period
+                stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                event_id = f"bevt_{i}_{made}"
+                value = json.dumps({"id": event_id, "processed_at": stamp, "p": padding})
+                headers = [("ce_time", stamp.encode()), ("ce_id", event_id.encode())]
+                key = f"sess_{i:03}/sthr_1".encode()
+                sends[i % len(sends)].send_nowait((key, value.encode(), headers, now))
+                made += 1
+        await anyio.sleep(max(0.0, min(due) - anyio.current_time()))
+    for send in sends:
+        send.close()
+    return made
+
+
+async def _baseline_shard(
+    producer: AIOKafkaProducer,
+    receive: anyio.abc.ObjectReceiveStream[_Made],
+    topics: KafkaTopics,
+    shard: int,
+) -> None:
+    """One shard: a transaction a window, committed 100 ms after its first event was made."""
+    async for first in receive:
+        window, deadline = [first], first[3] + 0.1
+        while True:
+            try:
+                window.append(receive.receive_nowait())
+                continue
+            except anyio.WouldBlock:
+                if (left := deadline - anyio.current_time()) <= 0:
+                    break
+                await anyio.sleep(left)
+            except anyio.EndOfStream:
+                break
+        await producer.begin_transaction()
+        groups: dict[tuple[str, int], list[tuple[bytes, bytes, list[tuple[str, bytes]]]]] = {}
+        for key, value, headers, _ in window:
+            partition = (murmur2(key) & 0x7FFFFFFF) % PARTITIONS
+            groups.setdefault((topics.events, partition), []).append((key, value, headers))
+        for key in dict.fromkeys(k for k, _, _, _ in window):  # a checkpoint a thread
+            groups.setdefault((topics.checkpoints, shard), []).append((key, b"{}" * 200, []))
+        acks = []
+        for (topic, partition), records in groups.items():
+            batch = producer.create_batch()
+            for key, value, headers in records:
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    batch.close()  # full: send it, and start the next
+                    acks.append(await producer.send_batch(batch, topic, partition=partition))
+                    batch = producer.create_batch()
+                    batch.append(key=key, value=value, timestamp=None, headers=headers)
+            batch.close()
+            acks.append(await producer.send_batch(batch, topic, partition=partition))
+        for ack in acks:
+            await ack
         await producer.commit_transaction()
 
 
