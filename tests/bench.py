@@ -513,6 +513,32 @@ class Latency:
     warmup_ms: list[float] = field(default_factory=list)
     from_open_ms: list[float] = field(default_factory=list)
 
+    def count(
+        self,
+        seen: list[tuple[int, float, str, str]],
+        open_at: float,
+        steady_from: float,
+        expected: int,
+    ) -> None:
+        """Sort what the consumer saw (append ms, received at, ce_time, ce_id) into the sets
+        above, and note whether every one of the ``expected`` events came, once."""
+        self.total = len(seen)
+        for append_ms, received, ce_time, _ in seen:
+            emitted = _epoch(ce_time)
+            if emitted >= open_at + 1:
+                self.from_open_ms.append((received - emitted) * 1000)
+            if emitted < steady_from:
+                self.excluded += 1
+                left_out = self.starting_ms if emitted < open_at else self.warmup_ms
+                left_out.append((received - emitted) * 1000)
+                continue
+            self.append_ms.append(append_ms - emitted * 1000)
+            self.receive_ms.append((received - emitted) * 1000)
+        dups = duplicates([x[3] for x in seen])
+        self.note = "all events once" if (len(seen), dups) == (expected, 0) else "MISMATCH"
+        if self.note == "MISMATCH":
+            self.note = f"{len(seen)} of {expected} events received, {dups} duplicates"
+
 
 @dataclass
 class Memory:
@@ -774,27 +800,12 @@ class Bench:
             if bridge is not None:
                 await bridge.stop()
             await sim.stop()
-        result.total = len(seen)
         # Each event's times, for a look at where the tail comes from (in --logs; see
         # tests/experiments/exp_latency_over_time.py).
         times = [[_epoch(ce), ms / 1000, received] for ms, received, ce, _ in seen]
         dump = {"open_at": open_at, "steady_from": steady_from, "events": times}
         (self.workdir / f"latency-{mode}.json").write_text(json.dumps(dump))
-        for append_ms, received, ce_time, _ in seen:
-            emitted = _epoch(ce_time)
-            if emitted >= open_at + 1:
-                result.from_open_ms.append((received - emitted) * 1000)
-            if emitted < steady_from:
-                result.excluded += 1
-                left_out = result.starting_ms if emitted < open_at else result.warmup_ms
-                left_out.append((received - emitted) * 1000)
-                continue
-            result.append_ms.append(append_ms - emitted * 1000)
-            result.receive_ms.append((received - emitted) * 1000)
-        expected, dups = status["events"], duplicates([s[3] for s in seen])
-        result.note = "all events once" if (len(seen), dups) == (expected, 0) else "MISMATCH"
-        if result.note == "MISMATCH":
-            result.note = f"{len(seen)} of {expected} events received, {dups} duplicates"
+        result.count(seen, open_at, steady_from, status["events"])
         return result
 
     async def latency_baseline_run(self) -> Latency:
@@ -844,21 +855,7 @@ class Bench:
             gc.unfreeze()
             for producer in producers:
                 await producer.stop()
-        result.total = len(seen)
-        for append_ms, received, ce_time, _ in seen:
-            emitted = _epoch(ce_time)
-            if emitted >= open_at + 1:
-                result.from_open_ms.append((received - emitted) * 1000)
-            if emitted < steady_from:
-                result.excluded += 1
-                result.warmup_ms.append((received - emitted) * 1000)
-                continue
-            result.append_ms.append(append_ms - emitted * 1000)
-            result.receive_ms.append((received - emitted) * 1000)
-        dups = duplicates([x[3] for x in seen])
-        result.note = "all events once" if (len(seen), dups) == (made, 0) else "MISMATCH"
-        if result.note == "MISMATCH":
-            result.note = f"{len(seen)} of {made} events received, {dups} duplicates"
+        result.count(seen, open_at, steady_from, made)
         return result
 
     async def run_latency(self) -> None:
