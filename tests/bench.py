@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import functools
 import gc
 import json
 import logging
@@ -64,7 +65,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -560,6 +561,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
+def _latency_row(label: str, values: Sequence[float]) -> list[str]:
+    """A latency table's row: the label, how many, p50, p90, p99 and the largest."""
+    return [
+        label,
+        f"{len(values):,}",
+        *(fmt(percentile(values, q), ".1f", " ms") for q in (50, 90, 99)),
+        fmt(max(values, default=math.nan), ".1f", " ms"),
+    ]
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
@@ -767,10 +778,6 @@ class Bench:
         await create_events_topic(self.bootstrap, topics.events)
         seen: list[tuple[int, float, str, str]] = []  # (append ms, received at, ce_time, ce_id)
         result = Latency(mode)
-        # What this process holds from earlier parts is not walked by a collection during the
-        # run (unfrozen after it): a pause here would delay the consumer's receipts.
-        gc.collect()
-        gc.freeze()
         bridge: Bridge | None = None
         try:
             async with anyio.create_task_group() as tg:
@@ -796,7 +803,6 @@ class Bench:
                 say(f"  bridge log ({bridge.log_path}):\n{bridge.log_tail()}")
             raise
         finally:
-            gc.unfreeze()
             if bridge is not None:
                 await bridge.stop()
             await sim.stop()
@@ -834,8 +840,6 @@ class Bench:
             for i in range(BASELINE_SHARDS)
         ]
         streams = [anyio.create_memory_object_stream[_Made](math.inf) for _ in producers]
-        gc.collect()
-        gc.freeze()
         try:
             for producer in producers:
                 await producer.start()
@@ -852,7 +856,6 @@ class Bench:
                 await anyio.sleep(0.5)  # anything late, or twice
                 tg.cancel_scope.cancel()
         finally:
-            gc.unfreeze()
             for producer in producers:
                 await producer.stop()
         result.count(seen, open_at, steady_from, made)
@@ -865,29 +868,35 @@ class Bench:
             f" {s.live_s + s.live_warmup_s:g} s (the simulator emits them as it goes); counted from"
             f" {s.live_warmup_s:g} s after the bridge has every stream open"
         )
-        for mode in ("at_least_once", "exactly_once"):
+        # Both modes through the bridge, then the same exactly_once shape without it: what the
+        # broker and this machine give exactly_once at this rate.
+        runs: list[tuple[str, Callable[[], Awaitable[Latency]]]] = [
+            (mode, functools.partial(self.latency_run, mode))
+            for mode in ("at_least_once", "exactly_once")
+        ]
+        runs.append(("baseline", self.latency_baseline_run))
+        for label, run in runs:
             # The broker's own work before the run (compacting and cleaning what earlier parts
             # wrote) competes with this run's: say how much there was.
             meter = CpuMeter({"broker": self.broker_pid})
             await anyio.sleep(2)
-            say(f"  {mode}: the broker used {meter.read()['broker']:.0f} % of a core before it")
-            result = await self.latency_run(mode)
-            self.latency.append(result)
+            say(f"  {label}: the broker used {meter.read()['broker']:.0f} % of a core before it")
+            # What this process holds is not walked by a collection during the run: a pause
+            # here would delay the consumer's receipts.
+            gc.collect()
+            gc.freeze()
+            try:
+                result = await run()
+            finally:
+                gc.unfreeze()
+            if label == "baseline":
+                self.latency_baseline = result
+            else:
+                self.latency.append(result)
             say(
-                f"  {mode}: consumer p50 {fmt(percentile(result.receive_ms, 50), '.1f')} ms,"
-                f" p99 {fmt(percentile(result.receive_ms, 99), '.1f')} ms ({result.note})"
+                f"  {result.mode}: consumer p50 {fmt(percentile(result.receive_ms, 50), '.1f')}"
+                f" ms, p99 {fmt(percentile(result.receive_ms, 99), '.1f')} ms ({result.note})"
             )
-        # The same shape without the bridge, right after it: what the broker and this machine
-        # give exactly_once at this rate.
-        meter = CpuMeter({"broker": self.broker_pid})
-        await anyio.sleep(2)
-        say(f"  baseline: the broker used {meter.read()['broker']:.0f} % of a core before it")
-        base = await self.latency_baseline_run()
-        self.latency_baseline = base
-        say(
-            f"  {base.mode}: consumer p50 {fmt(percentile(base.receive_ms, 50), '.1f')} ms,"
-            f" p99 {fmt(percentile(base.receive_ms, 99), '.1f')} ms ({base.note})"
-        )
 
     # -- 4: memory ------------------------------------------------------------------------------
 
@@ -1024,18 +1033,13 @@ class Bench:
         say("\nLATENCY at a live rate, from the event's processed_at (the simulator emitting it)")
         say("  to append  = to the broker appending it (the record's LogAppendTime; ms resolution)")
         say("  to receive = to a read_committed consumer (in this process) receiving it")
-        rows = []
         base = self.latency_baseline
-        for r in [*self.latency, *([base] if base is not None else [])]:
-            for what, values in (("append", r.append_ms), ("receive", r.receive_ms)):
-                rows.append(
-                    [
-                        f"{r.mode}, to {what}",
-                        f"{len(values):,}",
-                        *(fmt(percentile(values, q), ".1f", " ms") for q in (50, 90, 99)),
-                        fmt(max(values, default=math.nan), ".1f", " ms"),
-                    ]
-                )
+        runs = [*self.latency, *([base] if base is not None else [])]
+        rows = [
+            _latency_row(f"{r.mode}, to {what}", values)
+            for r in runs
+            for what, values in (("append", r.append_ms), ("receive", r.receive_ms))
+        ]
         say(table(["mode", "events", "p50", "p90", "p99", "max"], rows))
         by_mode = {r.mode: r for r in self.latency}
         if {"at_least_once", "exactly_once"} <= by_mode.keys():
@@ -1055,23 +1059,16 @@ class Bench:
                 ]
                 say(f"  bridge EOS / aiokafka alone, transactional: {', '.join(parts)}")
         warmup = self.sizes.live_warmup_s
-        rows = []
-        for r in [*self.latency, *([base] if base is not None else [])]:
+        rows = [
+            _latency_row(f"{r.mode}, {what}", values)
+            for r in runs
             for what, values in (
                 ("starting (left out)", r.starting_ms),
                 (f"warm-up, {warmup:g} s (left out)", r.warmup_ms),
                 ("from open + 1 s", r.from_open_ms),
-            ):
-                if not values and r is base:
-                    continue  # (the baseline has no start to leave out)
-                rows.append(
-                    [
-                        f"{r.mode}, {what}",
-                        f"{len(values):,}",
-                        *(fmt(percentile(values, q), ".1f", " ms") for q in (50, 90, 99)),
-                        fmt(max(values, default=math.nan), ".1f", " ms"),
-                    ]
-                )
+            )
+            if values or r is not base  # (the baseline has no start to leave out)
+        ]
         say("\n  to receive, of the events left out and of all from 1 s after every stream opened:")
         say(table(["mode, events", "events", "p50", "p90", "p99", "max"], rows))
         for r in self.latency:

@@ -19,22 +19,16 @@ import math
 import sys
 from pathlib import Path
 
-
-def _pct(values: list[float], q: float) -> float:
-    """The bench's rank: the smallest value with a share ``q`` of the values at or below it."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+from tests.bench import percentile
 
 
 def _line(label: str, rows: list[tuple[float, float, float]]) -> str:
     append = [(a - e) * 1000 for e, a, _ in rows]
     receive = [(r - e) * 1000 for e, _, r in rows]
     return (
-        f"  {label:<18} {len(rows):>6}  append p50 {_pct(append, 0.5):6.1f} p99 "
-        f"{_pct(append, 0.99):6.1f}   receive p50 {_pct(receive, 0.5):6.1f} p99 "
-        f"{_pct(receive, 0.99):6.1f} ms"
+        f"  {label:<18} {len(rows):>6}  append p50 {percentile(append, 50):6.1f} p99 "
+        f"{percentile(append, 99):6.1f}   receive p50 {percentile(receive, 50):6.1f} p99 "
+        f"{percentile(receive, 99):6.1f} ms"
     )
 
 
