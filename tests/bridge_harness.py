@@ -145,20 +145,32 @@ class Delivery:
     by_key: dict[str, list[bytes]] = field(default_factory=dict)
     #: (key, position in the thread, events in the thread, event id) of a few lost events
     lost_examples: list[tuple[str, int, int, str]] = field(default_factory=list)
+    #: (key, event id, the copies' partition:offset) of a few duplicated events
+    duplicate_examples: list[tuple[str, str, list[str]]] = field(default_factory=list)
 
     def summary(self) -> str:
         line = (
             f"expected={self.expected} received={self.received} lost={self.lost} "
             f"duplicated={self.duplicated} misordered={self.misordered}"
         )
-        return line + (f" lost_examples={self.lost_examples[:12]}" if self.lost_examples else "")
+        if self.lost_examples:
+            line += f" lost_examples={self.lost_examples[:12]}"
+        if self.duplicate_examples:
+            line += f" duplicate_examples={self.duplicate_examples[:12]}"
+        return line
+
+
+def _event_id(value: bytes) -> str:
+    return value.split(b'"id":"', 1)[-1].split(b'"', 1)[0].decode(errors="replace")
 
 
 def compare(records: list[Any], logs: Mapping[str, list[bytes]]) -> Delivery:
     """Count lost, duplicated and misordered events, per key, by exact value bytes."""
     by_key: dict[str, list[bytes]] = defaultdict(list)
+    places: dict[tuple[str, bytes], list[str]] = defaultdict(list)
     for record in records:
         by_key[record.key.decode()].append(record.value)
+        places[record.key.decode(), record.value].append(f"{record.partition}:{record.offset}")
     result = Delivery(by_key=dict(by_key))
     for key, expected in logs.items():
         got = by_key.get(key, [])
@@ -170,8 +182,11 @@ def compare(records: list[Any], logs: Mapping[str, list[bytes]]) -> Delivery:
         result.duplicated += sum((counts - wanted).values())
         for i, value in enumerate(expected):
             if value not in counts and len(result.lost_examples) < 50:
-                event_id = value.split(b'"id":"', 1)[-1].split(b'"', 1)[0].decode()
-                result.lost_examples.append((key, i, len(expected), event_id))
+                result.lost_examples.append((key, i, len(expected), _event_id(value)))
+        for value in counts - wanted:
+            if len(result.duplicate_examples) < 50:
+                copies = places[key, value]
+                result.duplicate_examples.append((key, _event_id(value), copies))
         # Order: the first occurrence of each event must follow the API's order.
         position = {value: i for i, value in enumerate(expected)}
         firsts: list[int] = []
