@@ -235,6 +235,10 @@ class PublisherClosed(Exception):
     """The bridge is draining: nothing more is taken. What was not taken is read again."""
 
 
+class _LetGo(Exception):
+    """A let-go publisher needed a new producer: it stops instead (see Publisher.let_go)."""
+
+
 class BatchTooLarge(SinkError):
     """Kafka refused a batch of several records for its size: the topic's limit is read again
     and the batch sent again (one record a batch if the limit did not change), so that a
@@ -302,6 +306,8 @@ class Publisher:
         self._topic_limits: dict[str, int] = dict(topic_limits or {})
         #: True once everything submitted before close() was published.
         self.drained = False
+        #: Its shard was let go: it never starts another producer (Publisher.let_go).
+        self._let_go = False
         self.last_commit = time.monotonic()
 
     # -- the pumps' side -------------------------------------------------------------------
@@ -333,6 +339,14 @@ class Publisher:
         self._send.close()
         if self._window is not None:
             self._window.cancel()  # what is queued goes now, not at the window's end
+
+    def let_go(self) -> None:
+        """As close(), for a shard that may be someone else's from now on: what is queued is
+        published with the producer it has, or not at all. A new producer of the same
+        transactional.id would be the newest: it would fence the shard's next owner and commit
+        what this one holds over what that owner committed since, twice."""
+        self._let_go = True
+        self.close()
 
     # -- the producer's side ---------------------------------------------------------------
 
@@ -396,27 +410,39 @@ class Publisher:
         """Start a producer, retrying until Kafka answers (the pumps wait meanwhile)."""
         delay, failures = 0.5, 0
         while True:
+            if self._let_go:
+                raise _LetGo
             try:
                 await self._start_producer()
-                return
             except (SinkUnavailable, TransactionAborted) as exc:
                 # One warning per outage; the retries go to debug.
                 emit = log.warning if not failures else log.debug
                 emit("bridge.publisher.connect_failed", error=str(exc), retry_in_s=delay)
                 failures += 1
+            else:
+                if self._let_go:  # let go while it started: it publishes nothing with it
+                    raise _LetGo
+                return
             await anyio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        await self._connect()
-        task_status.started()
+        started = False
         try:
+            await self._connect()
+            task_status.started()
+            started = True
             while (batch := await self._collect()) is not None:
                 await self._publish_until_done(batch)
             self.drained = True
             (log.info if self._report else log.debug)("bridge.publisher.drained", shard=self.shard)
+        except _LetGo:
+            # What it holds is read again by the shard's next owner, from the checkpoint.
+            log.info("bridge.publisher.let_go", shard=self.shard)
+            if not started:
+                task_status.started()
         finally:
             self._discard_queued()
             await self._stop_producer()

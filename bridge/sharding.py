@@ -71,6 +71,8 @@ class ShardedPublisher:
         #: The member's own producer: alerts, and everything with at_least_once.
         self.member = Publisher(settings, health, budget=self._budget)
         self._shards: dict[int, _Shard] = {}
+        #: Shards let go whose publisher has not stopped yet.
+        self._leaving: dict[int, _Shard] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self._closed = False
         #: Called with a shard whose producer was fenced (set by the ShardManager).
@@ -131,10 +133,21 @@ class ShardedPublisher:
         self._tg = None
 
     async def acquire(self, shard: int) -> None:
-        """Start the shard's producer: with exactly_once this fences its previous owner."""
+        """Start the shard's producer: with exactly_once this fences its previous owner.
+
+        A shard let go by this member a moment ago (a gap assignment lets go of every shard and
+        takes it again at once) is taken once its last publisher has stopped, committing what
+        it held or not (within RELEASE_WITHIN_S): then the new producer is the newest, and the
+        checkpoints read after it have whatever the last one committed."""
         if not self._transactional or shard in self._shards or self._closed:
             return
         assert self._tg is not None  # noqa: S101 -- run() is running
+        if (leaving := self._leaving.get(shard)) is not None:
+            await self.stop(leaving)
+            if self._leaving.get(shard) is leaving:
+                del self._leaving[shard]
+            if shard in self._shards or self._closed:
+                return
         group = self._settings.kafka.group_id
         publisher = Publisher(
             self._settings,
@@ -169,6 +182,8 @@ class ShardedPublisher:
                 log.info("bridge.shard.producer_fenced", shard=shard, error=str(exc))
                 self.on_fenced(shard)
         finally:
+            if self._leaving.get(shard) is state:
+                del self._leaving[shard]
             state.done.set()
 
     async def release(self, shard: int) -> None:
@@ -179,7 +194,9 @@ class ShardedPublisher:
         """Take no more for the shard (at once); :meth:`stop` finishes with what it holds."""
         state = self._shards.pop(shard, None)
         if state is not None:
-            state.publisher.close()
+            state.publisher.let_go()
+            if not state.done.is_set():
+                self._leaving[shard] = state
         return state
 
     async def stop(self, state: _Shard | None) -> None:

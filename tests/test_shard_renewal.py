@@ -1,0 +1,151 @@
+"""A shard's producer replaced while someone else may own the shard: nothing twice.
+
+The fence between two owners of a shard is the producer epoch of its transactional.id: the
+newest producer started wins, every older one is fenced. A publisher that starts a second
+producer of its own (after a broker error, a commit whose outcome is unknown) is the newest
+again, and would commit what it still holds over whatever the other owner committed since.
+These scenarios run against the real broker; a read_committed consumer counts the topic.
+
+Found by CI (tests/test_bridge_chaos.py::test_chaos_broker_killed_twice_exactly_once: one
+event twice in 5,400): a broker restart makes the group's next assignment a gap, every shard
+is let go and acquired again at once, and the publisher let go was still replacing its
+producer while the new one started.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import anyio
+import pytest
+
+from bridge.checkpoint_index import CheckpointIndex
+from bridge.checkpoints import read_checkpoints
+from bridge.config import Settings
+from bridge.cursor import ThreadCursor
+from bridge.errors import SinkUnavailable
+from bridge.health import HealthState
+from bridge.publisher import Outgoing, Publisher
+from bridge.records import Event, ThreadRef, event_record
+from bridge.sharding import RELEASE_WITHIN_S, ShardedPublisher
+from bridge.shards import shard_of
+from tests.bridge_harness import bridge_settings
+from tests.kafka_broker import read_topic
+
+pytestmark = [pytest.mark.anyio, pytest.mark.kafka]
+
+SHARD = 9
+
+
+def _session_in(shard: int) -> str:
+    n = 0
+    while shard_of(f"sess_{n}") != shard:
+        n += 1
+    return f"sess_{n}"
+
+
+def _outgoing(settings: Settings, cursor: ThreadCursor, event_id: str) -> Outgoing:
+    data = f'{{"id":"{event_id}","type":"message"}}'.encode()
+    record = event_record(settings.kafka.topic, cursor.thread, Event(event_id, "message", data, {}))
+    cursor.mark_submitted(cursor.epoch, event_id)
+    return Outgoing(cursor, cursor.epoch, [record], event_id=event_id, event_type="message")
+
+
+async def _until(condition, within_s: float) -> None:
+    with anyio.fail_after(within_s):
+        while not condition():
+            await anyio.sleep(0.02)
+
+
+class BrokenOnce:
+    """The first batch of the first publisher fails as a broker going away makes it fail;
+    that publisher's next producer starts only once ``may_start`` is set (the broker is back)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.first: Publisher | None = None
+        self.failed = anyio.Event()
+        self.may_start = anyio.Event()
+        publish, start = Publisher._publish, Publisher._start_producer
+
+        async def broken_publish(publisher: Publisher, batch, **kwargs) -> None:
+            if self.first is None:
+                self.first = publisher
+            if publisher is self.first and not self.failed.is_set():
+                self.failed.set()
+                raise SinkUnavailable("the broker went away (injected)")
+            await publish(publisher, batch, **kwargs)
+
+        async def late_start(publisher: Publisher) -> None:
+            if publisher is self.first and self.failed.is_set():
+                await self.may_start.wait()
+            await start(publisher)
+
+        monkeypatch.setattr(Publisher, "_publish", broken_publish)
+        monkeypatch.setattr(Publisher, "_start_producer", late_start)
+
+
+async def _next_owner_commits(
+    settings: Settings, publisher: ShardedPublisher, ref: ThreadRef, event_id: str
+) -> ThreadCursor:
+    """What ShardManager and a pump do: acquire the shard (its producer starts), read the
+    shard's checkpoints, and publish the thread's event unless the checkpoint has it."""
+    await publisher.acquire(SHARD)
+    index = CheckpointIndex()
+    await read_checkpoints(settings.kafka, index.load, shards=[SHARD])
+    checkpoint = index.get(ref.key)
+    cursor = ThreadCursor(ref, checkpoint.last_event_id if checkpoint else None)
+    if cursor.committed_id != event_id:
+        await publisher.submit(_outgoing(settings, cursor, event_id))
+        await _until(lambda: cursor.committed_id == event_id, 20)
+    return cursor
+
+
+@pytest.mark.parametrize("next_owner", ["this member again", "another member"])
+async def test_a_shard_let_go_while_its_producer_is_replaced_publishes_each_event_once(
+    kafka_bootstrap, kafka_topics, monkeypatch, next_owner
+):
+    """Scenario: exactly_once; a member owns shard 9, threads a and b of one session in it.
+    Kafka goes away: the batch holding a's event fails, and the shard's publisher waits to
+    replace its producer, holding b's event (read meanwhile). The broker comes back and the
+    shard is let go (detach, the rest in the background, as ShardManager does): either the
+    group's assignment is a gap and this member takes the shard again at once, or the group
+    gives it to another member. The next owner starts its producer, reads the checkpoints and
+    commits b's event; only then could the old publisher's new producer start.
+
+    Expected: b's event is in the topic once. Before the fix, the old publisher started a new
+    producer even though its shard was let go: it fenced the next owner's and committed b's
+    event a second time."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await kafka_topics.create(kafka_bootstrap)
+    broken = BrokenOnce(monkeypatch)
+    session = _session_in(SHARD)
+    member = ShardedPublisher(settings, HealthState())
+    other = ShardedPublisher(settings, HealthState())
+    async with anyio.create_task_group() as tg:
+        await tg.start(member.run)
+        await tg.start(other.run)
+        await member.acquire(SHARD)
+        a = ThreadCursor(ThreadRef(session, "sthr_a"))
+        await member.submit(_outgoing(settings, a, "evt_a1"))
+        with anyio.fail_after(10):
+            await broken.failed.wait()
+        b = ThreadCursor(ThreadRef(session, "sthr_b"))
+        await member.submit(_outgoing(settings, b, "evt_b1"))  # held by the old publisher
+
+        tg.start_soon(member.stop, member.detach(SHARD))
+        next_owner_is = member if next_owner == "this member again" else other
+
+        async def next_owner_then_broker_back() -> None:
+            await _next_owner_commits(settings, next_owner_is, b.thread, "evt_b1")
+            broken.may_start.set()
+
+        tg.start_soon(next_owner_then_broker_back)
+        await anyio.sleep(1 + 2 * RELEASE_WITHIN_S)  # past the old publisher's bound
+        with anyio.fail_after(20):
+            await broken.may_start.wait()
+        await anyio.sleep(2)  # what the old publisher does with its new producer, if any
+        member.close()
+        other.close()
+    events = await read_topic(kafka_bootstrap, kafka_topics.events)
+    counts = Counter(r.value for r in events)
+    assert counts == {b'{"id":"evt_b1","type":"message"}': 1}, counts
