@@ -315,10 +315,12 @@ async def read_checkpoints(
     *,
     timeout_s: float = 120,
     shards: Iterable[int] | None = None,
+    ends: dict[int, int] | None = None,
 ) -> int:
     """Hand every committed checkpoint record to ``keep``, batch by batch, in topic order per
     key, up to the end of the topic as it was when reading began; the number of records.
-    ``shards``: only those partitions (a member acquiring them)."""
+    ``shards``: only those partitions (a member acquiring them); ``ends``: filled with each
+    partition's end as read (its last stable offset)."""
     consumer = AIOKafkaConsumer(
         **kafka_client_kwargs(kafka),
         isolation_level="read_committed",
@@ -338,8 +340,8 @@ async def read_checkpoints(
             if tps:
                 consumer.assign(tps)
                 await consumer.seek_to_beginning(*tps)
-                ends = await consumer.end_offsets(tps)
-                remaining = {tp for tp in tps if ends[tp] > 0}
+                end_of = await consumer.end_offsets(tps)
+                remaining = {tp for tp in tps if end_of[tp] > 0}
                 while remaining:
                     batches = await consumer.getmany(*remaining, timeout_ms=500)
                     for records in batches.values():
@@ -347,8 +349,10 @@ async def read_checkpoints(
                         count += len(batch)
                         keep(batch)
                     for tp in list(remaining):
-                        if await consumer.position(tp) >= ends[tp]:
+                        if await consumer.position(tp) >= end_of[tp]:
                             remaining.discard(tp)
+                if ends is not None:
+                    ends.update((tp.partition, end) for tp, end in end_of.items())
     except (KafkaError, TimeoutError) as exc:
         raise SinkUnavailable(
             f"cannot read checkpoints from {kafka.checkpoint_topic}: "
@@ -360,6 +364,48 @@ async def read_checkpoints(
     if shards is None:
         log.info("bridge.checkpoints.loaded", records=count)
     return count
+
+
+#: The header of a checkpoint written by a shard's publisher: which publisher (a random token
+#: of each), so that one whose producer was replaced can tell whether someone else committed
+#: to its shard meanwhile (Publisher._sole_writer).
+WRITER_HEADER = "bridge_writer"
+
+
+async def foreign_checkpoints(
+    kafka: KafkaSettings, shard: int, start: int, writer: bytes, *, timeout_s: float = 30
+) -> int:
+    """How many checkpoints committed to the shard's partition from offset ``start`` on were
+    written by someone other than ``writer`` (another member, an operator's tool)."""
+    consumer = AIOKafkaConsumer(
+        **kafka_client_kwargs(kafka),
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",  # compacted or deleted before start: more is read
+        group_id=None,
+    )
+    partition = TopicPartition(kafka.checkpoint_topic, shard)
+    foreign = 0
+    try:
+        with anyio.fail_after(timeout_s):
+            await consumer.start()
+            consumer.assign([partition])
+            end = (await consumer.end_offsets([partition]))[partition]
+            if end <= start:
+                return 0
+            consumer.seek(partition, start)
+            while await consumer.position(partition) < end:
+                batches = await consumer.getmany(partition, timeout_ms=500)
+                for record in batches.get(partition, ()):
+                    if record.offset < end and (WRITER_HEADER, writer) not in record.headers:
+                        foreign += 1
+    except (KafkaError, TimeoutError) as exc:
+        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
+        raise SinkUnavailable(f"cannot read the checkpoints of shard {shard}: {cause}") from exc
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await consumer.stop()
+    return foreign
 
 
 async def transaction_committed(

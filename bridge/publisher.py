@@ -20,6 +20,7 @@ import functools
 import math
 import re
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,7 +45,12 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from bridge import metrics
-from bridge.checkpoints import topic_record_limits, transaction_committed
+from bridge.checkpoints import (
+    WRITER_HEADER,
+    foreign_checkpoints,
+    topic_record_limits,
+    transaction_committed,
+)
 from bridge.config import Settings
 from bridge.cursor import CHECKPOINT_RECENT_IDS, ThreadCursor
 from bridge.errors import (
@@ -308,6 +314,12 @@ class Publisher:
         self.drained = False
         #: Its shard was let go: it never starts another producer (Publisher.let_go).
         self._let_go = False
+        #: A shard's publisher: the header its checkpoints carry, and the offset of its
+        #: shard's checkpoint partition up to which everything committed is known to be the
+        #: previous owners' (read before this one wrote) or its own (Publisher._sole_writer).
+        self._writer = (WRITER_HEADER, uuid.uuid4().hex.encode())
+        self._known_from: int | None = None
+        self._producers_started = 0
         self.last_commit = time.monotonic()
 
     # -- the pumps' side -------------------------------------------------------------------
@@ -339,6 +351,11 @@ class Publisher:
         self._send.close()
         if self._window is not None:
             self._window.cancel()  # what is queued goes now, not at the window's end
+
+    def checkpoints_read(self, end: int) -> None:
+        """The shard's checkpoints were read up to ``end`` after this publisher's producer
+        started: nobody else can have committed before it unseen."""
+        self._known_from = max(end, self._known_from or 0)
 
     def let_go(self) -> None:
         """As close(), for a shard that may be someone else's from now on: what is queued is
@@ -413,7 +430,7 @@ class Publisher:
             if self._let_go:
                 raise _LetGo
             try:
-                await self._start_producer()
+                await self._start_sole_producer()
             except (SinkUnavailable, TransactionAborted) as exc:
                 # One warning per outage; the retries go to debug.
                 emit = log.warning if not failures else log.debug
@@ -425,6 +442,53 @@ class Publisher:
                 return
             await anyio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    async def _start_sole_producer(self) -> None:
+        """Start a producer; a shard's second and later ones only while no one else wrote
+        the shard since this publisher last knew it (checked before it starts, not to fence
+        the shard's new owner for nothing, and after, when it is the newest)."""
+        renewing = self._producers_started > 0 and self.shard is not None and self._transactional
+        if renewing:
+            await self._sole_writer()
+        await self._start_producer()
+        self._producers_started += 1
+        if renewing:
+            try:
+                await self._sole_writer()
+            except BaseException:
+                await self._stop_producer()
+                raise
+
+    async def _sole_writer(self) -> None:
+        """Raise ProducerFenced if someone else committed to the shard's checkpoint partition
+        since this publisher last knew it.
+
+        The producer epoch fences the shard's previous owners, but a producer of our own
+        started again is the newest of the transactional.id: a member that lost the shard
+        without knowing it yet (paused, cut off from the group) would fence the new owner and
+        commit what it holds over what that owner committed since. aiokafka cannot tie a
+        transaction to the group's generation as Kafka's own clients do (KIP-447: its
+        TxnOffsetCommit request is version 0), so the checkpoints say who wrote."""
+        assert self.shard is not None  # noqa: S101 -- a shard's publisher only
+        if self._known_from is None:
+            raise ProducerFenced(
+                f"shard {self.shard}: the producer was replaced before the shard's checkpoints "
+                "were read; the shard is taken again from the group"
+            )
+        foreign = await foreign_checkpoints(
+            self._kafka, self.shard, self._known_from, self._writer[1]
+        )
+        if foreign:
+            log.error(
+                "bridge.publisher.superseded",
+                shard=self.shard,
+                checkpoints_by_others=foreign,
+                since_offset=self._known_from,
+            )
+            raise ProducerFenced(
+                f"shard {self.shard}: {foreign} checkpoint(s) were committed by another writer "
+                "while this member's producer was away; the shard is theirs"
+            )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -534,6 +598,7 @@ class Publisher:
                     await self._restart_producer(delay)  # completes or aborts that transaction
                     if await self._was_committed(exc):
                         log.info("bridge.publisher.commit_outcome", committed=True)
+                        self._knows_own(exc.marker)
                         self._committed(live)
                         return
                     log.info("bridge.publisher.commit_outcome", committed=False)
@@ -645,6 +710,7 @@ class Publisher:
         try:
             with anyio.fail_after(budget_s):
                 if self._transactional:
+                    self._sign_marks(batch)
                     await producer.begin_transaction()
                     # One round: the checkpoints need not wait for the events' acknowledgements
                     # (read_committed sees all of the transaction or none of it).
@@ -655,6 +721,7 @@ class Publisher:
                         marker = (TopicPartition(done[0].topic, done[0].partition), done[0].offset)
                     committing = True
                     await producer.commit_transaction()
+                    self._knows_own(marker)
                 else:
                     await self._send_all(producer, records, alone=alone)
                     await self._send_checkpoints(producer, checkpoints, alone=alone)
@@ -670,6 +737,13 @@ class Publisher:
             if committing:
                 raise CommitOutcomeUnknown(f"the producer broke: {exc!r}", marker) from exc
             raise SinkUnavailable(f"the producer broke: {exc!r}") from exc
+
+    def _knows_own(self, marker: tuple[TopicPartition, int] | None) -> None:
+        """A transaction of ours committed at ``marker``: nobody else wrote the shard between
+        this producer's start and it (they would have fenced it), so checking who wrote can
+        start there."""
+        if marker is not None and marker[0].partition == self.shard:
+            self._known_from = max(marker[1], self._known_from or 0)
 
     async def _send_checkpoints(
         self,
@@ -793,12 +867,25 @@ class Publisher:
             state[ref] = (last_id, item.drained_updated_at or drained, ids, idless)
         topic = self._kafka.checkpoint_topic
         now = utc_now()
-        return [
+        records = [
             checkpoint_record(
                 topic, ref, last_id, drained, ids[-CHECKPOINT_RECENT_IDS:], idless, written_at=now
             )
             for ref, (last_id, drained, ids, idless) in state.items()
         ]
+        if self._transactional:
+            for record in records:
+                record.headers = [self._writer]
+        return records
+
+    def _sign_marks(self, batch: list[Outgoing]) -> None:
+        """The sessions' settled marks go to the checkpoint partition too: signed as well."""
+        topic, writer = self._kafka.checkpoint_topic, self._writer
+        for item in batch:
+            if item.cursor is None:
+                for record in item.records:
+                    if record.topic == topic and writer not in record.headers:
+                        record.headers = [*record.headers, writer]
 
     def _committed(self, batch: list[Outgoing]) -> None:
         now = time.monotonic()

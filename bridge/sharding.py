@@ -186,6 +186,12 @@ class ShardedPublisher:
                 del self._leaving[shard]
             state.done.set()
 
+    def checkpoints_read(self, shard: int, end: int) -> None:
+        """The shard's checkpoints were read up to ``end`` since its producer started."""
+        state = self._shards.get(shard)
+        if state is not None:
+            state.publisher.checkpoints_read(end)
+
     async def release(self, shard: int) -> None:
         """Commit what the shard's publisher holds, or stop it, within RELEASE_WITHIN_S."""
         await self.stop(self.detach(shard))
@@ -346,9 +352,12 @@ class ShardManager:
                     try:
                         for shard in shards:
                             self._checkpoints.forget_shard(shard)
+                        ends: dict[int, int] = {}
                         await read_checkpoints(
-                            self._settings.kafka, self._checkpoints.load, shards=shards
+                            self._settings.kafka, self._checkpoints.load, shards=shards, ends=ends
                         )
+                        for shard in shards:
+                            self._publisher.checkpoints_read(shard, ends.get(shard, 0))
                         break
                     except SinkUnavailable as exc:
                         log.warning(

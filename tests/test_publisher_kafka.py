@@ -219,6 +219,7 @@ async def test_a_topic_limit_lowered_while_publishing_names_the_record_too_large
     health = HealthState()
     publisher = Publisher(settings, health, transactional_id=f"{kafka_topics.group}-0", shard=0)
     thread = ThreadRef("sess_limit", "sthr_limit")
+    publisher.checkpoints_read(0)  # as ShardManager says after reading them: none yet
     cursor = ThreadCursor(thread)
     sizes = {"evt_1": 15_000, "evt_2": 15_000, "evt_3": 30_000, "evt_4": 15_000}
     async with anyio.create_task_group() as tg:

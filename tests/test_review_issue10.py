@@ -158,6 +158,9 @@ class FencingPublisher:
     async def stop(self, state: int | None) -> None:
         return None
 
+    def checkpoints_read(self, shard: int, end: int) -> None:
+        return None
+
     def other_member_inits(self, shard: int) -> None:
         self.epochs[shard] += 1
 

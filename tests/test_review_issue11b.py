@@ -137,6 +137,7 @@ async def test_finding2_a_lowered_limit_does_not_stop_a_full_batch_forever(
         settings, HealthState(), transactional_id=f"{kafka_topics.group}-0", shard=0
     )
     cursor = ThreadCursor(ThreadRef("sess_rtt", "sthr_rtt"))
+    publisher.checkpoints_read(0)  # as ShardManager says after reading them: none yet
     ids = [f"evt_{n:04d}" for n in range(5000)]
     data = {event_id: _incompressible(event_id, 300) for event_id in ids}
     attempts = 0

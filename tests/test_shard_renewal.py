@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 from bridge.checkpoint_index import CheckpointIndex
-from bridge.checkpoints import read_checkpoints
+from bridge.checkpoints import read_checkpoints, settled_record
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import SinkUnavailable
@@ -58,20 +58,26 @@ async def _until(condition, within_s: float) -> None:
 
 
 class BrokenOnce:
-    """The first batch of the first publisher fails as a broker going away makes it fail;
-    that publisher's next producer starts only once ``may_start`` is set (the broker is back)."""
+    """The first batch of the first publisher (once ``armed``) fails as a broker going away
+    makes it fail; that publisher's next producer starts only once ``may_start`` is set (the
+    broker is back)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, armed: bool = True) -> None:
+        self.armed = armed
         self.first: Publisher | None = None
         self.failed = anyio.Event()
         self.may_start = anyio.Event()
+        #: Set by a test that wants the failing batch to hang until then (Kafka not answering).
+        self.may_fail: anyio.Event | None = None
         publish, start = Publisher._publish, Publisher._start_producer
 
         async def broken_publish(publisher: Publisher, batch, **kwargs) -> None:
             if self.first is None:
                 self.first = publisher
-            if publisher is self.first and not self.failed.is_set():
+            if publisher is self.first and self.armed and not self.failed.is_set():
                 self.failed.set()
+                if self.may_fail is not None:
+                    await self.may_fail.wait()
                 raise SinkUnavailable("the broker went away (injected)")
             await publish(publisher, batch, **kwargs)
 
@@ -149,3 +155,141 @@ async def test_a_shard_let_go_while_its_producer_is_replaced_publishes_each_even
     events = await read_topic(kafka_bootstrap, kafka_topics.events)
     counts = Counter(r.value for r in events)
     assert counts == {b'{"id":"evt_b1","type":"message"}': 1}, counts
+
+
+async def test_a_member_that_missed_losing_its_shard_publishes_nothing_over_the_next_owner(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario: exactly_once; member A owns shard 9 and holds b's event while its producer
+    is replaced (the batch before failed: Kafka away). A does not know yet that it lost the
+    shard (paused past the session timeout, partitioned from the group coordinator): member
+    B acquired it, read the checkpoints and committed b's event. Then A's new producer starts:
+    it is the newest of the transactional.id, so B's fence no longer stops A.
+
+    Expected: b's event is in the topic once; A stops publishing for the shard (as if fenced:
+    the group decides who has it). aiokafka cannot tie a transaction to the group generation
+    (KIP-447: its TxnOffsetCommit is v0), so the bridge checks who wrote the shard's checkpoint
+    partition since its last commit, after its new producer started."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await kafka_topics.create(kafka_bootstrap)
+    broken = BrokenOnce(monkeypatch, armed=False)
+    session = _session_in(SHARD)
+    member_a = ShardedPublisher(settings, HealthState())
+    member_b = ShardedPublisher(settings, HealthState())
+    fenced: list[int] = []
+    member_a.on_fenced = fenced.append
+    async with anyio.create_task_group() as tg:
+        await tg.start(member_a.run)
+        await tg.start(member_b.run)
+        await _next_owner_commits(settings, member_a, ThreadRef(session, "sthr_z"), "evt_z1")
+        broken.armed = True
+        a = ThreadCursor(ThreadRef(session, "sthr_a"))
+        await member_a.submit(_outgoing(settings, a, "evt_a1"))
+        with anyio.fail_after(10):
+            await broken.failed.wait()
+        b = ThreadCursor(ThreadRef(session, "sthr_b"))
+        await member_a.submit(_outgoing(settings, b, "evt_b1"))  # held by A
+
+        await _next_owner_commits(settings, member_b, b.thread, "evt_b1")
+        broken.may_start.set()
+        with anyio.move_on_after(10):
+            await _until(lambda: fenced == [SHARD], 10)
+        await anyio.sleep(1)
+        member_a.close()
+        member_b.close()
+    events = await read_topic(kafka_bootstrap, kafka_topics.events)
+    counts = Counter(r.value for r in events)
+    assert counts == {
+        b'{"id":"evt_z1","type":"message"}': 1,
+        b'{"id":"evt_b1","type":"message"}': 1,
+    }, counts
+    assert fenced == [SHARD], "A went on publishing for a shard someone else wrote since"
+
+
+async def test_a_member_that_missed_losing_its_shard_leaves_the_next_owner_undisturbed(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario: as above, but member B has committed b's event before A's batch fails (A's
+    commit hung while Kafka was away), so A learns it lost the shard before it starts a new
+    producer.
+
+    Expected: b's event is in the topic once, A stops publishing for the shard, and B is not
+    fenced by A: B's next event is committed too."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await kafka_topics.create(kafka_bootstrap)
+    broken = BrokenOnce(monkeypatch, armed=False)
+    broken.may_fail = anyio.Event()
+    broken.may_start.set()
+    session = _session_in(SHARD)
+    member_a = ShardedPublisher(settings, HealthState())
+    member_b = ShardedPublisher(settings, HealthState())
+    fenced_a: list[int] = []
+    fenced_b: list[int] = []
+    member_a.on_fenced = fenced_a.append
+    member_b.on_fenced = fenced_b.append
+    async with anyio.create_task_group() as tg:
+        await tg.start(member_a.run)
+        await tg.start(member_b.run)
+        await _next_owner_commits(settings, member_a, ThreadRef(session, "sthr_z"), "evt_z1")
+        broken.armed = True
+        a = ThreadCursor(ThreadRef(session, "sthr_a"))
+        await member_a.submit(_outgoing(settings, a, "evt_a1"))
+        with anyio.fail_after(10):
+            await broken.failed.wait()  # A's batch hangs
+        b = ThreadCursor(ThreadRef(session, "sthr_b"))
+        await member_a.submit(_outgoing(settings, b, "evt_b1"))  # held by A
+
+        b_of_b = await _next_owner_commits(settings, member_b, b.thread, "evt_b1")
+        broken.may_fail.set()
+        with anyio.move_on_after(10):
+            await _until(lambda: fenced_a == [SHARD], 10)
+        await member_b.submit(_outgoing(settings, b_of_b, "evt_b2"))
+        with anyio.move_on_after(10):
+            await _until(lambda: b_of_b.committed_id == "evt_b2" or bool(fenced_b), 10)
+        member_a.close()
+        member_b.close()
+    events = await read_topic(kafka_bootstrap, kafka_topics.events)
+    counts = Counter(r.value for r in events)
+    assert counts == {
+        b'{"id":"evt_z1","type":"message"}': 1,
+        b'{"id":"evt_b1","type":"message"}': 1,
+        b'{"id":"evt_b2","type":"message"}': 1,
+    }, counts
+    assert fenced_a == [SHARD], "A went on publishing for a shard someone else wrote since"
+    assert fenced_b == [], "A's new producer fenced the shard's owner"
+
+
+async def test_a_publisher_whose_producer_is_replaced_alone_goes_on(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario: exactly_once, one member; a batch fails after two were committed and the
+    shard's publisher replaces its producer. No one else wrote the shard: its own checkpoints
+    (and settled marks) are its own, so it goes on, and every event is in the topic once."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await kafka_topics.create(kafka_bootstrap)
+    broken = BrokenOnce(monkeypatch, armed=False)
+    broken.may_start.set()
+    session = _session_in(SHARD)
+    member = ShardedPublisher(settings, HealthState())
+    fenced: list[int] = []
+    member.on_fenced = fenced.append
+    async with anyio.create_task_group() as tg:
+        await tg.start(member.run)
+        z = await _next_owner_commits(settings, member, ThreadRef(session, "sthr_z"), "evt_z1")
+        mark = settled_record(settings.kafka.checkpoint_topic, session, "2026-11-30T00:00:00Z")
+        await member.submit(Outgoing(None, 0, [mark], session_id=session))
+        await member.submit(_outgoing(settings, z, "evt_z2"))
+        await _until(lambda: z.committed_id == "evt_z2", 10)
+        broken.armed = True
+        await member.submit(_outgoing(settings, z, "evt_z3"))  # fails: read again, as a pump
+        await _until(lambda: broken.failed.is_set() and z.epoch == 1, 10)
+        await member.submit(_outgoing(settings, z, "evt_z3"))
+        await _until(lambda: z.committed_id == "evt_z3", 20)
+        member.close()
+    events = await read_topic(kafka_bootstrap, kafka_topics.events)
+    assert [r.value for r in events] == [
+        b'{"id":"evt_z1","type":"message"}',
+        b'{"id":"evt_z2","type":"message"}',
+        b'{"id":"evt_z3","type":"message"}',
+    ]
+    assert fenced == []
