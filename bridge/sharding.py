@@ -278,6 +278,8 @@ class ShardManager:
         if self._tg is not None:
             self._tg.start_soon(self._rejoin_unless_assigned, self._latest)
         self._fenced_under[shard] = self._latest.generation if self._latest else None
+        if (acquiring := self._acquiring.get(shard)) is not None:
+            acquiring.cancel()  # else it would end held, followed, and without a producer
         if shard in self.held:
             self.held.discard(shard)
             self.unfollow(shard)

@@ -19,15 +19,17 @@ from collections import Counter
 import anyio
 import pytest
 
+from bridge import sharding
 from bridge.checkpoint_index import CheckpointIndex
 from bridge.checkpoints import read_checkpoints, settled_record
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
 from bridge.errors import SinkUnavailable
 from bridge.health import HealthState
+from bridge.ownership import Assignment
 from bridge.publisher import Outgoing, Publisher
 from bridge.records import Event, ThreadRef, event_record
-from bridge.sharding import RELEASE_WITHIN_S, ShardedPublisher
+from bridge.sharding import RELEASE_WITHIN_S, ShardedPublisher, ShardManager
 from bridge.shards import shard_of
 from tests.bridge_harness import bridge_settings
 from tests.kafka_broker import read_topic
@@ -293,3 +295,68 @@ async def test_a_publisher_whose_producer_is_replaced_alone_goes_on(
         b'{"id":"evt_z3","type":"message"}',
     ]
     assert fenced == []
+
+
+class _Acquiring:
+    """The ShardManager's side of ShardedPublisher: acquisitions that take no time, and a
+    fence the test reports while the shard's checkpoints are being read."""
+
+    def __init__(self) -> None:
+        self.on_fenced = lambda shard: None
+        self.started: list[int] = []
+
+    async def acquire(self, shard: int) -> None:
+        self.started.append(shard)
+
+    def detach(self, shard: int) -> None:
+        return None
+
+    async def stop(self, state: object) -> None:
+        return None
+
+    def checkpoints_read(self, shard: int, end: int) -> None:
+        return None
+
+
+async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_producer(monkeypatch):
+    """Scenario: generation 5 gives shard 9; its producer starts, and while its checkpoints
+    are read the producer reports it was fenced (another member's producer started, or its
+    own was replaced before it knew the checkpoints). Generation 6 gives shard 9 again.
+
+    Expected: the fenced acquisition is not completed (a shard followed by a member with no
+    producer for it is followed by no one: every submit is refused); generation 6 acquires
+    it with a new producer. Before, the acquisition went on: held and followed without a
+    producer, and generation 6 gained nothing (shard 9 was held)."""
+    reading, read_may_end = anyio.Event(), anyio.Event()
+
+    async def slow_read(kafka, keep, **kwargs) -> int:
+        reading.set()
+        await read_may_end.wait()
+        return 0
+
+    monkeypatch.setattr(sharding, "read_checkpoints", slow_read)
+    publisher = _Acquiring()
+    index = CheckpointIndex()
+    manager = ShardManager(Settings(), publisher, index)  # type: ignore[arg-type]
+    followed: list[int] = []
+    manager.follow = followed.append
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.run)
+            manager.assigned(Assignment(frozenset({SHARD}), 5, gap=False))
+            with anyio.fail_after(5):
+                await reading.wait()
+            publisher.on_fenced(SHARD)
+            read_may_end.set()
+            await anyio.sleep(0.2)
+            held_after_fence = set(manager.held)
+            reading = anyio.Event()
+            manager.assigned(Assignment(frozenset({SHARD}), 6, gap=False))
+            with anyio.move_on_after(5):
+                while SHARD not in manager.held:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    finally:
+        index.close()
+    assert held_after_fence == set(), "held and followed without a producer after a fence"
+    assert publisher.started == [SHARD, SHARD] and followed == [SHARD]
