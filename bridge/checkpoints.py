@@ -381,7 +381,7 @@ async def foreign_checkpoints(
         **kafka_client_kwargs(kafka),
         isolation_level="read_committed",
         enable_auto_commit=False,
-        auto_offset_reset="earliest",  # compacted or deleted before start: more is read
+        auto_offset_reset="earliest",  # start no longer in the log: from its first offset
         group_id=None,
     )
     partition = TopicPartition(kafka.checkpoint_topic, shard)

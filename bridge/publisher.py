@@ -214,14 +214,21 @@ def _whole_second(prefix: str) -> float | None:
         return None
 
 
-def _translate(exc: BaseException, bootstrap: str) -> SinkError:
+def _translate(
+    exc: BaseException, bootstrap: str, transactional_id: str | None = None
+) -> SinkError:
     if isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
         return ProducerFenced(
             "another bridge started with our transactional.id and fenced this one: "
             f"{type(exc).__name__}"
         )
     if isinstance(exc, TransactionalIdAuthorizationFailed):
-        return ProducerFenced(f"not authorised to use the transactional.id: {exc}")
+        # Not a fence: retrying (or another member) can never succeed until an ACL changes.
+        return SinkForbidden(
+            f"Kafka does not allow this bridge to use the transactional.id {transactional_id}: "
+            "grant Write and Describe on the TransactionalId prefix <BRIDGE_GROUP_ID>- "
+            f"({type(exc).__name__})"
+        )
     if isinstance(exc, TopicAuthorizationFailedError):
         return SinkForbidden(f"Kafka does not allow this bridge to write to a topic: {exc}")
     if isinstance(exc, KafkaTimeoutError | TimeoutError):
@@ -403,7 +410,9 @@ class Publisher:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await producer.stop()
             if isinstance(exc, KafkaError | TimeoutError):
-                raise _translate(exc, self._kafka.bootstrap_servers) from exc
+                raise _translate(
+                    exc, self._kafka.bootstrap_servers, self._transactional_id
+                ) from exc
             raise
         self._producer = producer
         if self._report:
@@ -450,6 +459,8 @@ class Publisher:
         renewing = self._producers_started > 0 and self.shard is not None and self._transactional
         if renewing:
             await self._sole_writer()
+            if self._let_go:  # let go while it read: the shard may be someone else's now
+                raise _LetGo
         await self._start_producer()
         self._producers_started += 1
         if renewing:
@@ -729,7 +740,7 @@ class Publisher:
             if committing and not isinstance(exc, KafkaProducerFenced | InvalidProducerEpoch):
                 cause = describe_kafka_error(exc, self._kafka.bootstrap_servers)
                 raise CommitOutcomeUnknown(f"the commit did not answer: {cause}", marker) from exc
-            raise _translate(exc, self._kafka.bootstrap_servers) from exc
+            raise _translate(exc, self._kafka.bootstrap_servers, self._transactional_id) from exc
         except AssertionError as exc:
             # aiokafka asserts its transaction state: a producer whose sender routine died (a
             # broker restart can do it) raises this from begin/commit. Broken, not fenced: a

@@ -292,37 +292,43 @@ class ShardManager:
             self.rejoin()
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            while True:
-                await self._changed.wait()
-                self._changed = anyio.Event()
-                assignment = self._latest
-                if assignment is None:
-                    continue
-                wanted = set(assignment.shards)
-                lost = (self.held | set(self._acquiring)) - wanted
-                if assignment.gap and assignment is not self._applied:
-                    # Maybe someone else's meanwhile (held or being acquired): take it again,
-                    # with a new producer that fences whoever wrote since. (Once: this loop
-                    # runs the same assignment again after a cancelled acquisition.)
-                    lost |= (self.held | set(self._acquiring)) & wanted
-                self._applied = assignment
-                # A fenced shard is taken back only from a later assignment than the one under
-                # which it was fenced.
-                dropped = {
-                    shard
-                    for shard, generation in self._fenced_under.items()
-                    if generation == assignment.generation
-                }
-                self._fenced_under = {s: g for s, g in self._fenced_under.items() if s in dropped}
-                # Let go of the lost ones at once, and finish with their publishers in the
-                # background: a gained shard never waits for another's release.
-                for shard in sorted(lost):
-                    tg.start_soon(self._finish_release, shard, self._release(shard))
-                gained = sorted(wanted - self.held - set(self._acquiring) - dropped)
-                if gained:
-                    tg.start_soon(self._acquire, gained)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._apply_assignments(tg)
+        finally:
+            self._tg = None  # a fence while the shards drain is recorded, nothing started
+
+    async def _apply_assignments(self, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed = anyio.Event()
+            assignment = self._latest
+            if assignment is None:
+                continue
+            wanted = set(assignment.shards)
+            lost = (self.held | set(self._acquiring)) - wanted
+            if assignment.gap and assignment is not self._applied:
+                # Maybe someone else's meanwhile (held or being acquired): take it again,
+                # with a new producer that fences whoever wrote since. (Once: this loop
+                # runs the same assignment again after a cancelled acquisition.)
+                lost |= (self.held | set(self._acquiring)) & wanted
+            self._applied = assignment
+            # A fenced shard is taken back only from a later assignment than the one under
+            # which it was fenced.
+            dropped = {
+                shard
+                for shard, generation in self._fenced_under.items()
+                if generation == assignment.generation
+            }
+            self._fenced_under = {s: g for s, g in self._fenced_under.items() if s in dropped}
+            # Let go of the lost ones at once, and finish with their publishers in the
+            # background: a gained shard never waits for another's release.
+            for shard in sorted(lost):
+                tg.start_soon(self._finish_release, shard, self._release(shard))
+            gained = sorted(wanted - self.held - set(self._acquiring) - dropped)
+            if gained:
+                tg.start_soon(self._acquire, gained)
 
     def _release(self, shard: int) -> _Shard | None:
         """Stop following the shard and take no more for it, now; its publisher's state."""
@@ -371,8 +377,9 @@ class ShardManager:
                 for shard in shards:
                     if self._acquiring.get(shard) is scope:
                         del self._acquiring[shard]
-        if scope.cancelled_caught:
-            # One of them was lost meanwhile: the others are acquired again from the start.
+        if scope.cancel_called:
+            # One of them was lost (or fenced) meanwhile, maybe where no cancellation could be
+            # raised (the read stops its consumer shielded): the others are acquired again.
             self._changed.set()
             return
         took = anyio.current_time() - started

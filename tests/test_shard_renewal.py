@@ -18,13 +18,16 @@ from collections import Counter
 
 import anyio
 import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import TransactionalIdAuthorizationFailed
 
+from bridge import publisher as publisher_module
 from bridge import sharding
 from bridge.checkpoint_index import CheckpointIndex
 from bridge.checkpoints import read_checkpoints, settled_record
 from bridge.config import Settings
 from bridge.cursor import ThreadCursor
-from bridge.errors import SinkUnavailable
+from bridge.errors import SinkForbidden, SinkUnavailable
 from bridge.health import HealthState
 from bridge.ownership import Assignment
 from bridge.publisher import Outgoing, Publisher
@@ -318,7 +321,10 @@ class _Acquiring:
         return None
 
 
-async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_producer(monkeypatch):
+@pytest.mark.parametrize("when", ["while they are read", "as the read closes its consumer"])
+async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_producer(
+    monkeypatch, when
+):
     """Scenario: generation 5 gives shard 9; its producer starts, and while its checkpoints
     are read the producer reports it was fenced (another member's producer started, or its
     own was replaced before it knew the checkpoints). Generation 6 gives shard 9 again.
@@ -326,12 +332,17 @@ async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_produce
     Expected: the fenced acquisition is not completed (a shard followed by a member with no
     producer for it is followed by no one: every submit is refused); generation 6 acquires
     it with a new producer. Before, the acquisition went on: held and followed without a
-    producer, and generation 6 gained nothing (shard 9 was held)."""
+    producer, and generation 6 gained nothing (shard 9 was held). Review finding: a fence
+    that came while the read stopped its consumer (shielded) was not seen either."""
     reading, read_may_end = anyio.Event(), anyio.Event()
 
     async def slow_read(kafka, keep, **kwargs) -> int:
         reading.set()
-        await read_may_end.wait()
+        if when == "while they are read":
+            await read_may_end.wait()
+        else:  # read_checkpoints stops its consumer shielded: no cancellation is raised there
+            with anyio.CancelScope(shield=True):
+                await read_may_end.wait()
         return 0
 
     monkeypatch.setattr(sharding, "read_checkpoints", slow_read)
@@ -360,3 +371,144 @@ async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_produce
         index.close()
     assert held_after_fence == set(), "held and followed without a producer after a fence"
     assert publisher.started == [SHARD, SHARD] and followed == [SHARD]
+
+
+async def test_a_shard_let_go_while_its_read_closes_is_not_held(monkeypatch):
+    """Scenario: generation 5 gives shard 9; while its checkpoint read stops its consumer
+    (shielded), generation 6 gives this member nothing. Expected: shard 9 is not held nor
+    followed (another member owns it now). Review finding: the acquisition, cancelled where no
+    cancellation could be raised, completed."""
+    closing, may_close = anyio.Event(), anyio.Event()
+
+    async def read(kafka, keep, **kwargs) -> int:
+        with anyio.CancelScope(shield=True):
+            closing.set()
+            await may_close.wait()
+        return 0
+
+    monkeypatch.setattr(sharding, "read_checkpoints", read)
+    index = CheckpointIndex()
+    manager = ShardManager(Settings(), _Acquiring(), index)  # type: ignore[arg-type]
+    followed: list[int] = []
+    manager.follow = followed.append
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.run)
+            manager.assigned(Assignment(frozenset({SHARD}), 5, gap=False))
+            with anyio.fail_after(5):
+                await closing.wait()
+            manager.assigned(Assignment(frozenset(), 6, gap=False))
+            await anyio.sleep(0.1)
+            may_close.set()
+            await anyio.sleep(0.2)
+            tg.cancel_scope.cancel()
+    finally:
+        index.close()
+    assert (manager.held, followed) == (set(), [])
+
+
+async def test_a_fence_after_the_shards_stopped_being_managed_is_not_a_crash():
+    """Scenario: SIGTERM: the bridge's readers (ShardManager.run among them) are cancelled
+    while the shards' publishers drain; one of them is fenced meanwhile. Expected: the fence
+    is recorded and nothing raises (the other shards' last commits go on). Review finding:
+    ShardManager._fenced started a task in the task group that had ended: RuntimeError, exit 1."""
+    index = CheckpointIndex()
+    manager = ShardManager(Settings(), _Acquiring(), index)  # type: ignore[arg-type]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.run)
+            await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        manager._fenced(SHARD)
+    finally:
+        index.close()
+    assert SHARD not in manager.held
+
+
+async def test_a_transactional_id_the_bridge_may_not_use_is_fatal_with_its_name(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario: exactly_once; Kafka refuses the shard's transactional.id by ACL (no Write on
+    the TransactionalId). Expected: acquiring the shard fails with SinkForbidden naming the
+    transactional.id (the bridge exits with its fatal code and says what to grant). Review
+    finding: it was taken for a fence: the shard dropped, a rejoin every 6 s, for ever."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await kafka_topics.create(kafka_bootstrap)
+    start = AIOKafkaProducer.start
+
+    async def refused(producer: AIOKafkaProducer) -> None:
+        if producer._txn_manager is not None and producer._txn_manager.transactional_id:
+            raise TransactionalIdAuthorizationFailed()
+        await start(producer)
+
+    monkeypatch.setattr(AIOKafkaProducer, "start", refused)
+    publisher = ShardedPublisher(settings, HealthState())
+    fenced: list[int] = []
+    publisher.on_fenced = fenced.append
+    with pytest.raises(BaseExceptionGroup) as caught:
+        async with anyio.create_task_group() as tg:
+            await tg.start(publisher.run)
+            with anyio.fail_after(20):
+                await publisher.acquire(SHARD)
+    forbidden = caught.value.subgroup(SinkForbidden)
+    assert forbidden is not None, caught.value
+    assert f"transactional.id {settings.kafka.group_id}-{SHARD}" in str(forbidden.exceptions[0])
+    assert fenced == []
+
+
+async def test_a_shard_let_go_while_its_publisher_checks_who_wrote_starts_no_producer(
+    kafka_bootstrap, kafka_topics, monkeypatch
+):
+    """Scenario: exactly_once; member A's batch fails and its shard publisher, before it
+    starts a new producer, reads who wrote its checkpoint partition. Meanwhile member B takes
+    the shard (its producer starts, nothing committed yet) and A learns it lost it (detach).
+    Expected: A starts no producer: B is not fenced and its event is committed once. Review
+    finding: the let-go was looked at only before the check and after the producer started,
+    so A's producer started in between and fenced B."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await kafka_topics.create(kafka_bootstrap)
+    broken = BrokenOnce(monkeypatch, armed=False)
+    broken.may_start.set()
+    checking, may_answer = anyio.Event(), anyio.Event()
+    original = publisher_module.foreign_checkpoints
+
+    async def slow_check(kafka, shard, start, writer, **kwargs) -> int:
+        if broken.first is not None and writer == broken.first._writer[1]:
+            checking.set()
+            await may_answer.wait()
+        return await original(kafka, shard, start, writer, **kwargs)
+
+    monkeypatch.setattr(publisher_module, "foreign_checkpoints", slow_check)
+    session = _session_in(SHARD)
+    member_a = ShardedPublisher(settings, HealthState())
+    member_b = ShardedPublisher(settings, HealthState())
+    fenced_b: list[int] = []
+    member_b.on_fenced = fenced_b.append
+    async with anyio.create_task_group() as tg:
+        await tg.start(member_a.run)
+        await tg.start(member_b.run)
+        await _next_owner_commits(settings, member_a, ThreadRef(session, "sthr_z"), "evt_z1")
+        broken.armed = True
+        a = ThreadCursor(ThreadRef(session, "sthr_a"))
+        await member_a.submit(_outgoing(settings, a, "evt_a1"))
+        with anyio.fail_after(10):
+            await checking.wait()  # A's batch failed; A reads who wrote, before a new producer
+        await member_b.acquire(SHARD)
+        member_b.checkpoints_read(SHARD, 0)
+        tg.start_soon(member_a.stop, member_a.detach(SHARD))
+        await anyio.sleep(0.1)
+        may_answer.set()
+        await anyio.sleep(1)
+        b = ThreadCursor(ThreadRef(session, "sthr_b"))
+        await member_b.submit(_outgoing(settings, b, "evt_b1"))
+        with anyio.move_on_after(10):
+            await _until(lambda: b.committed_id == "evt_b1" or bool(fenced_b), 10)
+        member_a.close()
+        member_b.close()
+    events = await read_topic(kafka_bootstrap, kafka_topics.events)
+    counts = Counter(r.value for r in events)
+    assert counts == {
+        b'{"id":"evt_z1","type":"message"}': 1,
+        b'{"id":"evt_b1","type":"message"}': 1,
+    }, counts
+    assert fenced_b == [], "A's producer, started after A let the shard go, fenced B"
