@@ -186,6 +186,12 @@ class ShardedPublisher:
                 del self._leaving[shard]
             state.done.set()
 
+    @property
+    def attached(self) -> frozenset[int]:
+        """The shards with a publisher here (acquired, or started by an acquisition that was
+        then cancelled)."""
+        return frozenset(self._shards)
+
     def checkpoints_read(self, shard: int, end: int) -> None:
         """The shard's checkpoints were read up to ``end`` since its producer started."""
         state = self._shards.get(shard)
@@ -307,12 +313,15 @@ class ShardManager:
             if assignment is None:
                 continue
             wanted = set(assignment.shards)
-            lost = (self.held | set(self._acquiring)) - wanted
+            # Attached too: a cancelled acquisition of several shards leaves the publishers it
+            # started, which nothing else would let go if the shard is not wanted any more.
+            ours = self.held | set(self._acquiring) | self._publisher.attached
+            lost = ours - wanted
             if assignment.gap and assignment is not self._applied:
                 # Maybe someone else's meanwhile (held or being acquired): take it again,
                 # with a new producer that fences whoever wrote since. (Once: this loop
                 # runs the same assignment again after a cancelled acquisition.)
-                lost |= (self.held | set(self._acquiring)) & wanted
+                lost |= ours & wanted
             self._applied = assignment
             # A fenced shard is taken back only from a later assignment than the one under
             # which it was fenced.

@@ -161,6 +161,10 @@ class FencingPublisher:
     def checkpoints_read(self, shard: int, end: int) -> None:
         return None
 
+    @property
+    def attached(self) -> frozenset[int]:
+        return frozenset(self.mine)
+
     def other_member_inits(self, shard: int) -> None:
         self.epochs[shard] += 1
 

@@ -301,18 +301,31 @@ async def test_a_publisher_whose_producer_is_replaced_alone_goes_on(
 
 
 class _Acquiring:
-    """The ShardManager's side of ShardedPublisher: acquisitions that take no time, and a
-    fence the test reports while the shard's checkpoints are being read."""
+    """The ShardManager's side of ShardedPublisher: acquisitions that take no time (a shard
+    with a publisher is not started again), and a fence the test reports while the shard's
+    checkpoints are being read."""
 
     def __init__(self) -> None:
         self.on_fenced = lambda shard: None
         self.started: list[int] = []
+        self.publishers: set[int] = set()
+
+    @property
+    def attached(self) -> frozenset[int]:
+        return frozenset(self.publishers)
+
+    def fence(self, shard: int) -> None:
+        """As ShardedPublisher._run_shard does on ProducerFenced."""
+        self.publishers.discard(shard)
+        self.on_fenced(shard)
 
     async def acquire(self, shard: int) -> None:
-        self.started.append(shard)
+        if shard not in self.publishers:
+            self.publishers.add(shard)
+            self.started.append(shard)
 
     def detach(self, shard: int) -> None:
-        return None
+        self.publishers.discard(shard)
 
     async def stop(self, state: object) -> None:
         return None
@@ -357,7 +370,7 @@ async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_produce
             manager.assigned(Assignment(frozenset({SHARD}), 5, gap=False))
             with anyio.fail_after(5):
                 await reading.wait()
-            publisher.on_fenced(SHARD)
+            publisher.fence(SHARD)
             read_may_end.set()
             await anyio.sleep(0.2)
             held_after_fence = set(manager.held)
@@ -512,3 +525,47 @@ async def test_a_shard_let_go_while_its_publisher_checks_who_wrote_starts_no_pro
         b'{"id":"evt_b1","type":"message"}': 1,
     }, counts
     assert fenced_b == [], "A's producer, started after A let the shard go, fenced B"
+
+
+async def test_a_publisher_started_by_a_cancelled_acquisition_is_let_go_when_not_wanted(
+    monkeypatch,
+):
+    """Scenario: generation 5 gives shards 3 and 9, acquired together: both producers start,
+    then shard 3 is fenced while their checkpoints are read, which cancels the acquisition of
+    both; before it is taken up again, generation 6 gives this member nothing. Expected: shard
+    9's publisher is let go too (its producer closed; another member owns it now). Second
+    review's finding: it stayed, for the life of the process, and a later assignment of shard
+    9 reused it without starting a producer (no fence of whoever had it meanwhile)."""
+    reading, may_end = anyio.Event(), anyio.Event()
+
+    async def read(kafka, keep, **kwargs) -> int:
+        reading.set()
+        await may_end.wait()
+        return 0
+
+    monkeypatch.setattr(sharding, "read_checkpoints", read)
+    generation_6 = Assignment(frozenset(), 6, gap=False)
+
+    class Manager(ShardManager):
+        async def _acquire(self, shards: list[int]) -> None:
+            await super()._acquire(shards)
+            if shards == [3, SHARD]:
+                self.assigned(generation_6)  # the group's callback, before the loop wakes
+
+    publisher = _Acquiring()
+    index = CheckpointIndex()
+    manager = Manager(Settings(), publisher, index)  # type: ignore[arg-type]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.run)
+            manager.assigned(Assignment(frozenset({3, SHARD}), 5, gap=False))
+            with anyio.fail_after(5):
+                await reading.wait()
+            publisher.fence(3)
+            await anyio.sleep(0.05)
+            may_end.set()
+            await anyio.sleep(0.2)
+            tg.cancel_scope.cancel()
+    finally:
+        index.close()
+    assert (manager.held, publisher.attached) == (set(), frozenset())
