@@ -372,39 +372,58 @@ async def read_checkpoints(
 WRITER_HEADER = "bridge_writer"
 
 
+@asynccontextmanager
+async def _partition_reader(
+    kafka: KafkaSettings,
+    partition: TopicPartition,
+    doing: str,
+    *,
+    timeout_s: float,
+    offset_reset: str = "latest",
+) -> AsyncIterator[AIOKafkaConsumer]:
+    """A read_committed consumer of one partition, stopped (bounded) however the block ends;
+    Kafka's errors and the timeout become SinkUnavailable("cannot <doing>: ...")."""
+    consumer = AIOKafkaConsumer(
+        **kafka_client_kwargs(kafka),
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset=offset_reset,
+        group_id=None,
+    )
+    try:
+        with anyio.fail_after(timeout_s):
+            await consumer.start()
+            consumer.assign([partition])
+            yield consumer
+    except (KafkaError, TimeoutError) as exc:
+        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
+        raise SinkUnavailable(f"cannot {doing}: {cause}") from exc
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await consumer.stop()
+
+
 async def foreign_checkpoints(
     kafka: KafkaSettings, shard: int, start: int, writer: bytes, *, timeout_s: float = 30
 ) -> int:
     """How many checkpoints committed to the shard's partition from offset ``start`` on were
     written by someone other than ``writer`` (another member, an operator's tool)."""
-    consumer = AIOKafkaConsumer(
-        **kafka_client_kwargs(kafka),
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",  # start no longer in the log: from its first offset
-        group_id=None,
-    )
     partition = TopicPartition(kafka.checkpoint_topic, shard)
     foreign = 0
-    try:
-        with anyio.fail_after(timeout_s):
-            await consumer.start()
-            consumer.assign([partition])
-            end = (await consumer.end_offsets([partition]))[partition]
-            if end <= start:
-                return 0
-            consumer.seek(partition, start)
-            while await consumer.position(partition) < end:
-                batches = await consumer.getmany(partition, timeout_ms=500)
-                for record in batches.get(partition, ()):
-                    if record.offset < end and (WRITER_HEADER, writer) not in record.headers:
-                        foreign += 1
-    except (KafkaError, TimeoutError) as exc:
-        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
-        raise SinkUnavailable(f"cannot read the checkpoints of shard {shard}: {cause}") from exc
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await consumer.stop()
+    # (offset_reset: start no longer in the log, it reads from the log's first offset)
+    doing = f"read the checkpoints of shard {shard}"
+    async with _partition_reader(
+        kafka, partition, doing, timeout_s=timeout_s, offset_reset="earliest"
+    ) as consumer:
+        end = (await consumer.end_offsets([partition]))[partition]
+        if end <= start:
+            return 0
+        consumer.seek(partition, start)
+        while await consumer.position(partition) < end:
+            batches = await consumer.getmany(partition, timeout_ms=500)
+            for record in batches.get(partition, ()):
+                if record.offset < end and (WRITER_HEADER, writer) not in record.headers:
+                    foreign += 1
     return foreign
 
 
@@ -417,29 +436,15 @@ async def transaction_committed(
     completes a transaction whose commit had reached the coordinator and aborts any other,
     so the record is then either visible to read_committed or skipped as aborted.
     """
-    consumer = AIOKafkaConsumer(
-        **kafka_client_kwargs(kafka),
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        group_id=None,
-    )
-    try:
-        with anyio.fail_after(timeout_s):
-            await consumer.start()
-            consumer.assign([partition])
-            consumer.seek(partition, offset)
-            while True:
-                batches = await consumer.getmany(partition, timeout_ms=500)
-                if any(r.offset == offset for r in batches.get(partition, ())):
-                    return True
-                if await consumer.position(partition) > offset:
-                    return False  # read past it without seeing it: aborted
-    except (KafkaError, TimeoutError) as exc:
-        cause = describe_kafka_error(exc, kafka.bootstrap_servers)
-        raise SinkUnavailable(f"cannot learn a transaction's outcome: {cause}") from exc
-    finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            await consumer.stop()
+    doing = "learn a transaction's outcome"
+    async with _partition_reader(kafka, partition, doing, timeout_s=timeout_s) as consumer:
+        consumer.seek(partition, offset)
+        while True:
+            batches = await consumer.getmany(partition, timeout_ms=500)
+            if any(r.offset == offset for r in batches.get(partition, ())):
+                return True
+            if await consumer.position(partition) > offset:
+                return False  # read past it without seeing it: aborted
 
 
 async def topic_record_limits(kafka: KafkaSettings, *, timeout_s: float = 30) -> dict[str, int]:

@@ -15,6 +15,9 @@ producer while the new one started.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import anyio
 import pytest
@@ -162,6 +165,54 @@ async def test_a_shard_let_go_while_its_producer_is_replaced_publishes_each_even
     assert counts == {b'{"id":"evt_b1","type":"message"}': 1}, counts
 
 
+@dataclass
+class _Members:
+    settings: Settings
+    session: str
+    a: ShardedPublisher
+    b: ShardedPublisher
+    fenced_a: list[int] = field(default_factory=list)
+    fenced_b: list[int] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def _a_owns_then_fails(
+    kafka_bootstrap: str, kafka_topics, broken: BrokenOnce
+) -> AsyncIterator[_Members]:
+    """Members A and B running; A owns shard 9 and has committed evt_z1 (so it knows its
+    checkpoint partition); then its batch with evt_a1 goes to ``broken`` (armed now). Both
+    members are closed when the block ends."""
+    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
+    await kafka_topics.create(kafka_bootstrap)
+    session = _session_in(SHARD)
+    members = _Members(
+        settings,
+        session,
+        ShardedPublisher(settings, HealthState()),
+        ShardedPublisher(settings, HealthState()),
+    )
+    members.a.on_fenced = members.fenced_a.append
+    members.b.on_fenced = members.fenced_b.append
+    async with anyio.create_task_group() as tg:
+        await tg.start(members.a.run)
+        await tg.start(members.b.run)
+        await _next_owner_commits(settings, members.a, ThreadRef(session, "sthr_z"), "evt_z1")
+        broken.armed = True
+        a = ThreadCursor(ThreadRef(session, "sthr_a"))
+        await members.a.submit(_outgoing(settings, a, "evt_a1"))
+        yield members
+        members.a.close()
+        members.b.close()
+
+
+async def _counts(kafka_bootstrap: str, topic: str) -> Counter[bytes]:
+    return Counter(r.value for r in await read_topic(kafka_bootstrap, topic))
+
+
+def _events(*ids: str) -> dict[bytes, int]:
+    return {f'{{"id":"{i}","type":"message"}}'.encode(): 1 for i in ids}
+
+
 async def test_a_member_that_missed_losing_its_shard_publishes_nothing_over_the_next_owner(
     kafka_bootstrap, kafka_topics, monkeypatch
 ):
@@ -175,40 +226,21 @@ async def test_a_member_that_missed_losing_its_shard_publishes_nothing_over_the_
     the group decides who has it). aiokafka cannot tie a transaction to the group generation
     (KIP-447: its TxnOffsetCommit is v0), so the bridge checks who wrote the shard's checkpoint
     partition since its last commit, after its new producer started."""
-    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
-    await kafka_topics.create(kafka_bootstrap)
     broken = BrokenOnce(monkeypatch, armed=False)
-    session = _session_in(SHARD)
-    member_a = ShardedPublisher(settings, HealthState())
-    member_b = ShardedPublisher(settings, HealthState())
-    fenced: list[int] = []
-    member_a.on_fenced = fenced.append
-    async with anyio.create_task_group() as tg:
-        await tg.start(member_a.run)
-        await tg.start(member_b.run)
-        await _next_owner_commits(settings, member_a, ThreadRef(session, "sthr_z"), "evt_z1")
-        broken.armed = True
-        a = ThreadCursor(ThreadRef(session, "sthr_a"))
-        await member_a.submit(_outgoing(settings, a, "evt_a1"))
+    async with _a_owns_then_fails(kafka_bootstrap, kafka_topics, broken) as members:
         with anyio.fail_after(10):
             await broken.failed.wait()
-        b = ThreadCursor(ThreadRef(session, "sthr_b"))
-        await member_a.submit(_outgoing(settings, b, "evt_b1"))  # held by A
+        b = ThreadCursor(ThreadRef(members.session, "sthr_b"))
+        await members.a.submit(_outgoing(members.settings, b, "evt_b1"))  # held by A
 
-        await _next_owner_commits(settings, member_b, b.thread, "evt_b1")
+        await _next_owner_commits(members.settings, members.b, b.thread, "evt_b1")
         broken.may_start.set()
         with anyio.move_on_after(10):
-            await _until(lambda: fenced == [SHARD], 10)
+            await _until(lambda: members.fenced_a == [SHARD], 10)
         await anyio.sleep(1)
-        member_a.close()
-        member_b.close()
-    events = await read_topic(kafka_bootstrap, kafka_topics.events)
-    counts = Counter(r.value for r in events)
-    assert counts == {
-        b'{"id":"evt_z1","type":"message"}': 1,
-        b'{"id":"evt_b1","type":"message"}': 1,
-    }, counts
-    assert fenced == [SHARD], "A went on publishing for a shard someone else wrote since"
+    counts = await _counts(kafka_bootstrap, kafka_topics.events)
+    assert counts == _events("evt_z1", "evt_b1"), counts
+    assert members.fenced_a == [SHARD], "A went on publishing for a shard someone else wrote since"
 
 
 async def test_a_member_that_missed_losing_its_shard_leaves_the_next_owner_undisturbed(
@@ -220,48 +252,26 @@ async def test_a_member_that_missed_losing_its_shard_leaves_the_next_owner_undis
 
     Expected: b's event is in the topic once, A stops publishing for the shard, and B is not
     fenced by A: B's next event is committed too."""
-    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
-    await kafka_topics.create(kafka_bootstrap)
     broken = BrokenOnce(monkeypatch, armed=False)
     broken.may_fail = anyio.Event()
     broken.may_start.set()
-    session = _session_in(SHARD)
-    member_a = ShardedPublisher(settings, HealthState())
-    member_b = ShardedPublisher(settings, HealthState())
-    fenced_a: list[int] = []
-    fenced_b: list[int] = []
-    member_a.on_fenced = fenced_a.append
-    member_b.on_fenced = fenced_b.append
-    async with anyio.create_task_group() as tg:
-        await tg.start(member_a.run)
-        await tg.start(member_b.run)
-        await _next_owner_commits(settings, member_a, ThreadRef(session, "sthr_z"), "evt_z1")
-        broken.armed = True
-        a = ThreadCursor(ThreadRef(session, "sthr_a"))
-        await member_a.submit(_outgoing(settings, a, "evt_a1"))
+    async with _a_owns_then_fails(kafka_bootstrap, kafka_topics, broken) as members:
         with anyio.fail_after(10):
             await broken.failed.wait()  # A's batch hangs
-        b = ThreadCursor(ThreadRef(session, "sthr_b"))
-        await member_a.submit(_outgoing(settings, b, "evt_b1"))  # held by A
+        b = ThreadCursor(ThreadRef(members.session, "sthr_b"))
+        await members.a.submit(_outgoing(members.settings, b, "evt_b1"))  # held by A
 
-        b_of_b = await _next_owner_commits(settings, member_b, b.thread, "evt_b1")
+        b_of_b = await _next_owner_commits(members.settings, members.b, b.thread, "evt_b1")
         broken.may_fail.set()
         with anyio.move_on_after(10):
-            await _until(lambda: fenced_a == [SHARD], 10)
-        await member_b.submit(_outgoing(settings, b_of_b, "evt_b2"))
+            await _until(lambda: members.fenced_a == [SHARD], 10)
+        await members.b.submit(_outgoing(members.settings, b_of_b, "evt_b2"))
         with anyio.move_on_after(10):
-            await _until(lambda: b_of_b.committed_id == "evt_b2" or bool(fenced_b), 10)
-        member_a.close()
-        member_b.close()
-    events = await read_topic(kafka_bootstrap, kafka_topics.events)
-    counts = Counter(r.value for r in events)
-    assert counts == {
-        b'{"id":"evt_z1","type":"message"}': 1,
-        b'{"id":"evt_b1","type":"message"}': 1,
-        b'{"id":"evt_b2","type":"message"}': 1,
-    }, counts
-    assert fenced_a == [SHARD], "A went on publishing for a shard someone else wrote since"
-    assert fenced_b == [], "A's new producer fenced the shard's owner"
+            await _until(lambda: b_of_b.committed_id == "evt_b2" or bool(members.fenced_b), 10)
+    counts = await _counts(kafka_bootstrap, kafka_topics.events)
+    assert counts == _events("evt_z1", "evt_b1", "evt_b2"), counts
+    assert members.fenced_a == [SHARD], "A went on publishing for a shard someone else wrote since"
+    assert members.fenced_b == [], "A's new producer fenced the shard's owner"
 
 
 async def test_a_publisher_whose_producer_is_replaced_alone_goes_on(
@@ -478,8 +488,6 @@ async def test_a_shard_let_go_while_its_publisher_checks_who_wrote_starts_no_pro
     Expected: A starts no producer: B is not fenced and its event is committed once. Review
     finding: the let-go was looked at only before the check and after the producer started,
     so A's producer started in between and fenced B."""
-    settings = bridge_settings("http://127.0.0.1:9", kafka_bootstrap, kafka_topics)
-    await kafka_topics.create(kafka_bootstrap)
     broken = BrokenOnce(monkeypatch, armed=False)
     broken.may_start.set()
     checking, may_answer = anyio.Event(), anyio.Event()
@@ -492,39 +500,22 @@ async def test_a_shard_let_go_while_its_publisher_checks_who_wrote_starts_no_pro
         return await original(kafka, shard, start, writer, **kwargs)
 
     monkeypatch.setattr(publisher_module, "foreign_checkpoints", slow_check)
-    session = _session_in(SHARD)
-    member_a = ShardedPublisher(settings, HealthState())
-    member_b = ShardedPublisher(settings, HealthState())
-    fenced_b: list[int] = []
-    member_b.on_fenced = fenced_b.append
-    async with anyio.create_task_group() as tg:
-        await tg.start(member_a.run)
-        await tg.start(member_b.run)
-        await _next_owner_commits(settings, member_a, ThreadRef(session, "sthr_z"), "evt_z1")
-        broken.armed = True
-        a = ThreadCursor(ThreadRef(session, "sthr_a"))
-        await member_a.submit(_outgoing(settings, a, "evt_a1"))
+    async with _a_owns_then_fails(kafka_bootstrap, kafka_topics, broken) as members:
         with anyio.fail_after(10):
             await checking.wait()  # A's batch failed; A reads who wrote, before a new producer
-        await member_b.acquire(SHARD)
-        member_b.checkpoints_read(SHARD, 0)
-        tg.start_soon(member_a.stop, member_a.detach(SHARD))
+        await members.b.acquire(SHARD)
+        members.b.checkpoints_read(SHARD, 0)
+        members.a.detach(SHARD)  # A learns it lost the shard; its publisher ends by itself
         await anyio.sleep(0.1)
         may_answer.set()
         await anyio.sleep(1)
-        b = ThreadCursor(ThreadRef(session, "sthr_b"))
-        await member_b.submit(_outgoing(settings, b, "evt_b1"))
+        b = ThreadCursor(ThreadRef(members.session, "sthr_b"))
+        await members.b.submit(_outgoing(members.settings, b, "evt_b1"))
         with anyio.move_on_after(10):
-            await _until(lambda: b.committed_id == "evt_b1" or bool(fenced_b), 10)
-        member_a.close()
-        member_b.close()
-    events = await read_topic(kafka_bootstrap, kafka_topics.events)
-    counts = Counter(r.value for r in events)
-    assert counts == {
-        b'{"id":"evt_z1","type":"message"}': 1,
-        b'{"id":"evt_b1","type":"message"}': 1,
-    }, counts
-    assert fenced_b == [], "A's producer, started after A let the shard go, fenced B"
+            await _until(lambda: b.committed_id == "evt_b1" or bool(members.fenced_b), 10)
+    counts = await _counts(kafka_bootstrap, kafka_topics.events)
+    assert counts == _events("evt_z1", "evt_b1"), counts
+    assert members.fenced_b == [], "A's producer, started after A let the shard go, fenced B"
 
 
 async def test_a_publisher_started_by_a_cancelled_acquisition_is_let_go_when_not_wanted(
