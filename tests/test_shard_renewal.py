@@ -344,6 +344,25 @@ class _Acquiring:
         return None
 
 
+@asynccontextmanager
+async def _managing(
+    publisher: _Acquiring, manager_class: type[ShardManager] = ShardManager
+) -> AsyncIterator[tuple[ShardManager, list[int]]]:
+    """A running ShardManager over ``publisher``, and the shards it followed; stopped (as by
+    a drain: its task group cancelled) when the block ends."""
+    index = CheckpointIndex()
+    manager = manager_class(Settings(), publisher, index)  # type: ignore[arg-type]
+    followed: list[int] = []
+    manager.follow = followed.append
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.run)
+            yield manager, followed
+            tg.cancel_scope.cancel()
+    finally:
+        index.close()
+
+
 @pytest.mark.parametrize("when", ["while they are read", "as the read closes its consumer"])
 async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_producer(
     monkeypatch, when
@@ -370,28 +389,19 @@ async def test_a_shard_fenced_while_it_is_acquired_is_not_held_without_a_produce
 
     monkeypatch.setattr(sharding, "read_checkpoints", slow_read)
     publisher = _Acquiring()
-    index = CheckpointIndex()
-    manager = ShardManager(Settings(), publisher, index)  # type: ignore[arg-type]
-    followed: list[int] = []
-    manager.follow = followed.append
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(manager.run)
-            manager.assigned(Assignment(frozenset({SHARD}), 5, gap=False))
-            with anyio.fail_after(5):
-                await reading.wait()
-            publisher.fence(SHARD)
-            read_may_end.set()
-            await anyio.sleep(0.2)
-            held_after_fence = set(manager.held)
-            reading = anyio.Event()
-            manager.assigned(Assignment(frozenset({SHARD}), 6, gap=False))
-            with anyio.move_on_after(5):
-                while SHARD not in manager.held:
-                    await anyio.sleep(0.02)
-            tg.cancel_scope.cancel()
-    finally:
-        index.close()
+    async with _managing(publisher) as (manager, followed):
+        manager.assigned(Assignment(frozenset({SHARD}), 5, gap=False))
+        with anyio.fail_after(5):
+            await reading.wait()
+        publisher.fence(SHARD)
+        read_may_end.set()
+        await anyio.sleep(0.2)
+        held_after_fence = set(manager.held)
+        reading = anyio.Event()
+        manager.assigned(Assignment(frozenset({SHARD}), 6, gap=False))
+        with anyio.move_on_after(5):
+            while SHARD not in manager.held:
+                await anyio.sleep(0.02)
     assert held_after_fence == set(), "held and followed without a producer after a fence"
     assert publisher.started == [SHARD, SHARD] and followed == [SHARD]
 
@@ -410,23 +420,14 @@ async def test_a_shard_let_go_while_its_read_closes_is_not_held(monkeypatch):
         return 0
 
     monkeypatch.setattr(sharding, "read_checkpoints", read)
-    index = CheckpointIndex()
-    manager = ShardManager(Settings(), _Acquiring(), index)  # type: ignore[arg-type]
-    followed: list[int] = []
-    manager.follow = followed.append
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(manager.run)
-            manager.assigned(Assignment(frozenset({SHARD}), 5, gap=False))
-            with anyio.fail_after(5):
-                await closing.wait()
-            manager.assigned(Assignment(frozenset(), 6, gap=False))
-            await anyio.sleep(0.1)
-            may_close.set()
-            await anyio.sleep(0.2)
-            tg.cancel_scope.cancel()
-    finally:
-        index.close()
+    async with _managing(_Acquiring()) as (manager, followed):
+        manager.assigned(Assignment(frozenset({SHARD}), 5, gap=False))
+        with anyio.fail_after(5):
+            await closing.wait()
+        manager.assigned(Assignment(frozenset(), 6, gap=False))
+        await anyio.sleep(0.1)
+        may_close.set()
+        await anyio.sleep(0.2)
     assert (manager.held, followed) == (set(), [])
 
 
@@ -435,16 +436,9 @@ async def test_a_fence_after_the_shards_stopped_being_managed_is_not_a_crash():
     while the shards' publishers drain; one of them is fenced meanwhile. Expected: the fence
     is recorded and nothing raises (the other shards' last commits go on). Review finding:
     ShardManager._fenced started a task in the task group that had ended: RuntimeError, exit 1."""
-    index = CheckpointIndex()
-    manager = ShardManager(Settings(), _Acquiring(), index)  # type: ignore[arg-type]
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(manager.run)
-            await anyio.sleep(0.05)
-            tg.cancel_scope.cancel()
-        manager._fenced(SHARD)
-    finally:
-        index.close()
+    async with _managing(_Acquiring()) as (manager, _):
+        await anyio.sleep(0.05)
+    manager._fenced(SHARD)
     assert SHARD not in manager.held
 
 
@@ -544,19 +538,12 @@ async def test_a_publisher_started_by_a_cancelled_acquisition_is_let_go_when_not
                 self.assigned(generation_6)  # the group's callback, before the loop wakes
 
     publisher = _Acquiring()
-    index = CheckpointIndex()
-    manager = Manager(Settings(), publisher, index)  # type: ignore[arg-type]
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(manager.run)
-            manager.assigned(Assignment(frozenset({3, SHARD}), 5, gap=False))
-            with anyio.fail_after(5):
-                await reading.wait()
-            publisher.fence(3)
-            await anyio.sleep(0.05)
-            may_end.set()
-            await anyio.sleep(0.2)
-            tg.cancel_scope.cancel()
-    finally:
-        index.close()
+    async with _managing(publisher, Manager) as (manager, _):
+        manager.assigned(Assignment(frozenset({3, SHARD}), 5, gap=False))
+        with anyio.fail_after(5):
+            await reading.wait()
+        publisher.fence(3)
+        await anyio.sleep(0.05)
+        may_end.set()
+        await anyio.sleep(0.2)
     assert (manager.held, publisher.attached) == (set(), frozenset())
