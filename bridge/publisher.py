@@ -343,6 +343,8 @@ class Publisher:
 
     async def submit(self, item: Outgoing) -> None:
         """Queue work; waits while too much is in flight (Kafka slow or down)."""
+        if self._transactional and item.cursor is None:
+            self._sign(item)  # (rare: a settled mark; a thread's checkpoints are made here)
         await self._budget.acquire(item.size)
         try:
             self._send.send_nowait(item)
@@ -721,7 +723,6 @@ class Publisher:
         try:
             with anyio.fail_after(budget_s):
                 if self._transactional:
-                    self._sign_marks(batch)
                     await producer.begin_transaction()
                     # One round: the checkpoints need not wait for the events' acknowledgements
                     # (read_committed sees all of the transaction or none of it).
@@ -878,25 +879,27 @@ class Publisher:
             state[ref] = (last_id, item.drained_updated_at or drained, ids, idless)
         topic = self._kafka.checkpoint_topic
         now = utc_now()
-        records = [
+        headers = [self._writer] if self._transactional else None
+        return [
             checkpoint_record(
-                topic, ref, last_id, drained, ids[-CHECKPOINT_RECENT_IDS:], idless, written_at=now
+                topic,
+                ref,
+                last_id,
+                drained,
+                ids[-CHECKPOINT_RECENT_IDS:],
+                idless,
+                written_at=now,
+                headers=headers,
             )
             for ref, (last_id, drained, ids, idless) in state.items()
         ]
-        if self._transactional:
-            for record in records:
-                record.headers = [self._writer]
-        return records
 
-    def _sign_marks(self, batch: list[Outgoing]) -> None:
-        """The sessions' settled marks go to the checkpoint partition too: signed as well."""
+    def _sign(self, item: Outgoing) -> None:
+        """A session's settled mark goes to the checkpoint partition too: signed as well."""
         topic, writer = self._kafka.checkpoint_topic, self._writer
-        for item in batch:
-            if item.cursor is None:
-                for record in item.records:
-                    if record.topic == topic and writer not in record.headers:
-                        record.headers = [*record.headers, writer]
+        for record in item.records:
+            if record.topic == topic and writer not in record.headers:
+                record.headers = [*record.headers, writer]
 
     def _committed(self, batch: list[Outgoing]) -> None:
         now = time.monotonic()

@@ -282,8 +282,10 @@ def checkpoint_record(
     recent_ids: list[str] | None = None,
     idless_after: int = 0,
     written_at: str | None = None,
+    headers: Headers | None = None,
 ) -> Record:
-    """A thread's checkpoint. ``written_at`` (default: now) is given once for a whole batch."""
+    """A thread's checkpoint. ``written_at`` (default: now) is given once for a whole batch;
+    ``headers``: the shard publisher's signature, with exactly_once."""
     doc = {
         "last_event_id": last_event_id,
         "session_id": thread.session_id,
@@ -298,7 +300,9 @@ def checkpoint_record(
         value = _CHECKPOINT_JSON.encode(doc)
     except UnicodeEncodeError:
         value = _document(doc)  # a lone surrogate in an id, escaped
-    return Record(topic, thread.key.encode(), value, [], partition=shard_of(thread.session_id))
+    return Record(
+        topic, thread.key.encode(), value, headers or [], partition=shard_of(thread.session_id)
+    )
 
 
 _CHECKPOINT_JSON = msgspec.json.Encoder()
